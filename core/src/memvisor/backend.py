@@ -1,0 +1,276 @@
+"""The abstract hypervisor backend: everything a technique may do to a VM's memory.
+
+Plugins act on memory only through this interface (``host.backend``), so a plugin runs on every
+backend that offers the capabilities it needs. Every operation takes arrays of page numbers.
+
+Capabilities are plain names (the ``Capability`` constants). A backend lists the ones it has in
+``capabilities``; a plugin that needs one calls ``host.require(...)`` when the host starts and
+refuses to run, with one line naming the backend and the capability, where it is missing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import attrs
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memvisor.contents import ContentSpec
+    from memvisor.host import VM, Host
+
+
+class Capability:
+    """Names of backend capabilities."""
+
+    FAULT = "fault"
+    """Pages can be made not present; a touch raises a page fault that plugins serve."""
+    TRACE = "trace"
+    """Pages can be traced: the next touch traps once (access hook), then the page is untraced."""
+    WRITE_PROTECT = "write_protect"
+    """Pages can be write-protected: a write traps (write hook) before it lands."""
+    ACCESSED = "accessed"
+    """Accessed bits can be read and cleared without traps."""
+    DIRTY = "dirty"
+    """Dirty bits can be read and cleared without traps."""
+    SHARE = "share"
+    """Pages of equal contents can share one machine page, copy-on-write (any two pages)."""
+    ZERO_PAGE = "zero_page"
+    """Pages can be mapped to the one zero page, copy-on-write."""
+    LARGE_PAGES = "large_pages"
+    """2 MiB large pages can be split into small pages and collapsed again."""
+    NUMA = "numa"
+    """More than one NUMA node; pages can be migrated between nodes."""
+    VIRTUAL_TIME = "virtual_time"
+    """Time is virtual and deterministic under a seed (the emulator)."""
+
+    ALL = (FAULT, TRACE, WRITE_PROTECT, ACCESSED, DIRTY, SHARE, ZERO_PAGE, LARGE_PAGES, NUMA, VIRTUAL_TIME)
+
+
+@attrs.frozen
+class AccessResult:
+    """What one batch of guest accesses cost and how many of its touches trapped.
+
+    :ivar seconds: time the batch took (virtual on the emulator), traps and their service included.
+    :ivar accesses: accesses in the batch.
+    :ivar remote: accesses to pages on another NUMA node than the VM's home node.
+    :ivar faults: page-fault events delivered.
+    :ivar traced: traced-access events delivered.
+    :ivar write_traps: write-to-shared or write-protected events delivered.
+    """
+
+    seconds: float
+    accesses: int
+    remote: int = 0
+    faults: int = 0
+    traced: int = 0
+    write_traps: int = 0
+
+
+class Backend(ABC):
+    """A hypervisor backend: machine memory, VM page tables, traps and a clock.
+
+    Operations never trap: they are the hypervisor's own view of memory. Guest activity goes
+    through :meth:`access`, which turns the touches that trap into batched hook calls on the
+    attached host.
+    """
+
+    name: str = "?"
+    capabilities: frozenset[str] = frozenset()
+
+    # -- wiring and time ----------------------------------------------------------------------
+
+    @abstractmethod
+    def attach(self, host: Host) -> None:
+        """Attach the host whose hooks this backend calls for guest traps."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """Current time in seconds (virtual in the emulator)."""
+
+    @abstractmethod
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` of time pass with no guest activity (virtual backends add it)."""
+
+    @abstractmethod
+    def account(self, kind: str, nbytes: int, ops: int = 1) -> float:
+        """Charge the time of hypervisor work (``"disk_read"``, ``"disk_write"``, ``"network"``,
+        ``"copy"``, ``"compress"``) to the current guest batch; returns the seconds charged
+        (0 on backends with real time, where the work takes real time by itself)."""
+
+    # -- VMs ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def create_vm(self, vm: VM, contents: ContentSpec | None = None) -> None:
+        """Lay out a VM's memory: every page present, filled by ``contents`` (zeros if None),
+        backed by large pages where ``vm.large_pages``, on ``vm.home_node``."""
+
+    @abstractmethod
+    def destroy_vm(self, vm: VM) -> None:
+        """Free every machine page the VM holds."""
+
+    @abstractmethod
+    def access(self, vm: VM, gpps: np.ndarray, writes: np.ndarray, stamp: int) -> AccessResult:
+        """Run one batch of guest accesses (page numbers and a write mask, in program order).
+
+        Touches that trap are delivered to the host as batched hook calls before the batch
+        completes; then accessed and dirty bits are set and every write stores ``stamp`` as a
+        little-endian uint64 in the first 8 bytes of its page (the guest's real store, which the
+        reference model of guest memory mirrors).
+        """
+
+    @abstractmethod
+    def guest_write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
+        """The guest writes whole pages (``data``: ``(n, PAGE_SIZE)`` uint8), trapping like
+        :meth:`access` does; used by tests and by workloads that carry real contents."""
+
+    @abstractmethod
+    def guest_read(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        """The guest reads whole pages, trapping like :meth:`access` does."""
+
+    # -- contents and presence ----------------------------------------------------------------
+
+    @abstractmethod
+    def read(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        """Contents of present pages as ``(n, PAGE_SIZE)`` uint8 (a copy)."""
+
+    @abstractmethod
+    def write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
+        """Store contents into present pages; a shared page first gets a private copy."""
+
+    @abstractmethod
+    def present(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Per page, whether it is present (all pages of the VM when ``gpps`` is None)."""
+
+    @abstractmethod
+    def populate(self, vm: VM, gpps: np.ndarray, data: np.ndarray | None = None) -> None:
+        """Make not-present pages present with ``data`` (zeros if None)."""
+
+    @abstractmethod
+    def unmap(self, vm: VM, gpps: np.ndarray) -> None:
+        """Make pages not present, dropping their contents and freeing their machine pages.
+
+        The next guest touch is a page fault: whoever unmapped a page serves it again.
+        """
+
+    # -- traps and bits -----------------------------------------------------------------------
+
+    @abstractmethod
+    def trace(self, vm: VM, gpps: np.ndarray) -> None:
+        """Trace pages: the next guest touch of each traps once (access hook)."""
+
+    @abstractmethod
+    def untrace(self, vm: VM, gpps: np.ndarray) -> None:
+        """Stop tracing pages."""
+
+    @abstractmethod
+    def traced(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Per page, whether it is traced."""
+
+    @abstractmethod
+    def protect(self, vm: VM, gpps: np.ndarray) -> None:
+        """Write-protect pages: the next guest write of each traps (write hook)."""
+
+    @abstractmethod
+    def unprotect(self, vm: VM, gpps: np.ndarray) -> None:
+        """Remove write protection (a shared page stays copy-on-write)."""
+
+    @abstractmethod
+    def protected(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Per page, whether it is write-protected."""
+
+    @abstractmethod
+    def take_accessed(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Read and clear accessed bits."""
+
+    @abstractmethod
+    def take_dirty(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Read and clear dirty bits."""
+
+    # -- machine pages and sharing ------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def zero_mpn(self) -> int:
+        """The machine page number of the one zero page."""
+
+    @abstractmethod
+    def mpns(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Machine page behind each guest page (``-1`` where not present)."""
+
+    @abstractmethod
+    def refcounts(self, mpns: np.ndarray) -> np.ndarray:
+        """Reference count of each machine page (guest mappings plus holds)."""
+
+    @abstractmethod
+    def share(self, vm: VM, gpps: np.ndarray, mpns: np.ndarray, *, discard: bool = False) -> int:
+        """Map each guest page onto ``mpns[i]`` copy-on-write, freeing its old machine page.
+
+        Contents must be byte-equal unless ``discard`` is true (only for pages the guest gave
+        up, such as balloon pages): a mismatch raises :class:`memvisor.errors.BackendError` and
+        changes nothing. Large-page members must be split first. Returns machine pages freed.
+        """
+
+    @abstractmethod
+    def break_sharing(self, vm: VM, gpps: np.ndarray) -> int:
+        """Give each shared page a private copy of its contents; returns pages allocated."""
+
+    @abstractmethod
+    def hold_page(self, data: np.ndarray | None = None, node: int = 0) -> int:
+        """Allocate a machine page that the caller holds (reference count 1), filled with
+        ``data`` or zeros; guests can then be mapped onto it with :meth:`share`."""
+
+    @abstractmethod
+    def release_page(self, mpn: int) -> None:
+        """Drop the caller's hold on a machine page from :meth:`hold_page`."""
+
+    # -- large pages --------------------------------------------------------------------------
+
+    @abstractmethod
+    def large(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Per page, whether it is a member of a 2 MiB large page."""
+
+    @abstractmethod
+    def split(self, vm: VM, large_indices: np.ndarray) -> int:
+        """Split large pages (index = gpp // 512) into small pages; returns how many split."""
+
+    @abstractmethod
+    def collapse(self, vm: VM, large_indices: np.ndarray) -> int:
+        """Collapse aligned runs of 512 private present pages into large pages; returns how
+        many collapsed (a run that cannot be collapsed is skipped)."""
+
+    # -- NUMA and accounting ------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def numa_nodes(self) -> int:
+        """Number of NUMA nodes."""
+
+    @abstractmethod
+    def node_of(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """NUMA node of each page's machine page (``-1`` where not present)."""
+
+    @abstractmethod
+    def migrate(self, vm: VM, gpps: np.ndarray, node: int) -> int:
+        """Copy pages to machine pages on ``node`` (contents unchanged); returns pages moved.
+
+        Pages that are shared, not present, already there, or that do not fit are skipped.
+        """
+
+    @abstractmethod
+    def free_pages(self, node: int | None = None) -> int:
+        """Free machine pages (on one node, or all)."""
+
+    @abstractmethod
+    def total_pages(self, node: int | None = None) -> int:
+        """Machine pages (on one node, or all)."""
+
+    def describe(self) -> dict:
+        """A JSON-able description for reports: name, capabilities, sizes."""
+        return {
+            "name": self.name,
+            "capabilities": sorted(self.capabilities),
+            "numa_nodes": self.numa_nodes,
+            "total_pages": self.total_pages(),
+        }

@@ -1,0 +1,1 @@
+"""The core's own features, registered as plugins through the same hooks as third parties."""

@@ -1,0 +1,206 @@
+"""The core's own subcommands: run, plugins, backends and bench."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from memvisor import hookimpl
+from memvisor.errors import UserError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.command()
+@click.argument("scenario", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default="memvisor-report", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for report.json, report.html and the plots.")
+@click.option("--backend", default=None, help="Run on this backend instead of the scenario's.")
+@click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
+def run(scenario, out_dir, backend, seed, quiet):
+    """Run a SCENARIO file and write its report to --out."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from memvisor.runner import ScenarioRun
+    from memvisor.scenario import load_scenario
+
+    spec = load_scenario(scenario)
+    if backend:
+        spec = spec.with_backend(backend)
+    if seed is not None:
+        spec = spec.with_seed(seed)
+    console = _console()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                  disable=quiet or not console.is_terminal, transient=True) as progress:
+        task = progress.add_task(spec.name, total=1.0, status="setting up")
+        scenario_run = ScenarioRun(spec, lambda done, status: progress.update(task, completed=done, status=status))
+        report = scenario_run.run()
+        progress.update(task, status="writing report")
+        page = report.write(out_dir)
+    if not quiet:
+        _summary(report, page)
+
+
+def _summary(report, page) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    d = report.data
+    table = Table(title=f"{d['scenario']['name']}: {d['time']['virtual_seconds']:.3f} s virtual, "
+                        f"{d['time']['real_seconds']:.1f} s real", title_justify="left")
+    for column in ("VM", "accesses", "faults", "traced", "write traps", "remote"):
+        table.add_column(column, justify="right" if column != "VM" else "left")
+    for name, vm in d["vms"].items():
+        table.add_row(name, *(f"{vm.get(k, 0):,}" for k in ("accesses", "faults", "traced", "write_traps", "remote")))
+    console = Console()
+    console.print(table)
+    for section in d["sections"]:
+        console.print(f"[bold]{section['title']}[/bold] ({section['plugin']}): "
+                      + ", ".join(f"{k}={_short(v)}" for k, v in list(section["metrics"].items())[:6]
+                                  if not isinstance(v, (list, dict))))
+    console.print(f"report: {page}")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else f"{value}"
+
+
+def _plugin_rows(show_all: bool, hook: str | None) -> list[dict]:
+    from memvisor.plugins import BUILTIN_MODULES, hooks_of, installed_plugins, new_plugin_manager
+
+    pm = new_plugin_manager(None, strict=False)
+    rows = []
+    if show_all:
+        for name in BUILTIN_MODULES:
+            rows.append({"name": name, "distribution": "memvisor", "version": _core_version(),
+                         "hooks": hooks_of(pm, pm.get_plugin(name)), "builtin": True, "error": None})
+    for plugin in installed_plugins():
+        registered = pm.get_plugin(plugin.name)
+        rows.append({"name": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
+                     "hooks": hooks_of(pm, registered) if registered is not None else [], "builtin": False,
+                     "error": plugin.error})
+    if hook:
+        rows = [r for r in rows if hook in r["hooks"]]
+    return rows
+
+
+def _core_version() -> str:
+    from memvisor import __version__
+
+    return __version__
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Include the core's built-in plugins.")
+@click.option("--hook", default=None, help="Only plugins that implement this hook.")
+def plugins(as_json, show_all, hook):
+    """List installed plugins, their versions and the hooks each implements."""
+    from memvisor.hookspecs import HOOK_NAMES
+
+    if hook and hook not in HOOK_NAMES:
+        raise UserError(f"--hook: no hook named {hook!r}")
+    rows = _plugin_rows(show_all, hook)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "distribution", "version", "hooks")
+    for r in rows:
+        table.add_row(r["name"], r["distribution"], r["version"],
+                      f"[red]failed to load: {r['error']}[/red]" if r["error"] else ", ".join(r["hooks"]))
+    Console().print(table)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def backends(as_json):
+    """List the hypervisor backends that installed plugins register."""
+    from memvisor.host import registries
+    from memvisor.plugins import new_plugin_manager
+
+    pm = new_plugin_manager(None, strict=False)
+    registry = registries(pm)["backend"]
+    rows = [
+        {"name": name, "plugin": registry.owner(name), "capabilities": sorted(getattr(factory, "capabilities", ())),
+         "description": (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""}
+        for name, factory in registry.items()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "plugin", "capabilities", "description")
+    for r in rows:
+        table.add_row(r["name"], r["plugin"], ", ".join(r["capabilities"]), r["description"])
+    Console().print(table)
+
+
+@click.command()
+@click.argument("groups", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {\"cases\": [...]}.")
+@click.option("--runs", type=click.IntRange(1, 100), default=None, help="Runs per case (median is reported).")
+@click.option("--case", "cases", multiple=True, help="Only these cases (repeatable).")
+def bench(groups, as_json, runs, cases):
+    """Run the benchmark GROUPS (all groups are listed when none is given)."""
+    from memvisor.bench import run_case
+    from memvisor.plugins import new_plugin_manager
+    from memvisor.registry import GroupedRegistry, fill
+
+    pm = new_plugin_manager(None, strict=False)
+    registry = fill(pm.hook.memvisor_register_benchmarks, GroupedRegistry("benchmark"), pm)
+    available = registry.groups()
+    if not groups:
+        for group, members in sorted(available.items()):
+            click.echo(f"{group}: {', '.join(c.name for c in members)}")
+        return
+    selected = []
+    for group in groups:
+        if group not in available:
+            raise UserError(f"no benchmark group {group!r} (groups: {', '.join(sorted(available)) or 'none'})")
+        selected.extend(c for c in available[group] if not cases or c.name in cases)
+    if cases and not selected:
+        raise UserError(f"--case: no case named {cases[0]!r} in {', '.join(groups)}")
+    console = _console()
+    results = []
+    for case in selected:
+        if console.is_terminal and not as_json:
+            console.print(f"running {case.name} ...")
+        results.append(run_case(case, runs))
+    if as_json:
+        click.echo(json.dumps({"cases": results}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("case", "metric", "value", "baseline", "ratio", "runs", "goal")
+    for r in results:
+        base = r["baseline"]
+        table.add_row(r["name"], f"{r['metric']} ({r['unit']})", f"{r['value']:.4g}",
+                      f"{base['name']}: {base['value']:.4g}" if base else "-",
+                      f"{r['ratio']:.3g}" if r["ratio"] is not None else "-", str(r["runs"]), r["goal"])
+    Console().print(table)
+
+
+class CoreCommands:
+    """Registers run, plugins, backends and bench."""
+
+    @hookimpl
+    def memvisor_register_commands(self, cli):
+        """Add the core's subcommands to ``memvisor``."""
+        for command in (run, plugins, backends, bench):
+            cli.add_command(command)
+
+
+PLUGIN = CoreCommands

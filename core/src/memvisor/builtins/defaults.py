@@ -1,0 +1,21 @@
+"""The core's default answers to hooks that nobody else answers (``trylast``)."""
+
+from __future__ import annotations
+
+from memvisor import hookimpl
+
+
+class CoreDefaults:
+    """Zero-fill on a page fault that no plugin served."""
+
+    @hookimpl(trylast=True)
+    def memvisor_page_fault(self, host, vm, fault):
+        """Fill every page of the fault that is still missing with zeros: a guest reads zeros
+        from memory nobody has written."""
+        missing = fault.gpps[~host.backend.present(vm, fault.gpps)]
+        if len(missing):
+            host.backend.populate(vm, missing)
+        return missing if len(missing) else None
+
+
+PLUGIN = CoreDefaults

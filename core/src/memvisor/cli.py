@@ -1,0 +1,51 @@
+"""The ``memvisor`` command. Every subcommand is registered through
+:func:`memvisor.hookspecs.memvisor_register_commands`, the core's own ones included.
+
+Bad input is one line on standard error and exit status 2; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from memvisor import __version__
+from memvisor.errors import UserError
+
+
+class _Group(click.Group):
+    """A click group that turns :class:`UserError` into one line and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"memvisor: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="memvisor")
+def cli() -> None:
+    """memvisor: write, evaluate and run hypervisor memory-management techniques."""
+
+
+def _register_commands() -> None:
+    from memvisor.plugins import new_plugin_manager
+
+    try:
+        pm = new_plugin_manager(None, strict=False)
+    except UserError as exc:
+        click.echo(f"memvisor: error: {exc}", err=True)
+        sys.exit(2)
+    pm.hook.memvisor_register_commands(cli=cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``memvisor`` script."""
+    from memvisor.logs import configure_logging
+
+    configure_logging()
+    _register_commands()
+    cli.main(args=argv, prog_name="memvisor")

@@ -1,0 +1,36 @@
+"""Errors that memvisor reports to people (one line, exit status 2) rather than as tracebacks."""
+
+
+class UserError(Exception):
+    """Bad input from a person: a scenario, a trace file, a plugin name, a command-line value.
+
+    The CLI prints ``str(error)`` as one line and exits with status 2. The message names the input
+    and what is wrong with it.
+    """
+
+
+class ScenarioError(UserError):
+    """A scenario file that cannot be run: the message names the file, the key and the problem."""
+
+    def __init__(self, path, key: str, problem: str):
+        self.path, self.key, self.problem = path, key, problem
+        super().__init__(f"{path}: {key}: {problem}")
+
+
+class TraceError(UserError):
+    """A trace file that is not a trace (wrong format, dtype, empty or truncated)."""
+
+
+class PluginError(UserError):
+    """An unknown plugin or backend, a duplicate backend name, or a plugin that failed to load."""
+
+
+class CapabilityError(UserError):
+    """A plugin needs a backend capability that the selected backend does not offer."""
+
+
+class BackendError(Exception):
+    """A backend operation was asked to do something that would corrupt guest memory.
+
+    This is a bug in the caller (a plugin or the core), not bad user input.
+    """

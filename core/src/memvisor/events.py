@@ -1,0 +1,122 @@
+"""Event values passed to hooks.
+
+Events are frozen attrs classes. Bulk data is numpy arrays (``eq=False`` on classes that hold
+arrays), one array per batch: a hook call carries every page of a batch, never one page. New
+information is added as a new field, never as a new hook argument.
+
+Page numbers are ``int64`` arrays: guest physical pages (GPP) index a VM's memory, machine pages
+(MPN) index the host's memory. ``-1`` means "no machine page".
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+
+def _pages(value) -> np.ndarray:
+    return np.asarray(value, dtype=np.int64)
+
+
+def _mask(value) -> np.ndarray:
+    return np.asarray(value, dtype=bool)
+
+
+@attrs.frozen(eq=False)
+class FaultBatch:
+    """Pages of one VM that the guest touched while they were not present.
+
+    :ivar gpps: the faulting guest pages, each once, in the order of their first touch.
+    :ivar writes: per page, whether the first faulting access was a write.
+    :ivar time: virtual (or real) time in seconds when the batch trapped.
+    """
+
+    gpps: np.ndarray = attrs.field(converter=_pages)
+    writes: np.ndarray = attrs.field(converter=_mask)
+    time: float = 0.0
+
+
+@attrs.frozen(eq=False)
+class AccessBatch:
+    """Traced pages of one VM that the guest touched; the core untraced them before the call.
+
+    :ivar gpps: the touched traced pages, each once, in the order of their first touch.
+    :ivar writes: per page, whether the first traced access was a write.
+    :ivar positions: per page, the index of that access within the guest's batch of accesses,
+        so that a plugin can order traps from several batches (MRC stack distances).
+    :ivar time: time in seconds when the batch trapped.
+    """
+
+    gpps: np.ndarray = attrs.field(converter=_pages)
+    writes: np.ndarray = attrs.field(converter=_mask)
+    positions: np.ndarray = attrs.field(converter=_pages)
+    time: float = 0.0
+
+
+@attrs.frozen(eq=False)
+class WriteBatch:
+    """Pages of one VM that the guest is about to write while they are shared or write-protected.
+
+    The write has not landed yet. After every implementation has seen the batch, the core makes
+    the pages writable: it gives each page that is still shared a private copy (copy-on-write) and
+    clears write protection. A plugin that wants to act first (save the page, reset a balloon)
+    does so in its hook implementation.
+
+    :ivar gpps: the pages, each once, in the order of their first write.
+    :ivar mpns: the machine page behind each GPP at the time of the trap.
+    :ivar shared: per page, whether the machine page is shared (reference count above one or the
+        zero page) rather than only write-protected.
+    :ivar time: time in seconds when the batch trapped.
+    """
+
+    gpps: np.ndarray = attrs.field(converter=_pages)
+    mpns: np.ndarray = attrs.field(converter=_pages)
+    shared: np.ndarray = attrs.field(converter=_mask)
+    time: float = 0.0
+
+
+@attrs.frozen
+class Tick:
+    """Time advanced by one tick interval.
+
+    :ivar now: the time in seconds after the advance.
+    :ivar interval: the tick interval in seconds.
+    :ivar number: how many ticks came before this one.
+    """
+
+    now: float
+    interval: float
+    number: int
+
+
+@attrs.frozen
+class MemoryPressure:
+    """Free machine memory fell below the host's low watermark (or a scenario raised pressure).
+
+    :ivar free_pages: free machine pages when the event fired.
+    :ivar target_free_pages: free pages the host wants to have after reclaim.
+    :ivar time: time in seconds.
+    """
+
+    free_pages: int
+    target_free_pages: int
+    time: float = 0.0
+
+    @property
+    def deficit_pages(self) -> int:
+        """Pages to reclaim to reach the target (0 when there is none)."""
+        return max(0, self.target_free_pages - self.free_pages)
+
+
+@attrs.frozen
+class VcpuMove:
+    """A VM's virtual CPUs moved to another NUMA node; its memory stayed where it was.
+
+    :ivar old_node: the node the VM ran on before.
+    :ivar new_node: the VM's new home node.
+    :ivar time: time in seconds.
+    """
+
+    old_node: int
+    new_node: int
+    time: float = 0.0

@@ -1,0 +1,265 @@
+"""The contract between the memvisor core and its plugins: every hook specification.
+
+Each docstring opens with the kind of call:
+
+- **decision** -- ``firstresult``: the first implementation that returns a value other than
+  ``None`` decides, and the rest are not called;
+- **observer** -- every implementation is called and return values are ignored;
+- **collector** -- every implementation is called and every non-``None`` result is kept.
+
+Implementations may take fewer arguments than the specification (pluggy's opt-in arguments), so
+new arguments can be added without breaking plugins. Guest activity arrives in batches: one call
+carries a numpy array of pages, never one page.
+
+Hooks that later techniques need (checkpoint save and restore, page records for live migration
+and snapshots, disk I/O, memory errors, page heat) are added here by the change that makes the
+core call them; docs/architecture.md lists them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pluggy
+
+from memvisor import PROJECT_NAME
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import click
+
+    from memvisor.events import AccessBatch, FaultBatch, MemoryPressure, Tick, VcpuMove, WriteBatch
+    from memvisor.host import VM, Host
+    from memvisor.registry import Registry
+    from memvisor.report import ReportSection
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# lifecycle
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_host_started(host: Host) -> None:
+    """Observer. The host is built: backend attached, plugins registered, no VM yet.
+
+    A plugin reads its settings here (``host.plugin_settings(NAME)``), checks the backend's
+    capabilities (``host.require(...)``) and sets up per-host state.
+
+    :param host: the host that owns this plugin manager.
+    """
+
+
+@hookspec
+def memvisor_vm_created(host: Host, vm: VM) -> None:
+    """Observer. A VM was created and its memory laid out; the guest has not run yet.
+
+    :param host: the host.
+    :param vm: the new VM.
+    """
+
+
+@hookspec
+def memvisor_vm_destroyed(host: Host, vm: VM) -> None:
+    """Observer. A VM is about to be destroyed; its memory is still mapped during the call.
+
+    A plugin drops its bookkeeping for the VM and releases machine pages it holds for it.
+
+    :param host: the host.
+    :param vm: the VM being destroyed.
+    """
+
+
+@hookspec
+def memvisor_tick(host: Host, tick: Tick) -> None:
+    """Observer. Time advanced by one tick interval (``host.tick_interval``).
+
+    Periodic work goes here: retracing pages, scanning, prefetching, migrating a budget of
+    pages. It runs between guest batches, never inside one.
+
+    :param host: the host.
+    :param tick: the time and number of this tick.
+    """
+
+
+@hookspec
+def memvisor_host_stopping(host: Host) -> None:
+    """Observer. The scenario ended; VMs still exist. Last chance to flush state before reports.
+
+    :param host: the host.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# faults and traps
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_page_fault(host: Host, vm: VM, fault: FaultBatch) -> np.ndarray | None:
+    """Collector. The guest touched pages that are not present.
+
+    Each implementation makes present the pages it owns among ``fault.gpps`` (through the
+    backend, e.g. ``host.backend.populate``) and returns the array of pages it served, or
+    ``None``. Implementations run in hook order; one that serves a page hides it from those that
+    follow only in the sense that ``host.backend.present`` is then true, so an implementation
+    checks presence before serving. The core's default (``trylast``) fills every page that is
+    still missing with zeros, which is what a guest sees of memory that nobody has written.
+
+    :param host: the host.
+    :param vm: the faulting VM.
+    :param fault: the faulting pages, each once per guest batch.
+    :returns: the pages this implementation made present, or ``None``.
+    """
+
+
+@hookspec
+def memvisor_page_accessed(host: Host, vm: VM, access: AccessBatch) -> None:
+    """Observer. The guest touched traced pages.
+
+    The core has untraced the pages before the call: they stay untraced until a plugin traces
+    them again (``host.backend.trace``), typically from :func:`memvisor_tick`. Only the first
+    touch of a page in a guest batch traps.
+
+    :param host: the host.
+    :param vm: the VM.
+    :param access: the touched pages in order of first touch, with positions in the batch.
+    """
+
+
+@hookspec
+def memvisor_page_write(host: Host, vm: VM, write: WriteBatch) -> None:
+    """Observer. The guest is about to write pages that are shared or write-protected.
+
+    Every implementation sees the whole batch before the write lands: save the old contents,
+    drop a mapping, reset a balloon. Afterwards the core gives each page that is still shared a
+    private copy and clears write protection on all of them, so the guest's write never fails
+    and never reaches another page. An implementation that wants the page protected again
+    re-protects it later (from a tick), not inside this call.
+
+    :param host: the host.
+    :param vm: the writing VM.
+    :param write: the pages, their machine pages and whether each is shared.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# migration between NUMA nodes
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_vcpus_moved(host: Host, vm: VM, move: VcpuMove) -> None:
+    """Observer. A VM's virtual CPUs moved to another NUMA node; its memory did not move.
+
+    Accesses to pages on other nodes are remote (and cost more) until a plugin migrates them
+    with ``host.backend.migrate``.
+
+    :param host: the host.
+    :param vm: the VM whose home node changed (``vm.home_node`` is already the new node).
+    :param move: the old and new node.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# memory pressure
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_memory_pressure(host: Host, pressure: MemoryPressure) -> int | None:
+    """Collector. Free machine memory is below the host's low watermark.
+
+    Implementations run in hook order (``tryfirst`` / ``trylast`` set the order among
+    reclaimers) and each reclaims what it can; it reads ``host.backend.free_pages()`` first, so
+    it does nothing once an earlier one covered the deficit.
+
+    :param host: the host.
+    :param pressure: free pages and the target.
+    :returns: the number of machine pages this implementation freed, or ``None``.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_register_backends(register: Registry) -> None:
+    """Observer. Register hypervisor backends: ``register(name, factory)``.
+
+    ``factory(config)`` receives the host configuration (:class:`memvisor.host.HostConfig`) and
+    returns a :class:`memvisor.backend.Backend`. A name registered twice is an error.
+
+    :param register: the backend registry.
+    """
+
+
+@hookspec
+def memvisor_register_workloads(register: Registry) -> None:
+    """Observer. Register workload kinds: ``register(kind, factory)``.
+
+    ``factory(spec, vm_pages, seed)`` receives the workload's table from the scenario (a dict),
+    the VM's size in pages and a seed, and returns a :class:`memvisor.workloads.Workload`.
+
+    :param register: the workload registry.
+    """
+
+
+@hookspec
+def memvisor_register_actions(register: Registry) -> None:
+    """Observer. Register scenario timeline actions: ``register(name, function)``.
+
+    ``function(run, step)`` receives the running scenario (:class:`memvisor.runner.ScenarioRun`)
+    and the step's table from the scenario file, and performs the step.
+
+    :param register: the action registry.
+    """
+
+
+@hookspec
+def memvisor_register_benchmarks(register: Registry) -> None:
+    """Observer. Register benchmark cases for ``memvisor bench``: ``register(group, case)``.
+
+    ``case`` is a :class:`memvisor.bench.BenchCase`; the group is the word after
+    ``memvisor bench``.
+
+    :param register: the benchmark registry.
+    """
+
+
+@hookspec
+def memvisor_register_commands(cli: click.Group) -> None:
+    """Observer. Add subcommands to the ``memvisor`` command line (``cli.add_command``).
+
+    :param cli: the top-level click group.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_report(host: Host) -> ReportSection | list[ReportSection] | None:
+    """Collector. Contribute to the run's report at the end of a scenario.
+
+    Return one or more :class:`memvisor.report.ReportSection` (metrics as JSON-able values, and
+    plots as data; the core draws them), or ``None``.
+
+    :param host: the host, after :func:`memvisor_host_stopping`.
+    :returns: report sections, or ``None``.
+    """
+
+
+def _all_hook_names() -> list[str]:
+    return [name for name in globals() if name.startswith("memvisor_")]
+
+
+HOOK_NAMES: tuple[str, ...] = tuple(_all_hook_names())
+"""Names of every hook specification in this module."""
+

@@ -1,0 +1,259 @@
+"""The host: one hypervisor with its machine memory, VMs, backend and plugin manager.
+
+The host owns a fresh plugin manager (no global state), builds its backend from the registry of
+installed backends, and turns the backend's trap batches into hook calls. It is what every hook
+receives as ``host``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+import pluggy
+import structlog
+
+from memvisor import PAGE_SIZE
+from memvisor.backend import AccessResult, Backend
+from memvisor.errors import BackendError, CapabilityError
+from memvisor.events import AccessBatch, FaultBatch, MemoryPressure, Tick, VcpuMove, WriteBatch
+from memvisor.metrics import Metrics
+from memvisor.plugins import new_plugin_manager
+from memvisor.registry import Registry, fill
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memvisor.contents import ContentSpec
+
+log = structlog.get_logger("memvisor.host")
+
+
+@attrs.frozen
+class HostConfig:
+    """What a host is made of.
+
+    :ivar memory_pages: machine memory in 4 KiB pages, split evenly among the NUMA nodes.
+    :ivar numa_nodes: number of NUMA nodes.
+    :ivar backend: name of the backend to build.
+    :ivar seed: seed of every random choice the host and its workloads make.
+    :ivar tick_interval: seconds between :func:`memvisor_tick` calls.
+    :ivar low_watermark: fraction of machine memory; free memory below it is memory pressure.
+    :ivar high_watermark: fraction of machine memory that reclaim aims to free.
+    :ivar backend_options: the backend's own settings (the emulator's ``costs``).
+    :ivar plugin_settings: each plugin's settings, by plugin name.
+    """
+
+    memory_pages: int
+    numa_nodes: int = 1
+    backend: str = "emulator"
+    seed: int = 0
+    tick_interval: float = 0.01
+    low_watermark: float = 0.02
+    high_watermark: float = 0.05
+    backend_options: Mapping[str, Any] = attrs.field(factory=dict)
+    plugin_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class VM:
+    """A virtual machine as the core knows it: identity, size and placement.
+
+    :ivar id: a number unique within the host.
+    :ivar name: the scenario's name for it.
+    :ivar pages: guest physical memory in 4 KiB pages.
+    :ivar home_node: the NUMA node its virtual CPUs run on.
+    :ivar large_pages: whether its memory is backed by 2 MiB large pages where possible.
+    :ivar seed: seed of its contents and workload.
+    :ivar write_epoch: the value the guest's writes of the current batch store (see
+        :meth:`memvisor.backend.Backend.access`); the host increments it for every batch.
+    """
+
+    id: int
+    name: str
+    pages: int
+    home_node: int = 0
+    large_pages: bool = False
+    seed: int = 0
+    write_epoch: int = 0
+
+    @property
+    def bytes(self) -> int:
+        """Guest memory in bytes."""
+        return self.pages * PAGE_SIZE
+
+
+def registries(pm: pluggy.PluginManager) -> dict[str, Registry]:
+    """Fill the backend, workload and action registries from every plugin in ``pm``."""
+    h = pm.hook
+    return {
+        "backend": fill(h.memvisor_register_backends, Registry("backend"), pm),
+        "workload": fill(h.memvisor_register_workloads, Registry("workload"), pm),
+        "action": fill(h.memvisor_register_actions, Registry("action"), pm),
+    }
+
+
+class Host:
+    """A hypervisor host.
+
+    :param config: the host's configuration.
+    :param plugins: names of installed plugins to enable (entry-point names).
+    :param extra_plugins: plugin objects to register as they are (tests, embedding programs).
+    :param catalog: a plugin manager with every installed plugin, for the registries of
+        backends, workloads and actions (a new one is made when None).
+    """
+
+    def __init__(
+        self,
+        config: HostConfig,
+        plugins: Iterable[str] = (),
+        *,
+        extra_plugins: Iterable[object] = (),
+        catalog: pluggy.PluginManager | None = None,
+    ):
+        self.config = config
+        self.pm = new_plugin_manager(list(plugins), extra=extra_plugins)
+        self.hook = self.pm.hook
+        self.registries = registries(catalog or new_plugin_manager(None, strict=False))
+        self.backend: Backend = self.registries["backend"][config.backend](config)
+        self.backend.attach(self)
+        self.vms: dict[str, VM] = {}
+        self._ids = itertools.count()
+        self.metrics = Metrics()
+        self.tick_interval = config.tick_interval
+        self._ticks = 0
+        self._next_tick = config.tick_interval
+        self.stopped = False
+        self.hook.memvisor_host_started(host=self)
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def plugin_settings(self, name: str) -> Mapping[str, Any]:
+        """Settings of plugin ``name`` from the scenario (empty when it has none)."""
+        return self.config.plugin_settings.get(name, {})
+
+    def require(self, plugin: str, *capabilities: str) -> None:
+        """Raise :class:`CapabilityError` (one line) unless the backend has ``capabilities``."""
+        missing = [c for c in capabilities if c not in self.backend.capabilities]
+        if missing:
+            raise CapabilityError(
+                f"plugin {plugin!r} needs {', '.join(missing)} which backend "
+                f"{self.backend.name!r} does not offer"
+            )
+
+    @property
+    def now(self) -> float:
+        """Current time in seconds (virtual on the emulator)."""
+        return self.backend.now()
+
+    # -- VMs ----------------------------------------------------------------------------------
+
+    def create_vm(
+        self,
+        name: str,
+        pages: int,
+        *,
+        home_node: int = 0,
+        large_pages: bool = False,
+        contents: ContentSpec | None = None,
+        seed: int | None = None,
+    ) -> VM:
+        """Create a VM with every page present and filled by ``contents`` (zeros if None)."""
+        if name in self.vms:
+            raise BackendError(f"a VM named {name!r} exists already")
+        if not 0 <= home_node < self.backend.numa_nodes:
+            raise BackendError(f"VM {name!r}: NUMA node {home_node} does not exist")
+        vm_id = next(self._ids)
+        vm = VM(vm_id, name, pages, home_node, large_pages, self.config.seed * 1000 + vm_id if seed is None else seed)
+        self.backend.create_vm(vm, contents)
+        self.vms[name] = vm
+        self.hook.memvisor_vm_created(host=self, vm=vm)
+        return vm
+
+    def destroy_vm(self, vm: VM) -> None:
+        """Destroy a VM after telling the plugins."""
+        self.hook.memvisor_vm_destroyed(host=self, vm=vm)
+        self.backend.destroy_vm(vm)
+        del self.vms[vm.name]
+
+    def move_vcpus(self, vm: VM, node: int) -> None:
+        """Move a VM's virtual CPUs to NUMA ``node``; its memory stays where it is."""
+        if not 0 <= node < self.backend.numa_nodes:
+            raise BackendError(f"NUMA node {node} does not exist (the host has {self.backend.numa_nodes})")
+        old, vm.home_node = vm.home_node, node
+        self.metrics.event(self.now, "vcpus_moved", vm=vm.name, old_node=old, new_node=node)
+        self.hook.memvisor_vcpus_moved(host=self, vm=vm, move=VcpuMove(old, node, self.now))
+
+    # -- guest activity -----------------------------------------------------------------------
+
+    def access(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> AccessResult:
+        """Run one batch of the guest's accesses; returns what it cost (time is not advanced:
+        the caller decides how batches of several VMs overlap)."""
+        vm.write_epoch += 1
+        result = self.backend.access(vm, gpps, writes, vm.write_epoch)
+        self.metrics.add_access(vm.name, result)
+        return result
+
+    def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
+        """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""
+        self.hook.memvisor_page_fault(host=self, vm=vm, fault=fault)
+        if not self.backend.present(vm, fault.gpps).all():
+            raise BackendError(f"VM {vm.name!r}: page faults left unserved")
+
+    def deliver_accesses(self, vm: VM, access: AccessBatch) -> None:
+        """Called by the backend: tell plugins which traced pages were touched (now untraced)."""
+        self.hook.memvisor_page_accessed(host=self, vm=vm, access=access)
+
+    def deliver_writes(self, vm: VM, write: WriteBatch) -> None:
+        """Called by the backend: let plugins see writes to shared or protected pages, then make
+        the pages writable (private copy for shared ones, protection cleared)."""
+        self.hook.memvisor_page_write(host=self, vm=vm, write=write)
+        present = write.gpps[self.backend.present(vm, write.gpps)]
+        self.backend.break_sharing(vm, present)
+        self.backend.unprotect(vm, present)
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass, firing a tick for every interval crossed and checking memory pressure
+        at each tick."""
+        self.backend.advance(seconds)
+        while self.now >= self._next_tick:
+            tick = Tick(self._next_tick, self.tick_interval, self._ticks)
+            self._ticks += 1
+            self._next_tick += self.tick_interval
+            self.hook.memvisor_tick(host=self, tick=tick)
+            self.check_pressure()
+            self.metrics.sample_memory(self)
+
+    def check_pressure(self, target_free_pages: int | None = None) -> int:
+        """Call :func:`memvisor_memory_pressure` if free memory is below the low watermark (or
+        below ``target_free_pages`` when given); returns the machine pages reclaimed."""
+        total = self.backend.total_pages()
+        free = self.backend.free_pages()
+        if target_free_pages is None:
+            if free >= self.config.low_watermark * total:
+                return 0
+            target_free_pages = int(self.config.high_watermark * total)
+        if free >= target_free_pages:
+            return 0
+        pressure = MemoryPressure(free, target_free_pages, self.now)
+        results = self.hook.memvisor_memory_pressure(host=self, pressure=pressure)
+        reclaimed = int(sum(r for r in results if r))
+        self.metrics.event(self.now, "memory_pressure", free_pages=free, target_free_pages=target_free_pages,
+                           reclaimed_pages=reclaimed)
+        return reclaimed
+
+    def stop(self) -> None:
+        """End the run: plugins flush their state (:func:`memvisor_host_stopping`)."""
+        if not self.stopped:
+            self.stopped = True
+            self.hook.memvisor_host_stopping(host=self)
+
+    def report_sections(self) -> list:
+        """Every plugin's report sections (:func:`memvisor_report`), flattened."""
+        out = []
+        for result in self.hook.memvisor_report(host=self):
+            out.extend(result if isinstance(result, list) else [result])
+        return out

@@ -1,0 +1,84 @@
+"""Named registries that plugins fill through ``memvisor_register_*`` hooks.
+
+A registry is the ``register`` object those hooks receive. Names are unique: registering a name
+twice is an error naming both plugins, never silent shadowing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from memvisor.errors import PluginError
+
+
+class Registry:
+    """A mapping from names to registered things, filled by calling the registry.
+
+    :param kind: what is registered ("backend", "workload", ...), used in error messages.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Any] = {}
+        self._owners: dict[str, str] = {}
+        self.current_plugin = "?"
+
+    def __call__(self, name: str, value: Any) -> None:
+        """Register ``value`` under ``name``; a second registration of a name is an error."""
+        if name in self._entries:
+            raise PluginError(
+                f"{self.kind} {name!r} is registered twice: by {self._owners[name]} "
+                f"and by {self.current_plugin}"
+            )
+        self._entries[name] = value
+        self._owners[name] = self.current_plugin
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise PluginError(f"unknown {self.kind} {name!r} (installed: {known})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def owner(self, name: str) -> str:
+        """The plugin that registered ``name``."""
+        return self._owners[name]
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(name, value)`` pairs sorted by name."""
+        return sorted(self._entries.items())
+
+
+class GroupedRegistry(Registry):
+    """A registry of named things in groups: ``register(group, thing)`` where ``thing.name``
+    is unique within its group (benchmark cases)."""
+
+    def __call__(self, group: str, value: Any) -> None:  # type: ignore[override]
+        super().__call__(f"{group}/{value.name}", value)
+
+    def groups(self) -> dict[str, list[Any]]:
+        """Registered things by group, in registration order within a group."""
+        out: dict[str, list[Any]] = {}
+        for key, value in self._entries.items():
+            out.setdefault(key.split("/", 1)[0], []).append(value)
+        return out
+
+
+def fill(hook_caller: Callable[..., Any], registry: Registry, plugin_manager) -> Registry:
+    """Call a registration hook implementation by implementation, so that a duplicate names
+    the plugin that registered each side."""
+    for impl in reversed(hook_caller.get_hookimpls()):
+        registry.current_plugin = plugin_manager.get_name(impl.plugin) or repr(impl.plugin)
+        impl.function(**{name: registry for name in impl.argnames})
+    registry.current_plugin = "?"
+    return registry

@@ -1,0 +1,157 @@
+"""Running a scenario: build the host and VMs, perform the timeline, collect the report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from memvisor.errors import ScenarioError, UserError
+from memvisor.host import VM, Host
+from memvisor.report import Report
+from memvisor.scenario import Scenario, Table
+
+log = structlog.get_logger("memvisor.runner")
+
+Progress = Callable[[float, str], None]
+"""``progress(fraction_done, description)``."""
+
+
+class Step(Table):
+    """One ``[[timeline]]`` step: its table with checked access, and the VMs it names."""
+
+    def __init__(self, run: ScenarioRun, index: int, data: dict):
+        super().__init__(run.scenario.path, f"timeline[{index}]", data)
+        self.run = run
+        self.index = index
+        self.action = self.get("do", str)
+
+    def vm(self, name: str = "vm") -> VM:
+        """The VM named by key ``name``."""
+        vm_name = self.get(name, str)
+        if vm_name not in self.run.host.vms:
+            raise self.error(name, f"no VM named {vm_name!r} (VMs: {', '.join(self.run.host.vms)})")
+        return self.run.host.vms[vm_name]
+
+    def vms(self, name: str = "vms") -> list[VM]:
+        """The VMs named by key ``name`` (a list of names), or every VM when it is absent."""
+        names = self.get(name, list, None)
+        if names is None:
+            return list(self.run.host.vms.values())
+        missing = [n for n in names if n not in self.run.host.vms]
+        if missing:
+            raise self.error(name, f"no VM named {missing[0]!r}")
+        return [self.run.host.vms[n] for n in names]
+
+
+class ScenarioRun:
+    """A scenario being run: the host, each VM's workload, and the guest loop.
+
+    :param scenario: the checked scenario.
+    :param progress: called with the fraction of the timeline done (by time) and a description.
+    :param extra_plugins: plugin objects to register beside the scenario's (tests).
+    """
+
+    def __init__(self, scenario: Scenario, progress: Progress | None = None, extra_plugins=()):
+        self.scenario = scenario
+        self.progress = progress or (lambda fraction, description: None)
+        try:
+            self.host = Host(scenario.host, list(scenario.plugins), extra_plugins=extra_plugins)
+        except UserError as exc:
+            raise UserError(f"{scenario.path}: {exc}") from None
+        self.workloads: dict[str, Any] = {}
+        for spec in scenario.vms:
+            vm = self.host.create_vm(spec.name, spec.pages, home_node=spec.node, large_pages=spec.large_pages,
+                                     contents=spec.contents, seed=spec.seed)
+            if spec.workload:
+                self.workloads[vm.name] = self.make_workload(spec.workload, vm, f"vm[{spec.name}].workload")
+        self._planned = sum(_step_seconds(s) for s in scenario.timeline) or 1.0
+        self._done = 0.0
+
+    def make_workload(self, spec: dict, vm: VM, where: str):
+        """Build a workload from its scenario table for ``vm``."""
+        registry = self.host.registries["workload"]
+        kind = spec.get("kind")
+        if kind not in registry:
+            raise ScenarioError(self.scenario.path, f"{where}.kind",
+                                f"unknown workload {kind!r} (known: {', '.join(registry)})")
+        try:
+            return registry[kind](dict(spec), vm.pages, vm.seed)
+        except UserError as exc:
+            raise ScenarioError(self.scenario.path, where, str(exc)) from None
+
+    # -- the guest loop -----------------------------------------------------------------------
+
+    def run_guests(self, seconds: float | None = None, accesses: int | None = None,
+                   vms: list[VM] | None = None) -> None:
+        """Run the VMs' workloads, one batch per VM per round, until ``seconds`` of time have
+        passed or ``accesses`` accesses were made (per VM), or every workload is exhausted.
+
+        VMs run on their own CPUs, so a round takes as long as its slowest batch.
+        """
+        host, batch = self.host, self.scenario.batch
+        running = [vm for vm in (vms or host.vms.values()) if vm.name in self.workloads]
+        start, made = host.now, 0
+        end = None if seconds is None else start + seconds
+        while running:
+            if end is not None and host.now >= end:
+                break
+            if accesses is not None and made >= accesses:
+                break
+            size = batch if accesses is None else min(batch, accesses - made)
+            round_seconds = 0.0
+            for vm in list(running):
+                if vm.name not in host.vms:  # destroyed meanwhile
+                    running.remove(vm)
+                    continue
+                step = self.workloads[vm.name].next_batch(size)
+                if step is None:
+                    running.remove(vm)
+                    continue
+                result = host.access(vm, step[0], step[1])
+                round_seconds = max(round_seconds, result.seconds)
+            made += size
+            host.advance(round_seconds)
+            self._report_progress(host.now - start)
+        if end is not None and host.now < end:
+            host.advance(end - host.now)  # no guest left to run: time still passes
+        self._done += host.now - start
+        self._report_progress(0.0)
+
+    def _report_progress(self, within_step: float) -> None:
+        self.progress(min(1.0, (self._done + within_step) / self._planned), f"t={self.host.now:.3f}s")
+
+    # -- the timeline -------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        """Perform every timeline step (or one ``run`` of 1 s when there is no timeline), stop
+        the host and return the report."""
+        started = time.perf_counter()
+        actions = self.host.registries["action"]
+        timeline = self.scenario.timeline or ({"do": "run", "for": "1s"},)
+        steps = [Step(self, i, dict(s)) for i, s in enumerate(timeline)]
+        for step in steps:
+            if step.action not in actions:
+                raise step.error("do", f"unknown action {step.action!r} (known: {', '.join(actions)})")
+        for step in steps:
+            log.debug("step", index=step.index, action=step.action, time=self.host.now)
+            self.host.metrics.event(self.host.now, "step", action=step.action, index=step.index)
+            actions[step.action](self, step)
+            step.check_unknown()
+        self.host.stop()
+        self.host.metrics.sample_memory(self.host)
+        return Report.build(self, real_seconds=time.perf_counter() - started)
+
+
+def _step_seconds(step: dict) -> float:
+    """Planned duration of a step, for the progress bar only (0 when it cannot be told)."""
+    from memvisor.scenario import parse_duration
+
+    try:
+        return parse_duration(step.get("for", 0)) if step.get("do") in ("run", "idle") else 0.0
+    except ValueError:
+        return 0.0
+
+

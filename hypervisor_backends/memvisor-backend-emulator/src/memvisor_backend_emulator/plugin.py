@@ -1,0 +1,21 @@
+"""Registers the emulator backend and its benchmarks, through the same hooks a third-party
+backend would use."""
+
+from memvisor import hookimpl
+
+
+@hookimpl
+def memvisor_register_backends(register):
+    """The ``emulator`` backend."""
+    from memvisor_backend_emulator.backend import EmulatorBackend
+
+    register("emulator", EmulatorBackend)
+
+
+@hookimpl
+def memvisor_register_benchmarks(register):
+    """``memvisor bench emulator``: guest accesses per second, untraced and with 1% traced."""
+    from memvisor_backend_emulator.bench import cases
+
+    for case in cases():
+        register("emulator", case)

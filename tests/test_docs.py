@@ -1,0 +1,51 @@
+"""Meta-tests: the docs and the tests are held to the hook specifications (the datasette way).
+
+Every hook must have a heading in docs/hooks.md with its exact signature, and a test named
+test_hook_<name> somewhere in the repository's tests.
+"""
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from memvisor import hookspecs
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = hookspecs.HOOK_NAMES
+
+
+def signature(name: str) -> str:
+    """The signature as docs/hooks.md must show it: name(arg: type, ...) -> return."""
+    return f"{name}{inspect.signature(getattr(hookspecs, name))}".replace("'", "")
+
+
+def test_every_hook_is_in_hookspecs():
+    """The spec module lists the hooks that the core is built around."""
+    for name in ("memvisor_page_fault", "memvisor_page_accessed", "memvisor_page_write", "memvisor_memory_pressure",
+                 "memvisor_tick", "memvisor_report"):
+        assert name in HOOKS
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hook_has_docs_heading_with_exact_signature(name):
+    """docs/hooks.md has a heading with the hook's exact signature."""
+    docs = (ROOT / "docs" / "hooks.md").read_text()
+    headings = re.findall(r"^### `(.+)`$", docs, flags=re.M)
+    assert signature(name) in headings, f"docs/hooks.md lacks the heading ### `{signature(name)}`"
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hook_has_a_test(name):
+    """Some test in the repository is named test_hook_<name>."""
+    pattern = re.compile(rf"^(def |async def )?test_hook_{name}\b|^test_hook_{name} =", flags=re.M)
+    files = [p for p in ROOT.glob("**/tests/**/*.py") if ".venv" not in p.parts and ".tox" not in p.parts]
+    assert any(pattern.search(p.read_text()) for p in files), f"no test named test_hook_{name}"
+
+
+def test_docs_hooks_md_lists_no_stale_hook():
+    """docs/hooks.md documents no hook that the specs no longer have."""
+    docs = (ROOT / "docs" / "hooks.md").read_text()
+    documented = {h.split("(")[0] for h in re.findall(r"^### `(.+)`$", docs, flags=re.M)}
+    assert documented == set(HOOKS)
