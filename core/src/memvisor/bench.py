@@ -35,6 +35,8 @@ class BenchCase:
     :ivar baseline: the baseline measured in the same run, or None.
     :ivar higher_is_better: whether a larger value is better (ratio is value / baseline either way).
     :ivar runs: how many runs the median is taken over.
+    :ivar warmup: runs made first and not counted (the first run pays one-time costs such as
+        the kernel committing fresh memory).
     :ivar goal: a short statement of the goal, for the table (informational only).
     """
 
@@ -46,6 +48,7 @@ class BenchCase:
     baseline: Baseline | None = None
     higher_is_better: bool = True
     runs: int = 5
+    warmup: int = 1
     goal: str = ""
 
 
@@ -54,6 +57,10 @@ def run_case(case: BenchCase, runs: int | None = None) -> dict[str, Any]:
     n = runs or case.runs
     context = case.setup() if case.setup else None
     values, base_values = [], []
+    for _ in range(case.warmup):
+        case.measure(context)
+        if case.baseline:
+            case.baseline.measure(context)
     for _ in range(n):  # interleave case and baseline so drifts of the machine hit both
         values.append(case.measure(context))
         if case.baseline:
