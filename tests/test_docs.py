@@ -49,3 +49,18 @@ def test_docs_hooks_md_lists_no_stale_hook():
     docs = (ROOT / "docs" / "hooks.md").read_text()
     documented = {h.split("(")[0] for h in re.findall(r"^### `(.+)`$", docs, flags=re.M)}
     assert documented == set(HOOKS)
+
+
+def test_writing_a_plugin_example_works(tmp_path, monkeypatch):
+    """The plugin and the test in docs/writing-a-plugin.md run as written."""
+    docs = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", docs, flags=re.S)
+    plugin_code, test_code = blocks[0], blocks[1]
+    module = tmp_path / "memvisor_hotcount.py"
+    module.write_text(plugin_code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace: dict = {}
+    exec(compile(test_code, "writing-a-plugin.md", "exec"), namespace)
+    from memvisor.testing import ReferenceMemory, small_host
+
+    namespace["test_counts_touches_of_sampled_pages"](small_host, ReferenceMemory())

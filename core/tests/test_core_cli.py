@@ -71,3 +71,13 @@ def test_trace_workload_on_a_file_that_is_not_a_trace(tmp_path):
                     f'workload = {{ kind = "trace", path = "{junk}" }}\n')
     proc = memvisor("run", str(path), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "junk.npy" in proc.stderr
+
+
+def test_hook_tracing_logs_every_hook_call(tmp_path):
+    """MEMVISOR_TRACE_HOOKS=1 logs each hook call (name and plugins) through structlog."""
+    path = tmp_path / "s.toml"
+    path.write_text('[host]\nmemory = "16MiB"\ntick = "1ms"\n[[vm]]\nmemory = "4MiB"\n'
+                    'workload = { kind = "uniform" }\n[[timeline]]\ndo = "run"\nfor = "2ms"\n')
+    proc = memvisor("run", str(path), "--out", str(tmp_path / "o"), "--quiet", env={"MEMVISOR_TRACE_HOOKS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "hook call" in proc.stderr and "memvisor_tick" in proc.stderr and "memvisor_vm_created" in proc.stderr
