@@ -264,3 +264,18 @@ def test_hook_memvisor_report():
     report = ScenarioRun(_scenario(), extra_plugins=[P()]).run()
     assert report.metric("p", "answer") == 42
     assert report.metric("p", "vms") == 1
+
+
+def test_pinned_guest_pages_are_not_touched_by_workloads():
+    """Accesses to pages a guest driver pinned land on the VM's other pages; unpinning
+    gives them back."""
+    host = small_host()
+    vm = host.create_vm("a", 64)
+    host.pin_guest_pages(vm, np.arange(0, 32))
+    host.backend.take_accessed(vm)
+    host.access(vm, np.arange(64), np.ones(64, bool))
+    accessed = host.backend.take_accessed(vm)
+    assert not accessed[:32].any() and accessed[32:].all()
+    host.pin_guest_pages(vm, np.arange(0, 32), pinned=False)
+    host.access(vm, np.arange(64), np.zeros(64, bool))
+    assert host.backend.take_accessed(vm).all()

@@ -163,6 +163,23 @@ def memvisor_vcpus_moved(host: Host, vm: VM, move: VcpuMove) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def memvisor_page_heat(host: Host, vm: VM, gpps: np.ndarray) -> np.ndarray | None:
+    """Decision. How hot each of ``gpps`` is, by a plugin that measures page use.
+
+    A plugin that tracks accesses (an MRC plugin's LRU, for one) answers with a float per page,
+    higher meaning hotter (more recently or more often used); pages it knows nothing of get 0.
+    Consumers order work by it: NUMA migration moves the hottest pages first, lazy restore
+    prefetches them first. ``None`` means no plugin can tell; consumers fall back to their own
+    measure (accessed bits).
+
+    :param host: the host.
+    :param vm: the VM.
+    :param gpps: the pages to rate.
+    :returns: float64 array, one heat per page of ``gpps``, or ``None``.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # memory pressure
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +196,21 @@ def memvisor_memory_pressure(host: Host, pressure: MemoryPressure) -> int | None
     :param host: the host.
     :param pressure: free pages and the target.
     :returns: the number of machine pages this implementation freed, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def memvisor_giveable_pages(host: Host, vm: VM, miss_ratio_increase: float) -> int | None:
+    """Decision. How many pages ``vm`` could give up for at most ``miss_ratio_increase`` more
+    misses, by a plugin that knows the VM's miss-rate curve.
+
+    A reclaim policy (the balloon's, for one) asks this to take memory where the miss ratio
+    rises least. ``None`` means no plugin can tell; the policy falls back to its own measure.
+
+    :param host: the host.
+    :param vm: the VM.
+    :param miss_ratio_increase: the largest acceptable rise of the VM's miss ratio (0..1).
+    :returns: pages the VM can give up, or ``None``.
     """
 
 

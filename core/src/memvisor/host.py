@@ -119,6 +119,8 @@ class Host:
         self.backend: Backend = self.registries["backend"][config.backend](config)
         self.backend.attach(self)
         self.vms: dict[str, VM] = {}
+        self._pinned: dict[str, np.ndarray] = {}
+        self._remap: dict[str, np.ndarray] = {}
         self._ids = itertools.count()
         self.metrics = Metrics()
         self.tick_interval = config.tick_interval
@@ -176,6 +178,8 @@ class Host:
         self.hook.memvisor_vm_destroyed(host=self, vm=vm)
         self.backend.destroy_vm(vm)
         del self.vms[vm.name]
+        self._pinned.pop(vm.name, None)
+        self._remap.pop(vm.name, None)
 
     def move_vcpus(self, vm: VM, node: int) -> None:
         """Move a VM's virtual CPUs to NUMA ``node``; its memory stays where it is."""
@@ -189,11 +193,47 @@ class Host:
 
     def access(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> AccessResult:
         """Run one batch of the guest's accesses; returns what it cost (time is not advanced:
-        the caller decides how batches of several VMs overlap)."""
+        the caller decides how batches of several VMs overlap). Accesses that land on pages
+        the guest has pinned (:meth:`pin_guest_pages`) go to other pages, as the guest's own
+        allocator would place them."""
         vm.write_epoch += 1
+        gpps = self.guest_pages(vm, gpps)
         result = self.backend.access(vm, gpps, writes, vm.write_epoch)
         self.metrics.add_access(vm.name, result)
         return result
+
+    # -- the guest's own allocator --------------------------------------------------------------
+
+    def pin_guest_pages(self, vm: VM, gpps: np.ndarray, pinned: bool = True) -> None:
+        """Mark guest pages as taken by a guest driver (a balloon): the guest's workloads stop
+        using them, their accesses move to the VM's other pages. ``pinned=False`` gives them
+        back to the guest (a deflate, or a driver reset that forgot its pages)."""
+        mask = self._pinned.get(vm.name)
+        if mask is None:
+            mask = self._pinned[vm.name] = np.zeros(vm.pages, dtype=bool)
+        mask[np.asarray(gpps, dtype=np.int64)] = pinned
+        if mask.all():
+            raise BackendError(f"VM {vm.name!r}: a guest driver pinned every page; the guest cannot run")
+        remap = np.arange(vm.pages, dtype=np.int64)
+        taken = np.flatnonzero(mask)
+        if len(taken):
+            # Spread the pinned pages' accesses over the free ones in a fixed, seed-free order.
+            free = np.flatnonzero(~mask)
+            remap[taken] = free[np.arange(len(taken)) % len(free)]
+            self._remap[vm.name] = remap
+        else:
+            self._remap.pop(vm.name, None)
+
+    def guest_pinned(self, vm: VM) -> np.ndarray:
+        """Per page of ``vm``, whether a guest driver has pinned it."""
+        mask = self._pinned.get(vm.name)
+        return np.zeros(vm.pages, dtype=bool) if mask is None else mask.copy()
+
+    def guest_pages(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        """The pages a batch of the guest's accesses really lands on (pinned pages moved)."""
+        remap = self._remap.get(vm.name)
+        gpps = np.asarray(gpps, dtype=np.int64)
+        return gpps if remap is None else remap[gpps]
 
     def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
         """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""

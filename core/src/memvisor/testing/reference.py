@@ -34,7 +34,7 @@ class ReferenceMemory:
     def access(self, host, vm, gpps, writes):
         """Run a batch of guest accesses and mirror its writes (the stamp of
         :meth:`memvisor.backend.Backend.access`)."""
-        gpps = np.asarray(gpps, dtype=np.int64)
+        gpps = host.guest_pages(vm, gpps)  # where the guest's allocator puts them
         writes = np.asarray(writes, dtype=bool)
         result = host.access(vm, gpps, writes)
         written = gpps[writes]
