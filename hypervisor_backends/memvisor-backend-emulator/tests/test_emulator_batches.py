@@ -161,3 +161,15 @@ def test_time_is_deterministic_under_a_seed():
         return total
 
     assert run() == run()
+
+
+def test_page_shared_onto_turns_copy_on_write_too(reference_memory):
+    """When a page is shared onto another page's machine page, a write to either one leaves
+    the other unchanged (both became copy-on-write)."""
+    host = small_host()
+    vm = host.create_vm("a", 8)
+    reference_memory.follow(host, vm)  # all zero: pages 0 and 1 are equal
+    host.backend.share(vm, np.array([1]), host.backend.mpns(vm, np.array([0])))
+    reference_memory.guest_write(host, vm, np.array([0]), np.full((1, 4096), 5, np.uint8))
+    reference_memory.check(host)
+    assert host.backend.check_invariants() == 0

@@ -349,6 +349,14 @@ class EmulatorBackend(Backend):
             data = self.memory.data
             if not all(np.array_equal(data[a], data[b]) for a, b in _chunks(old, targets)):
                 raise BackendError("share of pages whose contents differ")
+        # A target still private to the page that maps it becomes shared: that page must turn
+        # copy-on-write too, or a write to it would reach every sharer.
+        private = np.unique(targets[(targets != ZERO_MPN) & (self.memory.refcount[targets] == 1)])
+        owners = [(other, np.flatnonzero(np.isin(other.p2m, private))) for other in self._vms.values()]
+        if any(np.any((other.flags[o] & LARGE) != 0) for other, o in owners):
+            raise BackendError("share onto a large-page member: split the large page first")
+        for other, o in owners:
+            other.flags[o] |= COW
         self.memory.get(targets)
         st.p2m[gpps] = targets
         st.flags[gpps] |= COW
