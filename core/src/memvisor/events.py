@@ -120,3 +120,61 @@ class VcpuMove:
     old_node: int
     new_node: int
     time: float = 0.0
+
+
+@attrs.frozen
+class SaveRequest:
+    """A checkpoint of one VM's memory is asked for.
+
+    :ivar path: the checkpoint file to write (atomically: it appears complete or not at all).
+    :ivar lazy: True asks for a lazy save (the VM keeps running), False for stop-the-world,
+        None leaves it to the plugins (a lazy-save plugin that is enabled takes it).
+    :ivar block_pages: pages per page block (unit of compression and of lazy restore).
+    :ivar buffer_bytes: staging buffer: one storage block is written per full buffer.
+    :ivar level: zstd level.
+    :ivar key: key material for a keyed MAC, or None.
+    :ivar time: time in seconds when the save was asked for.
+    """
+
+    path: str
+    lazy: bool | None = None
+    block_pages: int = 64
+    buffer_bytes: int = 4 << 20
+    level: int = 1
+    key: bytes | None = None
+    time: float = 0.0
+
+
+@attrs.frozen
+class RestoreRequest:
+    """A VM's memory is to be replaced by a checkpoint's.
+
+    :ivar path: the checkpoint file.
+    :ivar lazy: True asks for a lazy restore (the VM resumes at once, pages load on fault),
+        False for an eager one, None leaves it to the plugins.
+    :ivar key: key material: a file without a valid MAC made with it is refused.
+    :ivar time: time in seconds when the restore was asked for.
+    """
+
+    path: str
+    lazy: bool | None = None
+    key: bytes | None = None
+    time: float = 0.0
+
+
+@attrs.frozen(eq=False)
+class PageRecords:
+    """Pages that a plugin describes more cheaply than by their bytes (a checkpoint or a
+    migration stream stores the record instead of the data).
+
+    :ivar kind: the record kind, a name such as ``"disk-ref"``; the plugin that writes a kind
+        also resolves it (:func:`memvisor_resolve_records`).
+    :ivar gpps: the pages described.
+    :ivar payloads: one payload per page: a ``(len(gpps), width)`` uint8 array, or a list of
+        bytes (a plugin resolving records gets the array form whenever every payload of the kind
+        has the same length).
+    """
+
+    kind: str
+    gpps: np.ndarray = attrs.field(converter=_pages)
+    payloads: object = None

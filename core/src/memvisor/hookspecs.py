@@ -28,7 +28,18 @@ from memvisor import PROJECT_NAME
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import click
 
-    from memvisor.events import AccessBatch, FaultBatch, MemoryPressure, Tick, VcpuMove, WriteBatch
+    from memvisor.checkpoint.vm import RestoreJob, SaveJob
+    from memvisor.events import (
+        AccessBatch,
+        FaultBatch,
+        MemoryPressure,
+        PageRecords,
+        RestoreRequest,
+        SaveRequest,
+        Tick,
+        VcpuMove,
+        WriteBatch,
+    )
     from memvisor.host import VM, Host
     from memvisor.registry import Registry
     from memvisor.report import ReportSection
@@ -177,6 +188,73 @@ def memvisor_page_heat(host: Host, vm: VM, gpps: np.ndarray) -> np.ndarray | Non
     :param vm: the VM.
     :param gpps: the pages to rate.
     :returns: float64 array, one heat per page of ``gpps``, or ``None``.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and page records
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def memvisor_checkpoint_save(host: Host, vm: VM, request: SaveRequest) -> SaveJob | None:
+    """Decision. Save ``vm``'s memory to ``request.path``.
+
+    A lazy-save plugin returns its job when it takes the save (the VM keeps running and the
+    job's ``done`` turns true later); the core's stop-the-world save (``trylast``) takes it
+    otherwise. Either writes the checkpoint format (docs/checkpoint-format.md), asking
+    :func:`memvisor_describe_pages` for records of pages other plugins describe more cheaply.
+
+    :param host: the host.
+    :param vm: the VM to save.
+    :param request: where and how.
+    :returns: a :class:`memvisor.checkpoint.vm.SaveJob`, or ``None`` to leave the save to others.
+    """
+
+
+@hookspec(firstresult=True)
+def memvisor_checkpoint_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob | None:
+    """Decision. Replace ``vm``'s memory with the checkpoint at ``request.path``.
+
+    A lazy-restore plugin returns its job after making every page not present (it then serves
+    faults from the file); the core's eager restore (``trylast``) loads every page first.
+    Pages stored as records are turned back into bytes by :func:`memvisor_resolve_records`.
+
+    :param host: the host.
+    :param vm: the VM whose memory is replaced.
+    :param request: the checkpoint and how.
+    :returns: a :class:`memvisor.checkpoint.vm.RestoreJob`, or ``None``.
+    """
+
+
+@hookspec
+def memvisor_describe_pages(host: Host, vm: VM, gpps: np.ndarray, purpose: str) -> PageRecords | None:
+    """Collector. Describe some of ``gpps`` more cheaply than by their bytes.
+
+    Called before pages are saved to a checkpoint (``purpose="checkpoint"``) or sent in a
+    migration stream (``purpose="migration"``). A plugin returns records for the pages it can
+    describe (a reference to an identical disk block, say); a page claimed twice keeps the first
+    record. The description must let :func:`memvisor_resolve_records` give the exact bytes back.
+
+    :param host: the host.
+    :param vm: the VM.
+    :param gpps: candidate pages (present, not zero).
+    :param purpose: ``"checkpoint"`` or ``"migration"``.
+    :returns: a :class:`memvisor.events.PageRecords`, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def memvisor_resolve_records(host: Host, vm: VM, records: PageRecords) -> np.ndarray | None:
+    """Decision. Turn records of a kind this plugin writes back into page bytes.
+
+    A plugin answers only for ``records.kind`` values it wrote, and checks what it reads (a
+    disk block changed since must not come back as a guest page).
+
+    :param host: the host.
+    :param vm: the VM being restored.
+    :param records: the records.
+    :returns: ``(len(records.gpps), PAGE_SIZE)`` uint8 bytes, or ``None`` (not my kind).
     """
 
 

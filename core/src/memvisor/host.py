@@ -19,7 +19,16 @@ import structlog
 from memvisor import PAGE_SIZE
 from memvisor.backend import AccessResult, Backend
 from memvisor.errors import BackendError, CapabilityError
-from memvisor.events import AccessBatch, FaultBatch, MemoryPressure, Tick, VcpuMove, WriteBatch
+from memvisor.events import (
+    AccessBatch,
+    FaultBatch,
+    MemoryPressure,
+    RestoreRequest,
+    SaveRequest,
+    Tick,
+    VcpuMove,
+    WriteBatch,
+)
 from memvisor.metrics import Metrics
 from memvisor.plugins import new_plugin_manager
 from memvisor.registry import Registry, fill
@@ -120,6 +129,7 @@ class Host:
         self.backend.attach(self)
         self.vms: dict[str, VM] = {}
         self._pinned: dict[str, np.ndarray] = {}
+        self.checkpoint_jobs: list = []
         self._remap: dict[str, np.ndarray] = {}
         self._ids = itertools.count()
         self.metrics = Metrics()
@@ -284,6 +294,28 @@ class Host:
         self.metrics.event(self.now, "memory_pressure", free_pages=free, target_free_pages=target_free_pages,
                            reclaimed_pages=reclaimed)
         return reclaimed
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, vm: VM, request: SaveRequest):
+        """Save ``vm``'s memory (:func:`memvisor_checkpoint_save`); returns the job, which a
+        lazy save finishes later (``job.done``)."""
+        job = self.hook.memvisor_checkpoint_save(host=self, vm=vm, request=request)
+        self.checkpoint_jobs.append(job)
+        self.metrics.event(self.now, "checkpoint_save", vm=vm.name, method=job.method)
+        return job
+
+    def restore_checkpoint(self, vm: VM, request: RestoreRequest):
+        """Replace ``vm``'s memory with a checkpoint's (:func:`memvisor_checkpoint_restore`),
+        then measure the time until the guest's first access is served: one read of page 0
+        (the first page a booting guest touches)."""
+        job = self.hook.memvisor_checkpoint_restore(host=self, vm=vm, request=request)
+        probe = self.access(vm, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool))
+        self.advance(probe.seconds)
+        job.first_access_s = self.now - job.started
+        self.checkpoint_jobs.append(job)
+        self.metrics.event(self.now, "checkpoint_restore", vm=vm.name, method=job.method)
+        return job
 
     def stop(self) -> None:
         """End the run: plugins flush their state (:func:`memvisor_host_stopping`)."""

@@ -42,6 +42,7 @@ BUILTIN_MODULES = (
     "memvisor.builtins.workloads",
     "memvisor.builtins.actions",
     "memvisor.builtins.commands",
+    "memvisor.builtins.checkpoints",
 )
 """The core's own features, registered as plugins like any other (``trylast`` where they are
 defaults that a policy may override)."""

@@ -207,7 +207,10 @@ def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
         if isinstance(value, Mapping):
             rows.extend(_scalars(value, name + "."))
         elif isinstance(value, list):
-            if len(value) <= 8 and all(not isinstance(v, (list, dict)) for v in value):
+            if all(isinstance(v, Mapping) for v in value) and len(value) <= 16:
+                for i, item in enumerate(value):
+                    rows.extend(_scalars(item, f"{name}[{i}]."))
+            elif len(value) <= 8 and all(not isinstance(v, (list, dict)) for v in value):
                 rows.append((name, ", ".join(_fmt(v) for v in value)))
         else:
             rows.append((name, value))

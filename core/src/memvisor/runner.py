@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -62,6 +64,10 @@ class ScenarioRun:
         except UserError as exc:
             raise UserError(f"{scenario.path}: {exc}") from None
         self.workloads: dict[str, Any] = {}
+        # Files a run makes (checkpoints) live in a private folder removed when the run ends.
+        self._workdir = tempfile.TemporaryDirectory(prefix="memvisor-run-")
+        self.workdir = Path(self._workdir.name)
+        self.checkpoints: dict[str, str] = {}
         for spec in scenario.vms:
             vm = self.host.create_vm(spec.name, spec.pages, home_node=spec.node, large_pages=spec.large_pages,
                                      contents=spec.contents, seed=spec.seed)
@@ -135,11 +141,14 @@ class ScenarioRun:
         for step in steps:
             if step.action not in actions:
                 raise step.error("do", f"unknown action {step.action!r} (known: {', '.join(actions)})")
-        for step in steps:
-            log.debug("step", index=step.index, action=step.action, time=self.host.now)
-            self.host.metrics.event(self.host.now, "step", action=step.action, index=step.index)
-            actions[step.action](self, step)
-            step.check_unknown()
+        try:
+            for step in steps:
+                log.debug("step", index=step.index, action=step.action, time=self.host.now)
+                self.host.metrics.event(self.host.now, "step", action=step.action, index=step.index)
+                actions[step.action](self, step)
+                step.check_unknown()
+        finally:
+            self._workdir.cleanup()
         self.host.stop()
         self.host.metrics.sample_memory(self.host)
         return Report.build(self, real_seconds=time.perf_counter() - started)
