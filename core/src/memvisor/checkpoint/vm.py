@@ -1,0 +1,264 @@
+"""Checkpoints of a running VM: the core's stop-the-world save and eager restore.
+
+These are the baselines and the ``trylast`` defaults of :func:`memvisor_checkpoint_save` and
+:func:`memvisor_checkpoint_restore`: lazy save and lazy restore are plugins that take the job
+instead. Both sides speak the one file format of this package, so a checkpoint written by
+either restores with either.
+
+Time: the VM is stopped for the whole of a stop-the-world save and of an eager restore. Their
+cost in time is charged to the backend (``account``): reading guest memory is free, compressing
+and writing (or reading and decompressing) cost what the cost model says.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+from memvisor import PAGE_SIZE
+from memvisor.checkpoint.layout import CheckpointError
+from memvisor.checkpoint.reader import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointReader
+from memvisor.checkpoint.writer import CheckpointWriter
+from memvisor.errors import BackendError
+from memvisor.events import FaultBatch, PageRecords
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memvisor.events import RestoreRequest, SaveRequest
+    from memvisor.host import VM, Host
+
+CHUNK_PAGES = 16384  # pages read from guest memory at a time (64 MiB)
+
+
+@attrs.define
+class SaveJob:
+    """A checkpoint save, done or still running (a lazy save finishes later).
+
+    :ivar vm: the VM's name.
+    :ivar path: the checkpoint file.
+    :ivar method: ``"stop-the-world"``, ``"lazy"`` or another plugin's name for its method.
+    :ivar started: time when the save began.
+    :ivar stop_seconds: how long the VM was stopped for it.
+    :ivar finished: time when the file was complete, or None while running.
+    :ivar stats: counters of the writer (pages, zero_pages, record_pages, bytes_in, bytes_out,
+        write_calls, ...), filled in when done.
+    """
+
+    vm: str
+    path: str
+    method: str
+    started: float
+    stop_seconds: float = 0.0
+    finished: float | None = None
+    stats: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def done(self) -> bool:
+        """Whether the checkpoint file is complete."""
+        return self.finished is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as report values."""
+        total = None if self.finished is None else self.finished - self.started
+        return {
+            "vm": self.vm,
+            "path": self.path,
+            "method": self.method,
+            "started_s": self.started,
+            "stop_s": self.stop_seconds,
+            "total_s": total,
+            **self.stats,
+        }
+
+
+@attrs.define
+class RestoreJob:
+    """A restore of a VM's memory from a checkpoint.
+
+    :ivar vm: the VM's name.
+    :ivar path: the checkpoint file.
+    :ivar method: ``"eager"``, ``"lazy"`` or another plugin's name for its method.
+    :ivar started: time when the restore began.
+    :ivar resumed: time when the VM could run again.
+    :ivar first_access_s: time from ``started`` until the guest's first access was served
+        (measured by the core right after the restore).
+    :ivar stats: counters (pages, read_calls, bytes_read, faults_served, pages_loaded, ...).
+    """
+
+    vm: str
+    path: str
+    method: str
+    started: float
+    resumed: float
+    first_access_s: float | None = None
+    stats: dict[str, Any] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as report values."""
+        return {
+            "vm": self.vm,
+            "path": self.path,
+            "method": self.method,
+            "started_s": self.started,
+            "resume_s": self.resumed - self.started,
+            "first_access_s": self.first_access_s,
+            **self.stats,
+        }
+
+
+def make_present(host: Host, vm: VM) -> None:
+    """Bring every page of ``vm`` into memory through the fault hook, as the guest touching it
+    would: a page that is not present may still belong to someone (a lazy restore in progress,
+    a page dropped under pressure), and its owner serves it."""
+    missing = np.flatnonzero(~host.backend.present(vm))
+    if len(missing):
+        host.deliver_faults(vm, FaultBatch(missing, np.zeros(len(missing), bool), host.now))
+
+
+def describe(host: Host, vm: VM, gpps: np.ndarray, purpose: str) -> list[PageRecords]:
+    """Records that plugins offer for ``gpps`` (each page claimed once, first claim wins)."""
+    claimed = np.zeros(len(gpps), dtype=bool)
+    out = []
+    for records in host.hook.memvisor_describe_pages(host=host, vm=vm, gpps=gpps, purpose=purpose):
+        if records is None or not len(records.gpps):
+            continue
+        where = np.searchsorted(gpps, records.gpps)
+        if np.any(where >= len(gpps)) or np.any(gpps[np.minimum(where, len(gpps) - 1)] != records.gpps):
+            raise BackendError(f"records of kind {records.kind!r} name pages that were not offered")
+        fresh = ~claimed[where]
+        claimed[where] = True
+        payloads = records.payloads
+        if not fresh.all():
+            payloads = (
+                np.asarray(payloads)[fresh]
+                if isinstance(payloads, np.ndarray)
+                else [p for p, keep in zip(payloads, fresh) if keep]
+            )
+        out.append(PageRecords(records.kind, records.gpps[fresh], payloads))
+    return out
+
+
+def write_checkpoint(
+    host: Host, vm: VM, request: SaveRequest, pages: np.ndarray | None = None, writer: CheckpointWriter | None = None
+) -> CheckpointWriter:
+    """Write ``pages`` (all when None) of ``vm`` into a checkpoint writer: zero pages to the page
+    map, pages other plugins describe as records, the rest as compressed page blocks."""
+    backend = host.backend
+    pages = np.arange(vm.pages, dtype=np.int64) if pages is None else pages
+    w = writer or CheckpointWriter(
+        request.path,
+        vm.pages,
+        level=request.level,
+        block_pages=request.block_pages,
+        buffer_bytes=request.buffer_bytes,
+        key=request.key,
+        threads=1,
+    )
+    for start in range(0, len(pages), CHUNK_PAGES):
+        chunk = pages[start : start + CHUNK_PAGES]
+        data = backend.read(vm, chunk)
+        nonzero = data.view(np.uint64).any(axis=1)
+        w.add_zero_pages(chunk[~nonzero])
+        candidates = chunk[nonzero]
+        taken = np.zeros(len(chunk), dtype=bool)
+        for records in describe(host, vm, candidates, "checkpoint"):
+            w.add_records(records.kind, records.gpps, records.payloads)
+            taken[np.searchsorted(chunk, records.gpps)] = True
+        keep = nonzero & ~taken
+        if keep.any():
+            w.add_pages(chunk[keep], data[keep])
+    return w
+
+
+def writer_stats(w: CheckpointWriter) -> dict[str, Any]:
+    """The writer's counters as report values."""
+    return {
+        "pages": w.pages,
+        "zero_pages": w.zero_pages,
+        "record_pages": w.record_pages,
+        "data_pages": w.data_pages,
+        "bytes_in": w.bytes_in,
+        "bytes_out": w.bytes_out,
+        "write_calls": w.write_calls,
+        "storage_blocks": w.storage_blocks,
+        "compression_ratio": (w.bytes_in / w.bytes_out) if w.bytes_out else None,
+    }
+
+
+def stop_the_world_save(host: Host, vm: VM, request: SaveRequest) -> SaveJob:
+    """Stop the VM, write every page, resume: the baseline save."""
+    started, real = host.now, time.perf_counter()
+    make_present(host, vm)
+    w = write_checkpoint(host, vm, request)
+    w.close()
+    backend = host.backend
+    seconds = backend.account("compress", w.bytes_in) + backend.account("disk_write", w.bytes_out, w.write_calls)
+    host.advance(seconds)  # the guest is stopped all along: time passes without it
+    job = SaveJob(vm.name, str(request.path), "stop-the-world", started, stop_seconds=seconds, finished=host.now)
+    job.stats = {**writer_stats(w), "real_seconds": time.perf_counter() - real}
+    return job
+
+
+def resolve(
+    host: Host, vm: VM, reader: CheckpointReader, kind: str, gpps: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of the pages a checkpoint stores as records of ``kind`` (those among ``gpps``, or
+    all), through :func:`memvisor_resolve_records`."""
+    record_set = reader.records(kind)
+    idx = np.arange(len(record_set.gpps)) if gpps is None else np.flatnonzero(np.isin(record_set.gpps, gpps))
+    if record_set.width is not None:  # fixed width: hand the plugin an (n, width) array
+        pages, payloads = record_set.gpps[idx], record_set.as_array()[idx]
+    else:
+        pages, payloads = record_set.select(idx)
+    data = host.hook.memvisor_resolve_records(host=host, vm=vm, records=PageRecords(kind, pages, payloads))
+    if data is None:
+        raise BackendError(f"{reader.path}: no plugin resolves records of kind {kind!r}")
+    return pages, np.asarray(data, dtype=np.uint8).reshape(len(pages), PAGE_SIZE)
+
+
+def load_pages(host: Host, vm: VM, reader: CheckpointReader, gpps: np.ndarray) -> None:
+    """Make ``gpps`` (not present) present with the checkpoint's contents."""
+    kinds = reader.page_kind(gpps)
+    backend = host.backend
+    if np.any(kinds == KIND_MISSING):
+        first = int(gpps[kinds == KIND_MISSING][0])
+        raise CheckpointError(reader.path, f"page {first} is not in the checkpoint")
+    zero = gpps[kinds == KIND_ZERO]
+    if len(zero):
+        backend.populate(vm, zero)
+    for code in np.unique(kinds[kinds >= KIND_FIRST_RECORD]):
+        pages, data = resolve(host, vm, reader, reader.kind_names[code], gpps[kinds == code])
+        backend.populate(vm, pages, data)
+    data_pages = gpps[kinds == KIND_DATA]
+    for pblock in np.unique(reader.locate_many(data_pages)):
+        pages, data = reader.read_page_block(int(pblock))
+        wanted = np.isin(pages, data_pages)
+        backend.populate(vm, pages[wanted], data[wanted])
+
+
+def eager_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob:
+    """Stop the VM, replace every page with the checkpoint's, resume: the baseline restore."""
+    started, real = host.now, time.perf_counter()
+    with CheckpointReader(request.path, key=request.key) as reader:
+        if reader.vm_pages != vm.pages:
+            raise BackendError(f"{request.path}: checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
+        backend = host.backend
+        backend.unmap(vm, np.arange(vm.pages))
+        for start in range(0, vm.pages, CHUNK_PAGES):
+            load_pages(host, vm, reader, np.arange(start, min(vm.pages, start + CHUNK_PAGES)))
+        read_calls, bytes_read = reader.read_calls, reader.bytes_read
+    seconds = backend.account("disk_read", bytes_read, read_calls) + backend.account(
+        "compress", vm.pages * PAGE_SIZE // 3
+    )  # decompression runs about 3x faster than compression
+    host.advance(seconds)
+    job = RestoreJob(vm.name, str(request.path), "eager", started, resumed=host.now)
+    job.stats = {
+        "pages": vm.pages,
+        "read_calls": read_calls,
+        "bytes_read": bytes_read,
+        "pages_loaded": vm.pages,
+        "real_seconds": time.perf_counter() - real,
+    }
+    return job
