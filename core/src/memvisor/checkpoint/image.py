@@ -40,15 +40,17 @@ RING = PREFETCH + 2
 
 
 @attrs.frozen
-class SaveStats:
-    """What :func:`save_image` did.
+class TransferStats:
+    """What :func:`save_image` or :func:`restore_image` did (the same figures either way, as
+    ``--json`` on save and restore prints them).
 
     :ivar pages: pages in the image (every page is described by the checkpoint).
-    :ivar zero_pages: pages of zeros, stored in the page map.
-    :ivar bytes_in: bytes read from the image.
-    :ivar bytes_out: bytes of the checkpoint file.
-    :ivar write_calls: write calls on the checkpoint file.
-    :ivar read_calls: read calls on the image.
+    :ivar zero_pages: pages of zeros (in the page map on save; holes of the image on restore).
+    :ivar bytes_in: bytes read (from the image on save, from the checkpoint on restore).
+    :ivar bytes_out: bytes written (the checkpoint file on save; the image, holes excluded, on
+        restore).
+    :ivar write_calls: write calls on the file written.
+    :ivar read_calls: read calls on the file read (the three of opening a checkpoint included).
     :ivar seconds: wall-clock time, fsync and rename included.
     """
 
@@ -65,30 +67,11 @@ class SaveStats:
         return attrs.asdict(self)
 
 
-@attrs.frozen
-class RestoreStats:
-    """What :func:`restore_image` did.
+SaveStats = TransferStats
+"""What :func:`save_image` returns."""
 
-    :ivar pages: pages in the restored image.
-    :ivar zero_pages: pages of zeros (left as holes in the image file).
-    :ivar bytes_in: bytes read from the checkpoint.
-    :ivar bytes_out: bytes written to the image (holes are not written).
-    :ivar write_calls: write calls on the image.
-    :ivar read_calls: read calls on the checkpoint (the three of opening it included).
-    :ivar seconds: wall-clock time, fsync and rename included.
-    """
-
-    pages: int
-    zero_pages: int
-    bytes_in: int
-    bytes_out: int
-    write_calls: int
-    read_calls: int
-    seconds: float
-
-    def to_json(self) -> dict:
-        """The figures as a JSON-able dict."""
-        return attrs.asdict(self)
+RestoreStats = TransferStats
+"""What :func:`restore_image` returns."""
 
 
 def save_image(
