@@ -9,7 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import structlog
+
 from memvisor.errors import PluginError
+
+log = structlog.get_logger("memvisor.registry")
 
 
 class Registry:
@@ -79,6 +83,12 @@ def fill(hook_caller: Callable[..., Any], registry: Registry, plugin_manager) ->
     the plugin that registered each side."""
     for impl in reversed(hook_caller.get_hookimpls()):
         registry.current_plugin = plugin_manager.get_name(impl.plugin) or repr(impl.plugin)
-        impl.function(**{name: registry for name in impl.argnames})
+        try:
+            impl.function(**{name: registry for name in impl.argnames})
+        except PluginError:
+            raise
+        except Exception as exc:  # one broken plugin must not take the others' entries down
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("plugin failed to register", plugin=registry.current_plugin, kind=registry.kind, error=message)
     registry.current_plugin = "?"
     return registry

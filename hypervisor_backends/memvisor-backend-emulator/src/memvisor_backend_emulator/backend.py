@@ -15,6 +15,7 @@ import attrs
 import numpy as np
 
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE
+from memvisor.arrays import first_occurrences, has_duplicates, unique, unique_counts
 from memvisor.backend import AccessResult, Backend, Capability
 from memvisor.errors import BackendError, UserError
 from memvisor.events import AccessBatch, FaultBatch, WriteBatch
@@ -244,7 +245,7 @@ class EmulatorBackend(Backend):
         gpps = self._pages(vm, gpps)
         if np.any(st.p2m[gpps] >= 0):
             raise BackendError(f"populate of a page that is present already in VM {vm.name!r}")
-        if len(np.unique(gpps)) != len(gpps):
+        if has_duplicates(gpps):
             raise BackendError("populate of the same page twice in one call")
         mpns = self.memory.alloc(len(gpps), vm.home_node, zero=data is None)
         if data is None:
@@ -256,8 +257,8 @@ class EmulatorBackend(Backend):
 
     def unmap(self, vm: VM, gpps: np.ndarray) -> None:
         st = self._state(vm)
-        gpps = np.unique(self._pages(vm, gpps))
-        large = np.unique(gpps[(st.flags[gpps] & LARGE) != 0] // LARGE_PAGE_PAGES)
+        gpps = unique(self._pages(vm, gpps))
+        large = unique(gpps[(st.flags[gpps] & LARGE) != 0] // LARGE_PAGE_PAGES)
         if len(large):
             self.split(vm, large)
         mpns = st.p2m[gpps]
@@ -334,7 +335,7 @@ class EmulatorBackend(Backend):
         targets = np.asarray(mpns, dtype=np.int64).reshape(-1)
         if len(targets) != len(gpps):
             raise BackendError("share needs one machine page per guest page")
-        if len(np.unique(gpps)) != len(gpps):
+        if has_duplicates(gpps):
             raise BackendError("share of the same guest page twice in one call")
         old = st.p2m[gpps]
         if np.any(old < 0):
@@ -351,7 +352,7 @@ class EmulatorBackend(Backend):
                 raise BackendError("share of pages whose contents differ")
         # A target still private to the page that maps it becomes shared: that page must turn
         # copy-on-write too, or a write to it would reach every sharer.
-        private = np.unique(targets[(targets != ZERO_MPN) & (self.memory.refcount[targets] == 1)])
+        private = unique(targets[(targets != ZERO_MPN) & (self.memory.refcount[targets] == 1)])
         owners = [(other, np.flatnonzero(np.isin(other.p2m, private))) for other in self._vms.values()]
         if any(np.any((other.flags[o] & LARGE) != 0) for other, o in owners):
             raise BackendError("share onto a large-page member: split the large page first")
@@ -364,7 +365,7 @@ class EmulatorBackend(Backend):
 
     def break_sharing(self, vm: VM, gpps: np.ndarray) -> int:
         st = self._state(vm)
-        gpps = np.unique(self._pages(vm, gpps))
+        gpps = unique(self._pages(vm, gpps))
         cow = gpps[(st.flags[gpps] & COW) != 0]
         if not len(cow):
             return 0
@@ -396,7 +397,7 @@ class EmulatorBackend(Backend):
         return self._flag(vm, gpps, LARGE)
 
     def _large_runs(self, vm: VM, large_indices) -> np.ndarray:
-        idx = np.unique(np.asarray(large_indices, dtype=np.int64).reshape(-1))
+        idx = unique(np.asarray(large_indices, dtype=np.int64).reshape(-1))
         if len(idx) and (idx.min() < 0 or (idx.max() + 1) * LARGE_PAGE_PAGES > vm.pages):
             raise BackendError(f"large page index outside VM {vm.name!r}")
         return idx
@@ -447,7 +448,7 @@ class EmulatorBackend(Backend):
         if not 0 <= node < self.memory.nodes:
             raise UserError(f"NUMA node {node} does not exist (the host has {self.memory.nodes})")
         st = self._state(vm)
-        gpps = np.unique(self._pages(vm, gpps))
+        gpps = unique(self._pages(vm, gpps))
         mpns = st.p2m[gpps]
         flags = st.flags[gpps]
         movable = (mpns >= 0) & ((flags & (COW | LARGE)) == 0)
@@ -488,7 +489,8 @@ class EmulatorBackend(Backend):
         expected = np.zeros(self.memory.total, dtype=np.int64)
         for st in self._vms.values():
             mapped = st.p2m[st.p2m >= 0]
-            np.add.at(expected, mapped, 1)
+            pages, counts = unique_counts(mapped)
+            expected[pages] += counts
             if np.any(((st.flags & PRESENT) != 0) != (st.p2m >= 0)):
                 raise BackendError("present flag and page table disagree")
         held = self.memory.refcount.astype(np.int64) - expected
@@ -503,11 +505,7 @@ class EmulatorBackend(Backend):
         return int(np.count_nonzero(held > 0))
 
 
-def _first_touch(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct pages in order of first appearance, and the index of that appearance."""
-    uniq, first = np.unique(pages, return_index=True)
-    order = np.argsort(first, kind="stable")
-    return uniq[order], first[order]
+_first_touch = first_occurrences
 
 
 def _chunks(a: np.ndarray, b: np.ndarray, size: int = 4096):

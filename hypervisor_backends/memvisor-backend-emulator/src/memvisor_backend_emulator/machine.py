@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE
+from memvisor.arrays import unique_counts
 from memvisor.errors import BackendError, UserError
 
 ZERO_MPN = 0
@@ -141,16 +142,18 @@ class MachineMemory:
             return mpns
         if np.any(mpns == ZERO_MPN):
             mpns = mpns[mpns != ZERO_MPN]
-        np.subtract.at(self.refcount, mpns, 1)
-        if np.any(self.refcount[mpns] < 0):
+        pages, counts = unique_counts(mpns)
+        self.refcount[pages] -= counts.astype(np.int32)
+        if np.any(self.refcount[pages] < 0):
             raise BackendError("machine page reference count went below zero (double free)")
-        freed = np.unique(mpns[self.refcount[mpns] == 0])
+        freed = pages[self.refcount[pages] == 0]
         self._release(freed)
         return freed
 
     def get(self, mpns: np.ndarray) -> None:
         """Add one reference to each page (a page may appear several times)."""
-        np.add.at(self.refcount, mpns[mpns != ZERO_MPN], 1)
+        pages, counts = unique_counts(mpns[mpns != ZERO_MPN])
+        self.refcount[pages] += counts.astype(np.int32)
 
     def _release(self, mpns: np.ndarray) -> None:
         if not len(mpns):
