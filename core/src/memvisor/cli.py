@@ -39,7 +39,14 @@ def _register_commands() -> None:
     except UserError as exc:
         click.echo(f"memvisor: error: {exc}", err=True)
         sys.exit(2)
-    pm.hook.memvisor_register_commands(cli=cli)
+    from memvisor.plugins import log
+
+    for impl in reversed(pm.hook.memvisor_register_commands.get_hookimpls()):
+        try:
+            impl.function(cli=cli) if "cli" in impl.argnames else impl.function()
+        except Exception as exc:  # one broken plugin must not take the command line down
+            log.warning("plugin failed to register commands", plugin=pm.get_name(impl.plugin),
+                        error=f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,92 @@
+"""``memvisor sharing``: the estimate over real memory, from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from memvisor import PAGE_SIZE
+from memvisor.errors import UserError
+
+PROGRESS_BYTES = 256 << 20
+"""Inputs at least this large get a progress bar (on a terminal)."""
+
+
+def _large_page_bytes(value: str) -> int:
+    from memvisor.scenario import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise UserError(f"--large-page: {value!r} is not a size (use e.g. 2M, 1G)") from None
+    if size < PAGE_SIZE or size % PAGE_SIZE:
+        raise UserError(f"--large-page: {value!r} is not a positive multiple of {PAGE_SIZE} bytes")
+    return size
+
+
+@click.group()
+def sharing() -> None:
+    """Page sharing: what it could reclaim on real memory."""
+
+
+@sharing.command()
+@click.argument("images", nargs=-1, type=click.Path(dir_okay=True))
+@click.option("--pid", "pids", type=int, multiple=True,
+              help="Also read this live process's resident memory (read-only; repeatable).")
+@click.option("--large-page", default="2M", show_default=True, help="Large-page size for the per-region figures.")
+@click.option("--across", is_flag=True, help="Share across images and processes (default: within each only; "
+                                              "zero pages are shared across always).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the figures as JSON to this file ('-' for standard output).")
+def estimate(images, pids, large_page, across, json_out):
+    """Estimate the memory that page sharing would reclaim in raw memory IMAGES (QEMU pmemsave
+    dumps, Firecracker memory files) and/or live processes (--pid)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from memvisor_sharing.estimate import estimate as run_estimate
+    from memvisor_sharing.sources import ImageSource, ProcessSource
+
+    if not images and not pids:
+        raise UserError("sharing estimate: give at least one IMAGE or --pid")
+    size = _large_page_bytes(large_page)
+    sources = [ImageSource(path, size) for path in images] + [ProcessSource(pid, size) for pid in pids]
+    total = sum(s.nbytes for s in sources)
+    console = Console(stderr=True)
+    try:
+        with Progress(TextColumn("[bold]hashing"), BarColumn(), DownloadColumn(binary_units=True),
+                      TransferSpeedColumn(), console=console, transient=True,
+                      disable=not console.is_terminal or total < PROGRESS_BYTES) as progress:
+            task = progress.add_task("hashing", total=total)
+            result = run_estimate(sources, across=across, progress=lambda n: progress.advance(task, n))
+    finally:
+        for source in sources:
+            if hasattr(source, "close"):
+                source.close()
+    if json_out == "-":
+        click.echo(json.dumps(result, indent=2))
+    elif json_out:
+        try:
+            with open(json_out, "w", encoding="utf-8") as out:
+                out.write(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            raise UserError(f"--json: cannot write {json_out}: {exc.strerror}") from None
+    if json_out != "-":
+        _summary(result)
+
+
+def _summary(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = PAGE_SIZE / 2**20
+    table = Table("figure", "pages", "MiB", title="sharing estimate", title_justify="left")
+    for key in ("pages", "zero_pages", "duplicate_pages", "reclaimable_pages"):
+        table.add_row(key, f"{r[key]:,}", f"{r[key] * mib:,.1f}")
+    table.add_row("large_pages", f"{r['large_pages']:,}", "")
+    table.add_row("large_pages_with_opportunity", f"{r['large_pages_with_opportunity']:,}", "")
+    Console().print(table)
+    pages = r["pages"] or 1
+    Console().print(f"sharing would reclaim {r['reclaimable_pages'] / pages:.1%} of the memory "
+                    f"({r['seconds']:.2f} s, {r['pages'] * PAGE_SIZE / 2**30 / max(r['seconds'], 1e-9):.2f} GiB/s)")
