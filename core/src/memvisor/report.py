@@ -137,7 +137,7 @@ class Report:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for plot in self.plots:
-            _draw(plot, out / f"{plot.name}.png")
+            draw_plot(plot, out / f"{plot.name}.png")
         _atomic_write(out / "report.json", json.dumps(self.data, indent=2, sort_keys=False) + "\n")
         page = out / "report.html"
         _atomic_write(page, _html(self))
@@ -167,7 +167,10 @@ def _core_plots(metrics: dict) -> list[Plot]:
     return plots
 
 
-def _draw(plot: Plot, path: Path) -> None:
+def draw_plot(plot: Plot, path: str | Path) -> None:
+    """Draw a :class:`Plot` as a PNG at ``path`` (written under a temporary name, then renamed).
+    Non-finite points (NaN: no data in that interval) are left out as gaps."""
+    path = Path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,6 +179,9 @@ def _draw(plot: Plot, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for label, (xs, ys) in plot.series.items():
         xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        if plot.kind != "bar":
+            keep = np.isfinite(ys)
+            xs, ys = xs[keep], ys[keep]
         if plot.kind == "bar":
             ax.bar(xs if xs.dtype.kind in "fi" else np.arange(len(ys)), ys, label=label)
         elif plot.kind == "step":

@@ -1,0 +1,77 @@
+"""memvisor numa compare: every heuristic on one workload, a table, JSON and a plot; bad
+input is one line and exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memvisor.errors import UserError
+from memvisor_numa import HEURISTICS
+from memvisor_numa.compare import parse_workload, vm_pages_of
+
+
+def memvisor(*args):
+    """Run the memvisor command; returns the completed process."""
+    return subprocess.run([sys.executable, "-m", "memvisor", *args], capture_output=True, text=True)
+
+
+def compare_cli(*args):
+    """Run `memvisor numa compare ARGS` in this process (click's runner)."""
+    from click.testing import CliRunner
+
+    from memvisor.cli import cli
+    from memvisor_numa.compare import numa
+
+    cli.add_command(numa)  # what memvisor_register_commands does when the command starts
+    return CliRunner().invoke(cli, ["numa", "compare", *args])
+
+
+def test_compare_prints_a_table_and_writes_json_and_a_plot(tmp_path):
+    """Every heuristic runs on a tiny VM; the JSON has the four figures of each."""
+    out, png = tmp_path / "out.json", tmp_path / "local.png"
+    done = compare_cli("--vm-gib", "0.004", "--workload", "zipf:0.99", "--pre", "0.05", "--post", "0.1",
+                       "--json", str(out), "--plot", str(png))
+    assert done.exit_code == 0, done.stderr
+    assert "address" in done.stdout and "t90" in done.stdout
+    data = json.loads(out.read_text())
+    assert list(data["heuristics"]) == list(HEURISTICS)
+    for row in data["heuristics"].values():
+        assert {"t90_s", "t99_s", "migrated_pages", "wasted_pages"} <= set(row)
+    assert data["heuristics"]["address"]["migrated_pages"] == 1024
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload", "zipf:x"], "--workload: zipf:ALPHA needs a number"),
+    (["--workload", "loop"], "--workload: 'loop' is not one of"),
+    (["--workload", "trace:/nonexistent.npy"], "--workload: /nonexistent.npy: no such trace file"),
+    (["--vm-gib", "big"], "--vm-gib: expected a number"),
+    (["--vm-gib", "0"], "--vm-gib: must be at least"),
+    (["--pre", "-1"], "--pre: must be between 0 and 3600 seconds"),
+    (["--json", "/nonexistent/dir/out.json"], "--json: /nonexistent/dir/out.json: the folder does not exist"),
+])
+def test_bad_input_is_one_line_and_status_2(args, message):
+    """A mistake on the command line is one line on standard error and exit status 2."""
+    done = compare_cli(*args)
+    assert done.exit_code == 2
+    assert done.stderr.strip().count("\n") == 0 and message in done.stderr
+
+
+def test_bad_input_through_the_real_command():
+    """The installed `memvisor` command gives the same one line and status 2."""
+    done = memvisor("numa", "compare", "--workload", "bogus")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("memvisor: error: --workload: 'bogus' is not one of "
+                                   "zipf:ALPHA, phased, scan, trace:FILE")
+
+
+def test_workloads_and_sizes_parse():
+    """--workload and --vm-gib turn into scenario values."""
+    assert parse_workload("zipf:0.8") == {"kind": "zipf", "alpha": 0.8}
+    assert parse_workload("phased") == {"kind": "phased"}
+    assert parse_workload("scan") == {"kind": "scan"}
+    assert vm_pages_of(1) == 262144
+    with pytest.raises(UserError):
+        parse_workload("phased:3")
