@@ -25,7 +25,8 @@ def test_plugins_all_includes_builtins_and_hook_filter_works():
     rows = json.loads(memvisor("plugins", "--json", "--all").stdout)
     assert any(r["builtin"] and "memvisor_page_fault" in r["hooks"] for r in rows)
     rows = json.loads(memvisor("plugins", "--json", "--hook", "memvisor_register_backends").stdout)
-    assert [r["name"] for r in rows] == ["emulator"]
+    assert "emulator" in [r["name"] for r in rows]
+    assert all("memvisor_register_backends" in r["hooks"] for r in rows)
     bad = memvisor("plugins", "--hook", "memvisor_nope")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 

@@ -147,6 +147,8 @@ class VMSpec:
     contents: Any  # memvisor.contents.ContentSpec or None
     workload: Mapping[str, Any]
     seed: int | None
+    disk: Mapping[str, Any] | None = None  # {path | size, contents, page_cache}, checked
+
 
 
 @attrs.frozen
@@ -169,6 +171,30 @@ class Scenario:
     def with_seed(self, seed: int) -> Scenario:
         """The same scenario under another seed."""
         return attrs.evolve(self, host=attrs.evolve(self.host, seed=seed))
+
+
+def _disk(table: Table, vm_pages: int) -> dict[str, Any]:
+    """A VM's ``disk`` table: an image ``path`` or a generated disk of ``size`` with
+    ``contents``, and ``page_cache``, the fraction of the VM's pages (its last ones) that hold
+    copies of disk blocks when the VM starts."""
+    from memvisor.contents import ContentSpec
+
+    path = table.get("path", str, None)
+    size = table.size("size", None)
+    if (path is None) == (size is None):
+        raise table.error("size", "give the disk an image path or a size (one of them)")
+    if size is not None and (size < PAGE_SIZE or size % PAGE_SIZE):
+        raise table.error("size", f"must be a positive multiple of 4KiB, got {table.data.get('size')!r}")
+    contents_value = table.get("contents", (str, dict), "text")
+    try:
+        contents = ContentSpec.parse(contents_value, table.key("contents"))
+    except UserError as exc:
+        raise ScenarioError(table.path, table.key("contents"), str(exc)) from None
+    page_cache = table.number("page_cache", 0.0, low=0.0, high=1.0)
+    seed = table.get("seed", int, None)
+    table.check_unknown()
+    return {"path": path, "blocks": None if size is None else size // PAGE_SIZE, "contents": contents,
+            "page_cache": float(page_cache), "seed": seed}
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -213,6 +239,7 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
     if high < low:
         raise host.error("high_watermark", f"must not be below low_watermark ({low})")
     costs = host.table("costs").data
+    backend_options = dict(host.table("backend_options").data)
     host.check_unknown()
 
     plugins_table = top.table("plugins")
@@ -244,8 +271,9 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         if workload and "kind" not in workload:
             raise vm.error("workload", "needs a kind, e.g. { kind = \"zipf\" }")
         vm_seed = vm.get("seed", int, None)
+        disk = _disk(vm.table("disk", None), pages) if "disk" in vm.data else None
         vm.check_unknown()
-        vms.append(VMSpec(vm_name, pages, node, large, contents, workload, vm_seed))
+        vms.append(VMSpec(vm_name, pages, node, large, contents, workload, vm_seed, disk))
 
     timeline = top.get("timeline", list, [])
     for i, step in enumerate(timeline):
@@ -261,7 +289,7 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         tick_interval=tick,
         low_watermark=low,
         high_watermark=high,
-        backend_options={"costs": costs},
+        backend_options={**backend_options, "costs": costs},
         plugin_settings=plugins,
     )
     return Scenario(Path(str(path)), name, description, config, batch, plugins, tuple(vms), tuple(timeline))

@@ -74,11 +74,13 @@ class ReferenceMemory:
 
 def small_host(*, memory_pages: int = 8192, numa_nodes: int = 1, plugins: Iterable[str] = (),
                extra_plugins: Iterable[object] = (), settings: dict | None = None, seed: int = 0,
-               backend: str = "emulator", tick_interval: float = 0.01):
+               backend: str = "emulator", tick_interval: float = 0.01, backend_options: dict | None = None):
     """A small host for tests: ``memory_pages`` of machine memory on the emulator by default,
-    with installed ``plugins`` by name and ``extra_plugins`` objects registered."""
+    with installed ``plugins`` by name and ``extra_plugins`` objects registered; ``backend_options``
+    are the backend's own settings (the emulator's ``costs``, the linux backend's ``dirty``)."""
     from memvisor.host import Host, HostConfig
 
     config = HostConfig(memory_pages=memory_pages, numa_nodes=numa_nodes, backend=backend, seed=seed,
-                        tick_interval=tick_interval, plugin_settings=settings or {})
+                        tick_interval=tick_interval, plugin_settings=settings or {},
+                        backend_options=backend_options or {})
     return Host(config, plugins, extra_plugins=extra_plugins)
