@@ -1,0 +1,379 @@
+"""The lazy-restore plugin: takes :func:`memvisor_checkpoint_restore` when a lazy restore is asked for.
+
+A restore in progress is a :class:`LazyRestore`. It opens the checkpoint (three reads: header,
+trailer, metadata: the page map and the index of the blocks), makes every page of the VM not
+present and lets the VM run. Then:
+
+- a page fault on a page that the checkpoint holds is served by making present the faulting
+  page's *window* (``window_pages`` aligned guest pages, 64 by default) and every page block that
+  holds a page of it: one read of the storage block (none when it is the one read last), one
+  decompression per page block, zero pages filled, other plugins' records resolved; a guest that
+  touches its memory in order therefore faults once per window;
+- a background prefetcher (:func:`memvisor_tick`) loads whole storage blocks, one read each, in
+  file order or hottest first (the access-order sidecar a lazy save writes), keeping the disk
+  busy at most ``prefetch_share`` of the time so that faults find it free;
+- pages are only ever populated where they are not present: a page the guest already has (it
+  faulted it in and wrote it) is never overwritten.
+
+Zero pages cost no I/O: the prefetcher leaves them to faults. When every page that needs I/O is
+in, the file is closed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+
+from memvisor import PAGE_SIZE, hookimpl
+from memvisor.backend import Capability
+from memvisor.checkpoint import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointError, CheckpointReader
+from memvisor.checkpoint.vm import RestoreJob, load_pages
+from memvisor.errors import UserError
+from memvisor.report import Plot, ReportSection
+from memvisor_lazy_restore.order import read_order
+
+NAME = "lazy-restore"
+DEFAULT_WINDOW = 64
+RECORD_STEP = 4096
+"""Record pages resolved per prefetch step."""
+
+log = structlog.get_logger("memvisor.lazy_restore")
+
+
+class LazyRestoreError(UserError):
+    """A lazy restore cannot serve a page correctly (a damaged checkpoint): the VM stops.
+
+    The message is one line naming the VM, the file, the block and its offset.
+    """
+
+
+class LazyRestore:
+    """One lazy restore of one VM, from its start until every page that needs I/O is loaded.
+
+    :param plugin: the plugin (its settings).
+    :param host: the host.
+    :param vm: the VM whose memory is replaced.
+    :param request: the restore request (path, key).
+    """
+
+    def __init__(self, plugin: LazyRestorePlugin, host, vm, request):
+        self.host, self.vm, self.request = host, vm, request
+        self.window, self.share = plugin.window_pages, plugin.prefetch_share
+        self.virtual = Capability.VIRTUAL_TIME in host.backend.capabilities
+        started, self.real_start = host.now, time.perf_counter()
+        reader = CheckpointReader(request.path, key=request.key)
+        try:
+            if reader.vm_pages != vm.pages:
+                raise CheckpointError(reader.path,
+                                      f"checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
+            every = np.arange(vm.pages, dtype=np.int64)
+            self.kinds = reader.page_kind(every)
+            if np.any(self.kinds == KIND_MISSING):
+                first = int(np.flatnonzero(self.kinds == KIND_MISSING)[0])
+                raise CheckpointError(reader.path, f"page {first} is not in the checkpoint")
+            self.pb_of_page = reader.locate_many(every)
+            sb_of_pb = np.fromiter((reader.storage_block_of(p) for p in range(reader.page_blocks)), np.int64,
+                                   count=reader.page_blocks)
+        except BaseException:
+            reader.close()
+            raise
+        self.reader: CheckpointReader | None = reader
+        # Data pages grouped by storage block: the prefetcher's unit (one read each).
+        data = np.flatnonzero(self.kinds == KIND_DATA)
+        sbs = sb_of_pb[self.pb_of_page[data]]
+        by_block = np.argsort(sbs, kind="stable")
+        self.block_pages = data[by_block]
+        self.block_bounds = np.searchsorted(sbs[by_block], np.arange(reader.storage_blocks + 1))
+        self.pb_size = np.bincount(self.pb_of_page[data], minlength=reader.page_blocks)
+        self.order_source = "file"
+        order = np.arange(reader.storage_blocks)
+        if plugin.prefetch == "hot":
+            hint = read_order(request.path, file_id=reader.file_id, vm_pages=vm.pages, key=request.key)
+            if hint is not None:
+                heat, source = hint
+                score = np.bincount(sbs, weights=heat[data], minlength=reader.storage_blocks)
+                order = np.argsort(-score, kind="stable")  # hottest first, file order among equals
+                self.order_source = f"hot ({source})"
+        self.prefetching = plugin.prefetch != "off"
+        self.order = order if self.prefetching else order[:0]
+        self.cursor = 0
+
+        backend = host.backend
+        open_seconds = backend.account("disk_read", reader.bytes_read, reader.read_calls)
+        # The old memory goes: every page is not present, and the next touch faults. (Dropping
+        # the old pages happens off the critical path on a real host: no time is charged.)
+        backend.unmap(vm, every)
+        host.advance(open_seconds)  # the VM waits only for the page map
+        self.pending = np.ones(vm.pages, dtype=bool)  # still to come from the checkpoint
+        self.io_left = int(np.count_nonzero(self.kinds != KIND_ZERO))
+        self.loaded = np.zeros(vm.pages, dtype=bool)
+        self.faulted = np.zeros(vm.pages, dtype=bool)
+        self.busy_until = host.now
+        self.failed: str | None = None
+        self.job = RestoreJob(vm.name, str(request.path), "lazy", started, resumed=host.now)
+        self.counts = {"faults": 0, "fault_pages": 0, "pages_loaded_on_fault": 0, "pages_prefetched": 0,
+                       "page_blocks_decoded": 0}
+        self.progress: list[tuple[float, int, int]] = [(host.now, 0, 0)]
+        self.ended = False
+        self._update_stats()
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _load(self, pages: np.ndarray) -> tuple[int, float]:
+        """Make ``pages`` present with the checkpoint's contents where they are still pending and
+        not present; charge the reads, decompression and copies. Returns the pages loaded and
+        the seconds charged."""
+        host, vm, backend = self.host, self.vm, self.host.backend
+        pages = pages[self.pending[pages]]
+        present = backend.present(vm, pages)
+        if present.any():
+            # Never overwrite a page the guest already has: one that is present although the
+            # checkpoint still owes it was made present by someone else, and is theirs now.
+            taken = pages[present]
+            self.pending[taken] = False
+            self.io_left -= int(np.count_nonzero(self.kinds[taken] != KIND_ZERO))
+            pages = pages[~present]
+        if not len(pages):
+            if self.io_left == 0 and self.reader is not None:
+                self._complete()
+            return 0, 0.0
+        kinds = self.kinds[pages]
+        seconds = 0.0
+        if self.reader is None:  # every page that needs I/O is in: only zero pages are left
+            backend.populate(vm, pages)
+        else:
+            r = self.reader
+            reads, nbytes = r.read_calls, r.bytes_read
+            data = pages[kinds == KIND_DATA]
+            blocks = np.unique(self.pb_of_page[data])
+            try:
+                load_pages(host, vm, r, pages)
+            except CheckpointError as exc:
+                self._fail(exc)
+            if r.read_calls > reads:
+                seconds += backend.account("disk_read", r.bytes_read - nbytes, r.read_calls - reads)
+            if len(blocks):
+                decoded = int(self.pb_size[blocks].sum()) * PAGE_SIZE
+                seconds += backend.account("compress", decoded // 3)  # decompression runs about 3x faster
+                seconds += backend.account("copy", len(data) * PAGE_SIZE)
+                self.counts["page_blocks_decoded"] += len(blocks)
+        self.pending[pages] = False
+        self.loaded[pages] = True
+        self.io_left -= int(np.count_nonzero(kinds != KIND_ZERO))
+        if self.io_left == 0 and self.reader is not None:
+            self._complete()
+        return len(pages), seconds
+
+    def _fail(self, exc: CheckpointError):
+        """A block cannot be read correctly: no page of it is loaded, the VM stops."""
+        self.failed = f"VM {self.vm.name!r} stopped: lazy restore from {exc}"
+        self.job.stats["error"] = self.failed
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        log.error("lazy restore failed", vm=self.vm.name, error=str(exc))
+        raise LazyRestoreError(self.failed) from None
+
+    def _complete(self) -> None:
+        # complete_s is taken at the next tick: a fault's loads end with its guest batch, whose
+        # time is known only after the batch
+        self.reader.close()
+        self._update_stats()
+        self.reader = None
+
+    def serve(self, gpps: np.ndarray) -> np.ndarray | None:
+        """Serve the faulting pages that this restore owns; returns them (or None)."""
+        own = gpps[self.pending[gpps]]
+        if not len(own):
+            return None
+        if self.failed:
+            raise LazyRestoreError(self.failed)
+        windows = np.unique(own // self.window)
+        span = (windows[:, None] * self.window + np.arange(self.window)).ravel()
+        span = span[span < self.vm.pages]
+        span = span[self.pending[span]]
+        # The page blocks holding pages of the windows come in whole: their storage block is read
+        # anyway and their frames are decompressed whole.
+        blocks = np.unique(self.pb_of_page[span[self.kinds[span] == KIND_DATA]])
+        extra = [self.reader.page_block_pages(int(b)) for b in blocks] if self.reader is not None else []
+        pages = np.unique(np.concatenate([span, *extra])) if extra else span
+        loaded, _ = self._load(pages)
+        self.faulted[own] = True
+        self.counts["faults"] += len(windows)  # one per window: later touches of it find it present
+        self.counts["fault_pages"] += len(own)
+        self.counts["pages_loaded_on_fault"] += loaded
+        self._update_stats()
+        return own
+
+    def prefetch(self, now: float) -> None:
+        """Load storage blocks while the prefetcher has its share of the disk before ``now``."""
+        if self.failed or self.reader is None or self.ended or not self.prefetching:
+            return
+        while self.busy_until < now and self.reader is not None:
+            if self.cursor < len(self.order):
+                sb = int(self.order[self.cursor])
+                self.cursor += 1
+                pages = self.block_pages[self.block_bounds[sb] : self.block_bounds[sb + 1]]
+            elif self.cursor == len(self.order) and self.io_left:
+                pages = np.flatnonzero(self.pending & (self.kinds >= KIND_FIRST_RECORD))[:RECORD_STEP]
+                if not len(pages):
+                    break  # prefetching is off and only faults load data
+            else:
+                break
+            real = time.perf_counter()
+            loaded, seconds = self._load(pages)
+            if not self.virtual:  # a real-time backend charges nothing: the work took its real time
+                seconds = time.perf_counter() - real
+            self.counts["pages_prefetched"] += loaded
+            self.busy_until = max(self.busy_until, self.job.resumed) + seconds / self.share
+        self.progress.append((now, self.counts["pages_loaded_on_fault"], self.counts["pages_prefetched"]))
+        self._update_stats()
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def end(self) -> None:
+        """The restore is over (the run ends, the VM goes or is restored again): close the file
+        and count the pages loaded that the guest never touched."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        backend = self.host.backend
+        if Capability.ACCESSED in backend.capabilities and self.vm.name in self.host.vms:
+            # Pages the guest faulted on are touched; the others tell by their accessed bit
+            # (populate clears it). A plugin that clears accessed bits meanwhile makes this an
+            # upper bound.
+            maybe = np.flatnonzero(self.loaded & ~self.faulted)
+            touched = backend.take_accessed(self.vm, maybe) if len(maybe) else np.zeros(0, bool)
+            self.job.stats["pages_never_touched"] = int(np.count_nonzero(~touched))
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        r = self.reader
+        stats = self.job.stats
+        if r is not None:
+            stats["read_calls"], stats["bytes_read"] = r.read_calls, r.bytes_read
+        stats.update(self.counts)
+        stats["pages"] = self.vm.pages
+        stats["pages_loaded"] = int(np.count_nonzero(self.loaded))
+        stats["open_s"] = self.job.resumed - self.job.started
+        stats["prefetch_order"] = self.order_source
+        stats["real_seconds"] = time.perf_counter() - self.real_start
+
+
+class LazyRestorePlugin:
+    """Lazy checkpoint restore: resume at once, serve faults from the file, prefetch the rest.
+
+    Settings (``[plugins.lazy-restore]``):
+
+    - ``prefetch`` (default ``"hot"``): ``"hot"`` (hottest storage blocks first when the
+      checkpoint has an access-order sidecar, else file order), ``"file"`` or ``"off"``;
+    - ``prefetch_share`` (default 0.5): at most this fraction of the disk's time goes to
+      prefetching (the rest is left to faults);
+    - ``window_pages`` (default 64): pages made present around a faulting page (aligned).
+    """
+
+    def __init__(self) -> None:
+        self.restores: dict[str, LazyRestore] = {}
+        self.finished: list[LazyRestore] = []
+        self.prefetch = "hot"
+        self.prefetch_share = 0.5
+        self.window_pages = DEFAULT_WINDOW
+
+    @hookimpl
+    def memvisor_host_started(self, host) -> None:
+        """Read the settings and check that the backend can make pages not present."""
+        settings = dict(host.plugin_settings(NAME))
+        self.prefetch = settings.pop("prefetch", "hot")
+        self.prefetch_share = settings.pop("prefetch_share", 0.5)
+        self.window_pages = settings.pop("window_pages", DEFAULT_WINDOW)
+        where = f"plugins.{NAME}"
+        if settings:
+            raise UserError(f"{where}: unknown setting {next(iter(settings))!r} "
+                            "(known: prefetch, prefetch_share, window_pages)")
+        if self.prefetch not in ("hot", "file", "off"):
+            raise UserError(f"{where}.prefetch: must be \"hot\", \"file\" or \"off\", got {self.prefetch!r}")
+        if (isinstance(self.prefetch_share, bool) or not isinstance(self.prefetch_share, (int, float))
+                or not 0 < self.prefetch_share <= 1):
+            raise UserError(f"{where}.prefetch_share: must be a fraction in (0, 1], got {self.prefetch_share!r}")
+        if isinstance(self.window_pages, bool) or not isinstance(self.window_pages, int) or self.window_pages < 1:
+            raise UserError(f"{where}.window_pages: must be a whole number of at least 1, got {self.window_pages!r}")
+        host.require(NAME, Capability.FAULT)
+
+    def _end(self, vm) -> None:
+        restore = self.restores.pop(vm.name, None)
+        if restore is not None:
+            restore.end()
+            self.finished.append(restore)
+
+    @hookimpl
+    def memvisor_checkpoint_restore(self, host, vm, request):
+        """Take the restore unless an eager one is asked for (``request.lazy is False``).
+
+        A restore in progress of the same VM ends first, whoever takes the new one: its pages
+        would otherwise be served over the new contents.
+        """
+        self._end(vm)
+        if request.lazy is False:
+            return None
+        restore = LazyRestore(self, host, vm, request)
+        self.restores[vm.name] = restore
+        return restore.job
+
+    @hookimpl
+    def memvisor_page_fault(self, host, vm, fault):
+        """Serve the faulting pages that a lazy restore of ``vm`` still owns."""
+        restore = self.restores.get(vm.name)
+        return None if restore is None else restore.serve(fault.gpps)
+
+    @hookimpl
+    def memvisor_tick(self, host, tick) -> None:
+        """Prefetch within each restore's share of the disk."""
+        for restore in list(self.restores.values()):
+            restore.prefetch(tick.now)
+            stats = restore.job.stats
+            if restore.reader is None and not restore.failed and "complete_s" not in stats:
+                stats["complete_s"] = host.now - restore.job.started  # to the tick (end of the batch round)
+
+    @hookimpl
+    def memvisor_vm_destroyed(self, host, vm) -> None:
+        """The VM goes: close its checkpoint."""
+        self._end(vm)
+
+    @hookimpl
+    def memvisor_host_stopping(self, host) -> None:
+        """The run ends: close every checkpoint and count the pages never touched."""
+        for restore in list(self.restores.values()):
+            restore.end()
+
+    @hookimpl
+    def memvisor_register_benchmarks(self, register) -> None:
+        """``memvisor bench checkpoint``: time to first access, faults of a sequential touch,
+        restore of a 10% working set."""
+        from memvisor_lazy_restore.bench import cases
+
+        for case in cases():
+            register("checkpoint", case)
+
+    @hookimpl
+    def memvisor_report(self, host):
+        """One section: every lazy restore with its reads, faults, prefetched and untouched pages."""
+        restores = self.finished + list(self.restores.values())
+        if not restores:
+            return None
+        jobs: list[dict[str, Any]] = [r.job.to_json() for r in restores]
+        series = {}
+        for i, r in enumerate(restores):
+            t, on_fault, prefetched = (list(c) for c in zip(*r.progress))
+            series[f"{r.vm.name} #{i} on fault"] = (t, on_fault)
+            series[f"{r.vm.name} #{i} prefetched"] = (t, prefetched)
+        plot = Plot("lazy-restore-progress", "Lazy restore: pages loaded", "time (s)", "pages", series, kind="step")
+        return ReportSection(NAME, "Lazy checkpoint restore", {"restores": jobs}, [plot],
+                             text="Time to the first guest access, read calls and bytes, faults (one per window "
+                                  "a guest touching pages one at a time would take), pages loaded on fault and "
+                                  "prefetched, pages loaded that the guest never touched.")
