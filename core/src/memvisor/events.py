@@ -178,3 +178,56 @@ class PageRecords:
     kind: str
     gpps: np.ndarray = attrs.field(converter=_pages)
     payloads: object = None
+
+
+@attrs.frozen(eq=False)
+class DiskIOBatch:
+    """Guest disk I/O of one VM on one disk: blocks read into guest pages (the page cache) or
+    written back from them. It has happened when the hook is called: after a read the pages hold
+    the blocks' bytes, after a write the blocks hold the pages' bytes.
+
+    :ivar disk: the :class:`memvisor.disks.Disk`.
+    :ivar gpps: the guest pages, one per transfer.
+    :ivar blocks: the disk block (4 KiB) of each transfer.
+    :ivar writes: per transfer, True for a write to the disk, False for a read from it.
+    :ivar time: time in seconds when the I/O completed.
+    """
+
+    disk: object
+    gpps: np.ndarray = attrs.field(converter=_pages)
+    blocks: np.ndarray = attrs.field(converter=_pages)
+    writes: np.ndarray = attrs.field(converter=_mask)
+    time: float = 0.0
+
+
+@attrs.frozen(eq=False)
+class MemoryErrorEvent:
+    """An uncorrectable memory error: the bytes of some machine pages are wrong (bit flips).
+
+    :ivar gpps: the guest pages of the VM whose machine pages were hit.
+    :ivar mpns: the machine page behind each guest page.
+    :ivar time: time in seconds.
+    """
+
+    gpps: np.ndarray = attrs.field(converter=_pages)
+    mpns: np.ndarray = attrs.field(converter=_pages)
+    time: float = 0.0
+
+
+@attrs.frozen
+class MigrationPhase:
+    """A live migration of a VM reached a phase.
+
+    :ivar phase: ``"start"``, ``"round"`` (a pre-copy round begins), ``"stop_and_copy"``,
+        ``"postcopy"`` (the destination runs and pulls missing pages) or ``"end"``.
+    :ivar round: number of the pre-copy round (0 before the first).
+    :ivar pages: pages to send in this phase (0 where not known).
+    :ivar destination: the destination :class:`memvisor.host.Host`.
+    :ivar time: time in seconds on the source.
+    """
+
+    phase: str
+    round: int = 0
+    pages: int = 0
+    destination: object = None
+    time: float = 0.0

@@ -11,9 +11,8 @@ Implementations may take fewer arguments than the specification (pluggy's opt-in
 new arguments can be added without breaking plugins. Guest activity arrives in batches: one call
 carries a numpy array of pages, never one page.
 
-Hooks that later techniques need (checkpoint save and restore, page records for live migration
-and snapshots, disk I/O, memory errors, page heat) are added here by the change that makes the
-core call them; docs/architecture.md lists them.
+Hooks that later techniques need are added here by the change that makes the core call them;
+docs/architecture.md lists them.
 """
 
 from __future__ import annotations
@@ -31,8 +30,11 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from memvisor.checkpoint.vm import RestoreJob, SaveJob
     from memvisor.events import (
         AccessBatch,
+        DiskIOBatch,
         FaultBatch,
+        MemoryErrorEvent,
         MemoryPressure,
+        MigrationPhase,
         PageRecords,
         RestoreRequest,
         SaveRequest,
@@ -152,7 +154,40 @@ def memvisor_page_write(host: Host, vm: VM, write: WriteBatch) -> None:
 
     :param host: the host.
     :param vm: the writing VM.
-    :param write: the pages, their machine pages and whether each is shared.
+    :param write: the pages, their machine pages and whether each is shared, as of the trap
+        (an implementation that runs earlier may already have remapped some of them).
+    """
+
+
+@hookspec
+def memvisor_disk_io(host: Host, vm: VM, io: DiskIOBatch) -> None:
+    """Observer. The guest read disk blocks into its pages or wrote pages back to disk blocks.
+
+    Called after the transfer (``host.disk_io``): after a read each page of ``io.gpps`` holds
+    its block's bytes, after a write each block holds its page's bytes. A read lands in guest
+    memory as the guest's own write would (it traps on write-protected pages first, so
+    :func:`memvisor_page_write` sees it before this hook does). One call per batch of I/O.
+
+    :param host: the host.
+    :param vm: the VM doing the I/O.
+    :param io: the disk, the pages, the blocks and the direction of each transfer.
+    """
+
+
+@hookspec
+def memvisor_memory_error(host: Host, vm: VM, error: MemoryErrorEvent) -> np.ndarray | None:
+    """Collector. An uncorrectable memory error hit machine pages behind pages of ``vm``.
+
+    The bytes of ``error.gpps`` are wrong. An implementation that can rebuild some of them
+    exactly (from an identical disk block, say) writes the right bytes with
+    ``host.backend.write`` and returns the pages it repaired. The core reports every page that
+    nobody repaired to the guest as lost (``host.memory_error``); a page is never left silently
+    wrong by a repair.
+
+    :param host: the host.
+    :param vm: the VM whose pages were hit.
+    :param error: the pages and their machine pages.
+    :returns: the pages this implementation repaired, or ``None``.
     """
 
 
@@ -258,6 +293,23 @@ def memvisor_resolve_records(host: Host, vm: VM, records: PageRecords) -> np.nda
     """
 
 
+@hookspec
+def memvisor_migration_phase(host: Host, vm: VM, phase: MigrationPhase) -> None:
+    """Observer. A live migration of ``vm`` from ``host`` reached a phase.
+
+    Fires on the source host at ``"start"``, at each pre-copy ``"round"``, at
+    ``"stop_and_copy"`` (the VM is stopped), at ``"postcopy"`` (the destination resumes and
+    pulls the pages still missing, when post-copy is on) and at ``"end"``. Pages sent in the
+    stream come from :func:`memvisor_describe_pages` (``purpose="migration"``) where a plugin
+    describes them, and are turned back into bytes on the destination by
+    :func:`memvisor_resolve_records`.
+
+    :param host: the source host.
+    :param vm: the migrating VM (on the source).
+    :param phase: the phase, its round, pages to send and the destination host.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # memory pressure
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +321,10 @@ def memvisor_memory_pressure(host: Host, pressure: MemoryPressure) -> int | None
 
     Implementations run in hook order (``tryfirst`` / ``trylast`` set the order among
     reclaimers) and each reclaims what it can; it reads ``host.backend.free_pages()`` first, so
-    it does nothing once an earlier one covered the deficit.
+    it does nothing once an earlier one covered the deficit. The intended order, cheapest for
+    the guest first: page sharing (``tryfirst``: no guest sees a difference), then ballooning
+    (no marker: the guest gives up memory it chooses), then dropping or swapping pages
+    (``trylast``: the guest pays a fault later).
 
     :param host: the host.
     :param pressure: free pages and the target.
@@ -284,6 +339,10 @@ def memvisor_giveable_pages(host: Host, vm: VM, miss_ratio_increase: float) -> i
 
     A reclaim policy (the balloon's, for one) asks this to take memory where the miss ratio
     rises least. ``None`` means no plugin can tell; the policy falls back to its own measure.
+    The count is of the VM's whole memory: ``vm.pages`` minus the smallest size whose miss
+    ratio is at most the miss ratio at the VM's current allocation (its pages less those a
+    guest driver has pinned) plus ``miss_ratio_increase``; pages already taken by a balloon are
+    included, so a caller subtracts what it holds.
 
     :param host: the host.
     :param vm: the VM.

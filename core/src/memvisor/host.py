@@ -17,11 +17,13 @@ import pluggy
 import structlog
 
 from memvisor import PAGE_SIZE
-from memvisor.backend import AccessResult, Backend
+from memvisor.backend import AccessResult, Backend, Capability
 from memvisor.errors import BackendError, CapabilityError
 from memvisor.events import (
     AccessBatch,
+    DiskIOBatch,
     FaultBatch,
+    MemoryErrorEvent,
     MemoryPressure,
     RestoreRequest,
     SaveRequest,
@@ -35,6 +37,7 @@ from memvisor.registry import Registry, fill
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.contents import ContentSpec
+    from memvisor.disks import Disk
 
 log = structlog.get_logger("memvisor.host")
 
@@ -93,6 +96,12 @@ class VM:
         return self.pages * PAGE_SIZE
 
 
+def _disk_seed(vm_seed: int, index: int) -> int:
+    """Seed of a VM's generated disk: apart from every VM seed, so a disk's blocks never equal
+    the VM's own generated pages by accident."""
+    return (int(vm_seed) % 2**64) * 2**20 + 0xD15C0 + index
+
+
 def registries(pm: pluggy.PluginManager) -> dict[str, Registry]:
     """Fill the backend, workload and action registries from every plugin in ``pm``."""
     h = pm.hook
@@ -130,6 +139,9 @@ class Host:
         self.vms: dict[str, VM] = {}
         self._pinned: dict[str, np.ndarray] = {}
         self.checkpoint_jobs: list = []
+        self.disks: dict[str, dict[str, Disk]] = {}
+        self.migrations: list = []
+        self.memory_errors: list[dict] = []
         self._remap: dict[str, np.ndarray] = {}
         self._ids = itertools.count()
         self.metrics = Metrics()
@@ -188,6 +200,8 @@ class Host:
         self.hook.memvisor_vm_destroyed(host=self, vm=vm)
         self.backend.destroy_vm(vm)
         del self.vms[vm.name]
+        for disk in self.disks.pop(vm.name, {}).values():
+            disk.flush()
         self._pinned.pop(vm.name, None)
         self._remap.pop(vm.name, None)
 
@@ -263,12 +277,117 @@ class Host:
         self.backend.break_sharing(vm, present)
         self.backend.unprotect(vm, present)
 
+    # -- disks and memory errors ---------------------------------------------------------------
+
+    def attach_disk(self, vm: VM, path: str | None = None, *, blocks: int | None = None,
+                    contents: ContentSpec | None = None, name: str | None = None, seed: int | None = None,
+                    disk: Disk | None = None, writable: bool = True) -> Disk:
+        """Attach a disk to ``vm``: the raw image file ``path`` (read and written in place
+        unless not ``writable``), ``blocks`` generated blocks of ``contents`` (text when None)
+        held in memory, or an existing ``disk`` (shared storage: the destination of a live
+        migration sees the source's disks)."""
+        from memvisor.disks import make_disk
+
+        disks = self.disks.setdefault(vm.name, {})
+        name = name or (disk.name if disk is not None else f"disk{len(disks)}")
+        if name in disks:
+            raise BackendError(f"VM {vm.name!r} has a disk named {name!r} already")
+        number = sum(len(d) for d in self.disks.values())
+        if disk is None:
+            disk = make_disk(name, path=path, blocks=blocks, contents=contents,
+                             seed=_disk_seed(vm.seed, len(disks)) if seed is None else seed, number=number,
+                             writable=writable)
+        disks[name] = disk
+        return disk
+
+    def disk(self, vm: VM, name: str | None = None) -> Disk:
+        """``vm``'s disk ``name`` (its first disk when None)."""
+        disks = self.disks.get(vm.name, {})
+        if not disks:
+            raise BackendError(f"VM {vm.name!r} has no disk")
+        if name is None:
+            return next(iter(disks.values()))
+        if name not in disks:
+            raise BackendError(f"VM {vm.name!r} has no disk named {name!r} (disks: {', '.join(disks)})")
+        return disks[name]
+
+    def disk_io(self, vm: VM, disk: Disk, gpps: np.ndarray, blocks: np.ndarray, writes: np.ndarray) -> float:
+        """The guest's disk I/O: each transfer reads ``blocks[i]`` into page ``gpps[i]`` or
+        (where ``writes[i]``) writes the page to the block. Reads happen before writes; a page or
+        block named twice keeps the last transfer. Charges the disk costs and calls
+        :func:`memvisor_disk_io`; returns the seconds the I/O took (the caller lets them pass)."""
+        gpps = np.asarray(gpps, dtype=np.int64).reshape(-1)
+        blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        writes = np.asarray(writes, dtype=bool).reshape(-1)
+        if not len(gpps):
+            return 0.0
+        # The last transfer of each page wins (a page cache slot reused within one batch).
+        order = np.arange(len(gpps))[::-1]
+        _, last = np.unique(gpps[::-1] * 2 + writes[::-1], return_index=True)
+        keep = np.sort(order[last])
+        gpps, blocks, writes = gpps[keep], blocks[keep], writes[keep]
+        backend, seconds = self.backend, 0.0
+        reads = ~writes
+        if reads.any():
+            data = disk.read(blocks[reads])
+            seconds += backend.account("disk_read", int(reads.sum()) * PAGE_SIZE, 1)
+            backend.guest_write(vm, gpps[reads], data)
+        if writes.any():
+            data = backend.guest_read(vm, gpps[writes])
+            disk.write(blocks[writes], data)
+            seconds += backend.account("disk_write", int(writes.sum()) * PAGE_SIZE, 1)
+        counters = self.metrics.counters[vm.name]
+        counters["disk_reads"] = counters.get("disk_reads", 0) + int(reads.sum())
+        counters["disk_writes"] = counters.get("disk_writes", 0) + int(writes.sum())
+        self.hook.memvisor_disk_io(host=self, vm=vm, io=DiskIOBatch(disk, gpps, blocks, writes, self.now))
+        return seconds
+
+    def fill_page_cache(self, vm: VM, disk: Disk, fraction: float, seed: int | None = None) -> np.ndarray:
+        """Fill the last ``fraction`` of ``vm``'s pages with copies of disk blocks, read through
+        :meth:`disk_io` (the guest's page cache after it read files): runs of consecutive blocks
+        from a seeded start. Returns the pages filled."""
+        count = min(vm.pages, int(round(fraction * vm.pages)))
+        if count <= 0:
+            return np.zeros(0, dtype=np.int64)
+        gpps = np.arange(vm.pages - count, vm.pages, dtype=np.int64)
+        rng = np.random.default_rng(vm.seed if seed is None else seed)
+        start = int(rng.integers(disk.blocks))
+        blocks = (np.arange(count, dtype=np.int64) + start) % disk.blocks
+        self.disk_io(vm, disk, gpps, blocks, np.zeros(count, dtype=bool))
+        return gpps
+
+    def memory_error(self, vm: VM, gpps: np.ndarray) -> dict:
+        """An uncorrectable memory error hit ``gpps`` (their bytes are already wrong): plugins
+        repair what they can (:func:`memvisor_memory_error`); the rest is reported to the guest
+        as lost. Returns ``{"pages", "repaired", "lost"}`` (lists of pages), also kept in
+        :attr:`memory_errors`."""
+        gpps = np.unique(np.asarray(gpps, dtype=np.int64))
+        event = MemoryErrorEvent(gpps, self.backend.mpns(vm, gpps), self.now)
+        repaired = np.zeros(0, dtype=np.int64)
+        for result in self.hook.memvisor_memory_error(host=self, vm=vm, error=event):
+            if result is not None:
+                repaired = np.union1d(repaired, np.asarray(result, dtype=np.int64))
+        repaired = np.intersect1d(repaired, gpps)
+        lost = np.setdiff1d(gpps, repaired)
+        outcome = {"vm": vm.name, "time": self.now, "pages": gpps.tolist(), "repaired": repaired.tolist(),
+                   "lost": lost.tolist()}
+        self.memory_errors.append(outcome)
+        self.metrics.event(self.now, "memory_error", vm=vm.name, pages=len(gpps), repaired=len(repaired),
+                           lost=len(lost))
+        return outcome
+
     # -- time ---------------------------------------------------------------------------------
 
     def advance(self, seconds: float) -> None:
         """Let time pass, firing a tick for every interval crossed and checking memory pressure
         at each tick."""
         self.backend.advance(seconds)
+        if Capability.VIRTUAL_TIME not in self.backend.capabilities and self.now >= self._next_tick:
+            # Real time: intervals that passed while the host was busy (a long save) are one
+            # late tick, not a burst of ticks back to back.
+            missed = int((self.now - self._next_tick) // self.tick_interval)
+            self._next_tick += missed * self.tick_interval
+            self._ticks += missed
         while self.now >= self._next_tick:
             tick = Tick(self._next_tick, self.tick_interval, self._ticks)
             self._ticks += 1

@@ -43,6 +43,7 @@ BUILTIN_MODULES = (
     "memvisor.builtins.actions",
     "memvisor.builtins.commands",
     "memvisor.builtins.checkpoints",
+    "memvisor.builtins.migration",
 )
 """The core's own features, registered as plugins like any other (``trylast`` where they are
 defaults that a policy may override)."""

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
-from memvisor.errors import ScenarioError, UserError
+from memvisor.errors import BackendError, ScenarioError, UserError
 from memvisor.host import VM, Host
 from memvisor.report import Report
 from memvisor.scenario import Scenario, Table
@@ -71,6 +72,11 @@ class ScenarioRun:
         for spec in scenario.vms:
             vm = self.host.create_vm(spec.name, spec.pages, home_node=spec.node, large_pages=spec.large_pages,
                                      contents=spec.contents, seed=spec.seed)
+            if spec.disk:
+                disk = self.host.attach_disk(vm, spec.disk["path"], blocks=spec.disk["blocks"],
+                                             contents=spec.disk["contents"], seed=spec.disk["seed"])
+                if spec.disk["page_cache"]:
+                    self.host.fill_page_cache(vm, disk, spec.disk["page_cache"])
             if spec.workload:
                 self.workloads[vm.name] = self.make_workload(spec.workload, vm, f"vm[{spec.name}].workload")
         self._planned = sum(_step_seconds(s) for s in scenario.timeline) or 1.0
@@ -84,9 +90,12 @@ class ScenarioRun:
             raise ScenarioError(self.scenario.path, f"{where}.kind",
                                 f"unknown workload {kind!r} (known: {', '.join(registry)})")
         try:
-            return registry[kind](dict(spec), vm.pages, vm.seed)
-        except UserError as exc:
+            workload = registry[kind](dict(spec), vm.pages, vm.seed)
+            if hasattr(workload, "bind_disk"):  # a workload that does disk I/O (pagecache)
+                workload.bind_disk(self.host.disk(vm, getattr(workload, "disk", None)))
+        except (UserError, BackendError) as exc:
             raise ScenarioError(self.scenario.path, where, str(exc)) from None
+        return workload
 
     # -- the guest loop -----------------------------------------------------------------------
 
@@ -116,8 +125,17 @@ class ScenarioRun:
                 if step is None:
                     running.remove(vm)
                     continue
+                workload = self.workloads[vm.name]
+                io = workload.take_io() if hasattr(workload, "take_io") else None
+                io_seconds = 0.0
+                if io is not None and len(io[0][0]):  # reads into the page cache come first
+                    io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[0][0], io[0][1],
+                                               np.zeros(len(io[0][0]), bool))
                 result = host.access(vm, step[0], step[1])
-                round_seconds = max(round_seconds, result.seconds)
+                if io is not None and len(io[1][0]):  # write-backs of the pages the batch wrote
+                    io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[1][0], io[1][1],
+                                               np.ones(len(io[1][0]), bool))
+                round_seconds = max(round_seconds, result.seconds + io_seconds)
             made += size
             host.advance(round_seconds)
             self._report_progress(host.now - start)
@@ -152,6 +170,11 @@ class ScenarioRun:
         self.host.stop()
         self.host.metrics.sample_memory(self.host)
         return Report.build(self, real_seconds=time.perf_counter() - started)
+
+
+def workload_disk(host: Host, vm: VM, workload):
+    """The disk a workload that does disk I/O reads (its ``disk`` option, or the VM's first)."""
+    return host.disk(vm, getattr(workload, "disk", None))
 
 
 def _step_seconds(step: dict) -> float:

@@ -18,6 +18,10 @@ Kinds:
     VM every ``phase_accesses`` accesses.
 ``mixture``
     Sub-workloads (``parts``, each a table with a ``weight``) interleaved at random by weight.
+``pagecache``
+    Anonymous accesses plus file reads of the VM's disk into its page cache (guest disk I/O,
+    taken by the runner through :meth:`PageCacheWorkload.take_io`). It needs a VM with a disk,
+    so it is registered apart from :data:`WORKLOADS` (by ``memvisor.builtins.workloads``).
 ``trace``
     Replay of a trace file (:func:`memvisor.traces.load_trace`), page numbers compacted to
     0..D-1.
@@ -618,6 +622,111 @@ def make_trace(spec: Mapping[str, Any], vm_pages: int, seed: int) -> Workload:
         _WriteMask(write_bits, options["write_fraction"]),
         options["loop"],
     )
+
+
+@attrs.define(eq=False)
+class PageCacheWorkload(Workload):
+    """A guest that reads files: the ``pagecache`` kind.
+
+    Accesses go to the VM's anonymous memory (zipf over the pages below the page cache) or, a
+    ``read_fraction`` of them, to file blocks of the VM's disk (zipf over the disk's blocks).
+    The page cache is the last ``cache`` pages of the VM, direct-mapped: block ``b`` lives in
+    cache page ``b % cache``. A file access whose block is not in its cache page reads it from
+    the disk first; a ``file_write_fraction`` of file accesses write the cached page, which is
+    then written back to its block. The disk I/O of each batch is taken by the runner with
+    :meth:`take_io` (reads before the batch's accesses, write-backs after). The accesses do not
+    depend on how the stream is cut into batches; the I/O does a little (a block is read once
+    per batch that misses it).
+    """
+
+    vm_pages: int
+    cache_start: int
+    cache_pages: int
+    anon: _AliasSampler | _UniformSampler
+    anon_bits: np.random.PCG64
+    choice_bits: np.random.PCG64
+    block_bits: np.random.PCG64
+    structure: np.random.PCG64
+    writes: _WriteMask
+    file_writes: _WriteMask
+    read_fraction: float
+    alpha: float
+    disk: str | None = None
+    blocks: _AliasSampler | None = None
+    tags: np.ndarray | None = None
+    _io: list = attrs.field(factory=list)
+
+    def bind_disk(self, disk) -> None:
+        """Read files from ``disk`` (the runner binds the VM's disk named by the ``disk``
+        option, or its first disk)."""
+        self.blocks = _zipf_sampler(disk.blocks, self.alpha, self.structure)
+        self.tags = np.full(self.cache_pages, -1, dtype=np.int64)
+
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`Workload.next_batch`; never exhausted."""
+        threshold = np.uint64(min(int(self.read_fraction * 2.0**64), 2**64 - 1))
+        is_file = self.choice_bits.random_raw(n) < threshold if self.read_fraction > 0 else np.zeros(n, bool)
+        gpps = self.anon.offsets(self.anon_bits.random_raw(n))
+        writes = self.writes.draw(n)
+        files = np.flatnonzero(is_file)
+        file_writes = self.file_writes.draw(n)[files]
+        if self.blocks is None or not len(files):
+            gpps[files] = self.cache_start + gpps[files] % self.cache_pages
+            writes[files] = file_writes
+            return gpps, writes
+        blocks = self.blocks.offsets(self.block_bits.random_raw(len(files)))
+        slots = blocks % self.cache_pages
+        miss = self.tags[slots] != blocks
+        self.tags[slots] = blocks  # the last block of a slot in the batch stays cached
+        gpps[files] = self.cache_start + slots
+        writes[files] = file_writes
+        self._io.append(("read", self.cache_start + slots[miss], blocks[miss]))
+        written = np.unique(slots[file_writes])
+        self._io.append(("write", self.cache_start + written, self.tags[written]))
+        return gpps, writes
+
+    def take_io(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """The disk I/O of the batches since the last call: ``((read pages, read blocks),
+        (written pages, written blocks))``."""
+        def joined(kind):
+            parts = [(g, b) for k, g, b in self._io if k == kind]
+            if not parts:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return np.concatenate([g for g, _ in parts]), np.concatenate([b for _, b in parts])
+
+        out = joined("read"), joined("write")
+        self._io.clear()
+        return out
+
+
+def make_pagecache(spec: Mapping[str, Any], vm_pages: int, seed: int) -> Workload:
+    """``pagecache``: a guest reading files of its disk into its page cache (options: disk
+    (the disk's name; default the VM's first disk), cache (pages or fraction of the VM at its
+    end that hold the page cache; default 0.5), read_fraction (share of accesses that are file
+    accesses; default 0.05), file_write_fraction (share of file accesses that write and write
+    back; default 0), alpha (zipf over disk blocks and anonymous pages; default 0.99),
+    write_fraction (of anonymous accesses))."""
+    _check_vm_pages(vm_pages)
+    options = _options(
+        "pagecache", spec,
+        ("disk", _text(), None),
+        ("cache", _pages_or_fraction, 0.5),
+        ("read_fraction", _number(0.0, 1.0), 0.05),
+        ("file_write_fraction", _number(0.0, 1.0), 0.0),
+        ("alpha", _number(0.0, 10.0), 0.99),
+        _WRITE_FRACTION,
+    )
+    cache = options["cache"]
+    cache_pages = int(round(cache * vm_pages)) if isinstance(cache, float) else cache
+    if not 1 <= cache_pages < vm_pages:
+        raise UserError(f"workload pagecache: cache: must leave between 1 and {vm_pages - 1} pages, got {cache!r}")
+    anon_bits, choice_bits, block_bits, structure, write_bits, file_bits = _bit_generators(seed, 6)
+    cache_start = vm_pages - cache_pages
+    return PageCacheWorkload(
+        vm_pages, cache_start, cache_pages, _zipf_sampler(cache_start, options["alpha"], structure), anon_bits,
+        choice_bits, block_bits, structure, _WriteMask(write_bits, options["write_fraction"]),
+        _WriteMask(file_bits, options["file_write_fraction"]), options["read_fraction"], options["alpha"],
+        options["disk"])
 
 
 WORKLOADS: dict[str, Callable[[Mapping[str, Any], int, int], Workload]] = {

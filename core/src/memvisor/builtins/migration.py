@@ -1,0 +1,241 @@
+"""Live migration and memory errors in the core: the ``migrate`` and ``memory_error`` timeline
+actions, the ``memvisor migrate`` command and the report section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from memvisor import PAGE_SIZE, hookimpl
+from memvisor.report import ReportSection
+
+# -- timeline actions ---------------------------------------------------------------------------
+
+
+def _options(step):
+    from memvisor.migration import MigrationOptions
+
+    return MigrationOptions(
+        max_rounds=step.get("max_rounds", int, 30), stop_pages=step.get("stop_pages", int, 256),
+        postcopy=step.get("postcopy", bool, False), records=step.get("records", bool, True),
+        zero_pages=step.get("zero_pages", bool, True),
+        level=step.get("level", int, 1) if step.get("compress", bool, True) else None)
+
+
+def migrate(run, step):
+    """``do = "migrate"``: live-migrate VM ``vm`` to a fresh destination host with the same
+    configuration and plugins. Pre-copy rounds run while the guests keep running; then
+    stop-and-copy, or with ``postcopy = true`` the destination resumes at once, runs the VM's
+    workload for ``postcopy_for`` (default 10ms) pulling missing pages on fault, and pulls the
+    rest. Options: ``max_rounds``, ``stop_pages``, ``records`` (let plugins describe pages),
+    ``zero_pages``, ``compress``, ``level``, ``verify`` (default true: the destination's memory
+    is compared with the source's at switch-over). The destination is discarded afterwards and
+    the VM keeps running on the source: the step measures what the migration costs."""
+    from memvisor.checkpoint.vm import make_present
+    from memvisor.host import Host
+    from memvisor.migration import LiveMigration
+
+    vm = step.vm()
+    options = _options(step)
+    postcopy_for = step.duration("postcopy_for", 0.01)
+    verify = step.get("verify", bool, True)
+    source = run.host
+    destination = Host(source.config, list(run.scenario.plugins))
+    migration = LiveMigration(source, vm, destination, options)
+    migration.run(lambda seconds: run.run_guests(seconds=seconds))
+    snapshot = None
+    if verify:
+        make_present(source, vm)
+        snapshot = source.backend.read(vm, np.arange(vm.pages))
+    destination.backend.take_dirty(migration.dest_vm)
+    if options.postcopy:
+        workload = run.workloads.get(vm.name)
+        end = destination.now + postcopy_for
+        while workload is not None and destination.now < end:
+            batch = workload.next_batch(run.scenario.batch)
+            if batch is None:
+                break
+            if hasattr(workload, "take_io"):
+                workload.take_io()  # the destination's guest I/O is not modelled here
+            result = destination.access(migration.dest_vm, batch[0], batch[1])
+            destination.advance(result.seconds)
+        migration.finish_postcopy()
+    record = migration.result.to_json()
+    if snapshot is not None:
+        written = destination.backend.take_dirty(migration.dest_vm)
+        make_present(destination, migration.dest_vm)
+        same = (destination.backend.read(migration.dest_vm, np.arange(vm.pages)) == snapshot).all(axis=1)
+        # Pages a guest driver took (balloon pages) hold nothing the guest reads: not compared.
+        compared = ~written & ~source.guest_pinned(vm)
+        record["verified"] = bool(same[compared].all())
+        if not record["verified"]:
+            differ = np.flatnonzero(compared & ~same)
+            raise AssertionError(f"migration of VM {vm.name!r}: {len(differ)} pages of the destination differ "
+                                 f"from the source at switch-over (first: {differ[:8].tolist()})")
+    destination.stop()
+    source.migrations.append(record)
+    source.metrics.event(source.now, "migration", vm=vm.name, total_s=record["total_s"],
+                         downtime_s=record["downtime_s"], bytes_sent=record["bytes_sent"])
+
+
+def memory_error(run, step):
+    """``do = "memory_error"``: an uncorrectable error flips ``bits`` (default 1) random bits in
+    each of ``pages`` (default 16) random present pages of VM ``vm`` (``seed`` picks them).
+    The flips are written with ``backend.write``, as the hardware would (no guest trap; a shared
+    page gets a private copy first). Plugins repair what they can
+    (:func:`memvisor_memory_error`); the others are reported to the guest as lost."""
+    vm = step.vm()
+    count = step.get("pages", int, 16)
+    bits = step.get("bits", int, 1)
+    rng = np.random.default_rng(step.get("seed", int, step.index))
+    host = run.host
+    present = np.flatnonzero(host.backend.present(vm))
+    pages = np.sort(rng.choice(present, size=min(count, len(present)), replace=False))
+    if not len(pages):
+        return
+    data = host.backend.read(vm, pages)
+    for row in range(len(pages)):
+        flips = rng.choice(PAGE_SIZE * 8, size=bits, replace=False)
+        data[row, flips // 8] ^= (1 << (flips % 8)).astype(np.uint8)
+    host.backend.write(vm, pages, data)
+    host.memory_error(vm, pages)
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("VM", "method", "rounds", "total (ms)", "downtime (ms)", "MiB sent", "pages re-sent",
+                  "records (pages by kind)", "refused", title="Live migrations", title_justify="left")
+    for r in rows:
+        table.add_row(r["vm"], r["method"], str(r["rounds"]), f"{r['total_s'] * 1e3:.2f}",
+                      f"{r['downtime_s'] * 1e3:.3f}", f"{r['bytes_sent'] / 2**20:.2f}", f"{r['pages_resent']:,}",
+                      ", ".join(f"{k}={v:,}" for k, v in r["records"].items()), str(r["refused"]))
+    Console().print(table)
+
+
+def migrate_image(image: str, disk: str | None, plugins: list[str], settings: dict, options) -> dict:
+    """Migrate a raw memory image (a VM that does not run) with its raw disk image attached;
+    returns the migration's figures."""
+    from memvisor.errors import UserError
+    from memvisor.host import Host, HostConfig
+    from memvisor.migration import LiveMigration
+
+    path = Path(image)
+    if not path.is_file():
+        raise UserError(f"{image}: no such memory image")
+    pages = path.stat().st_size // PAGE_SIZE
+    if pages == 0:
+        raise UserError(f"{image}: a memory image needs at least one 4 KiB page")
+    config = HostConfig(memory_pages=pages + 1024, plugin_settings=settings)
+    source, destination = Host(config, plugins), Host(config, plugins)
+    vm = source.create_vm("image", pages)
+    memory = np.memmap(path, dtype=np.uint8, mode="r", shape=(pages, PAGE_SIZE))
+    for start in range(0, pages, 16384):
+        gpps = np.arange(start, min(pages, start + 16384), dtype=np.int64)
+        source.backend.write(vm, gpps, memory[gpps])
+    if disk:
+        source.attach_disk(vm, disk, writable=False)
+    migration = LiveMigration(source, vm, destination, options)
+    migration.run()
+    if options.postcopy:
+        migration.finish_postcopy()
+    return migration.result.to_json()
+
+
+def _settings(pairs: tuple[str, ...]) -> dict:
+    from memvisor.errors import UserError
+
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        plugin, dot, name = key.partition(".")
+        if not sep or not dot or not plugin or not name:
+            raise UserError(f"--set {pair!r}: expected PLUGIN.KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(plugin, {})[name] = parsed
+    return out
+
+
+@click.command("migrate")
+@click.argument("scenario", required=False, type=click.Path(dir_okay=False))
+@click.option("--image", default=None, type=click.Path(dir_okay=False), help="Migrate a raw memory image instead.")
+@click.option("--disk", default=None, type=click.Path(dir_okay=False), help="The raw disk image of --image.")
+@click.option("--plugin", "plugins", multiple=True, help="Enable a plugin for --image (repeatable).")
+@click.option("--set", "settings", multiple=True, help="A plugin setting for --image: PLUGIN.KEY=VALUE.")
+@click.option("--postcopy", is_flag=True, help="--image: switch over at once and pull the rest.")
+@click.option("--no-records", is_flag=True, help="--image: do not let plugins describe pages.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Write the report here.")
+def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_records, json_out, out_dir):
+    """Run a migration SCENARIO and print its migrations, or migrate a raw memory --image
+    with its --disk image: {"bytes_sent": B, "records": {KIND: pages}, ...}."""
+    from memvisor.errors import UserError
+    from memvisor.migration import MigrationOptions
+
+    if (scenario is None) == (image is None):
+        raise UserError("give a SCENARIO or --image IMAGE (one of them)")
+    if image is not None:
+        options = MigrationOptions(postcopy=postcopy, records=not no_records)
+        figures = migrate_image(image, disk, list(plugins), _settings(settings), options)
+        if json_out:
+            Path(json_out).write_text(json.dumps(figures, indent=2) + "\n")
+        _table([figures])
+        return
+    from memvisor.runner import ScenarioRun
+    from memvisor.scenario import load_scenario
+
+    scenario_run = ScenarioRun(load_scenario(scenario))
+    report = scenario_run.run()
+    rows = scenario_run.host.migrations
+    if out_dir:
+        report.write(out_dir)
+    if json_out:
+        Path(json_out).write_text(json.dumps({"migrations": rows}, indent=2) + "\n")
+    if not rows:
+        raise UserError(f"{scenario}: the timeline has no migrate step")
+    _table(rows)
+
+
+class CoreMigration:
+    """The core's live migration and memory-error actions, command and report section."""
+
+    @hookimpl
+    def memvisor_register_actions(self, register):
+        """migrate and memory_error."""
+        register("migrate", migrate)
+        register("memory_error", memory_error)
+
+    @hookimpl
+    def memvisor_register_commands(self, cli):
+        """memvisor migrate."""
+        cli.add_command(migrate_command)
+
+    @hookimpl
+    def memvisor_report(self, host):
+        """One section with every migration and memory error of the run."""
+        if not host.migrations and not host.memory_errors:
+            return None
+        errors = host.memory_errors
+        metrics = {
+            "migrations": list(host.migrations),
+            "memory_error_pages": sum(len(e["pages"]) for e in errors),
+            "memory_error_repaired": sum(len(e["repaired"]) for e in errors),
+            "memory_error_lost": sum(len(e["lost"]) for e in errors),
+            "memory_errors": list(errors),
+        }
+        return ReportSection("memvisor", "Live migrations and memory errors", metrics,
+                             text="Each migration: total time, downtime, bytes and pages by record kind, rounds. "
+                                  "Memory errors: pages hit, repaired by a plugin, and lost (reported to the guest).")
+
+
+PLUGIN = CoreMigration

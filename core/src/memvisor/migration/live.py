@@ -1,0 +1,393 @@
+"""Live migration of a VM between two hosts in one process: pre-copy, stop-and-copy, post-copy.
+
+Pre-copy sends every page in a first round while the guest keeps running on the source, then
+the pages the guest dirtied meanwhile (``backend.take_dirty``), round after round, until few
+enough are left (``stop_pages``) or ``max_rounds`` is reached. Then the VM stops and the rest
+is sent (stop-and-copy); the time this takes is the downtime. With post-copy, the destination
+resumes at once instead and pulls each page still missing when the guest touches it (a page
+fault on the destination, served by a ``tryfirst`` fault handler that this module registers
+there), and the rest in the background.
+
+Pages travel as records (:mod:`memvisor.migration.stream`): all-zero pages as ``zero``
+records, pages that a plugin describes (:func:`memvisor_describe_pages`, purpose
+``"migration"``) as that plugin's records, the rest as zstd-compressed ``page`` records. The
+destination checks every record's CRC; a damaged record is refused and its pages asked for
+again. A plugin record that no plugin on the destination resolves, or whose resolution is
+refused (a disk block changed), is asked for again in halves, down to single pages that are
+then sent as page data.
+
+Time: each batch of records costs ``backend.account("network", bytes, 1)`` (one message
+latency per batch: the stream is pipelined) and ``account("compress", bytes of page data)``;
+the two overlap, as do the source's other work (reading back pages that a plugin dropped) and
+the destination's (reading disk blocks to resolve records), so a batch takes the longest of
+these. During pre-copy rounds the guests keep running for that
+long (the ``run_guests`` callback); downtime is the stop-and-copy batch alone. Disks are on
+shared storage: the destination VM is attached to the same disk objects.
+"""
+
+from __future__ import annotations
+
+import time as wallclock
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import numpy as np
+import zstandard
+
+from memvisor import PAGE_SIZE, hookimpl
+from memvisor.checkpoint.vm import describe
+from memvisor.errors import BackendError
+from memvisor.events import FaultBatch, MigrationPhase, PageRecords
+from memvisor.migration import stream
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memvisor.host import VM, Host
+
+
+@attrs.frozen
+class MigrationOptions:
+    """How to migrate.
+
+    :ivar max_rounds: pre-copy rounds at most (the first sends every page).
+    :ivar stop_pages: stop-and-copy once at most this many pages are dirty.
+    :ivar postcopy: resume on the destination at the stop instead of sending the dirty pages;
+        they are pulled on fault (and in the background).
+    :ivar records: ask plugins to describe pages (disk references and the like).
+    :ivar zero_pages: send all-zero pages as ``zero`` records (no data).
+    :ivar level: zstd level of page data; ``None`` sends raw pages.
+    :ivar chunk_pages: pages per ``page`` record.
+    :ivar max_retries: times a damaged record is asked for again before the migration fails.
+    """
+
+    max_rounds: int = 30
+    stop_pages: int = 256
+    postcopy: bool = False
+    records: bool = True
+    zero_pages: bool = True
+    level: int | None = 1
+    chunk_pages: int = 64
+    max_retries: int = 5
+
+
+@attrs.define
+class MigrationResult:
+    """Figures of one migration.
+
+    :ivar vm: the VM's name.
+    :ivar method: ``"precopy"`` or ``"precopy+postcopy"``.
+    :ivar started: time on the source when the migration began.
+    :ivar total_s: from start until every page is on the destination.
+    :ivar downtime_s: time the VM ran nowhere (stop-and-copy, or the switch-over of post-copy).
+    :ivar rounds: pre-copy rounds.
+    :ivar pages_sent: pages carried by the stream, re-sent ones included.
+    :ivar pages_resent: pages sent again because the guest dirtied them.
+    :ivar bytes_sent: bytes on the link (headers included, refused records too).
+    :ivar bytes_by_kind: bytes per record kind.
+    :ivar records: pages carried by records of each kind.
+    :ivar refused: records refused for a bad checksum (each asked for again).
+    :ivar fallbacks: pages of plugin records that could not be resolved, re-sent as data.
+    :ivar postcopy_faults: pages the destination pulled on a fault.
+    :ivar postcopy_background: pages the destination pulled in the background.
+    :ivar real_seconds: wall-clock time of the migration.
+    """
+
+    vm: str
+    method: str
+    started: float
+    total_s: float = 0.0
+    downtime_s: float = 0.0
+    rounds: int = 0
+    pages_sent: int = 0
+    pages_resent: int = 0
+    bytes_sent: int = 0
+    bytes_by_kind: dict = attrs.field(factory=Counter)
+    records: dict = attrs.field(factory=Counter)
+    refused: int = 0
+    fallbacks: int = 0
+    postcopy_faults: int = 0
+    postcopy_background: int = 0
+    real_seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        """The figures as report values."""
+        out = attrs.asdict(self)
+        out["bytes_by_kind"] = dict(sorted(self.bytes_by_kind.items()))
+        out["records"] = dict(sorted(self.records.items()))
+        return out
+
+
+class Link:
+    """The network between the hosts. Its time is the backend's ``"network"`` cost.
+
+    :param corrupt: ``corrupt(index, wire) -> wire``, called for every record sent (``index``
+        counts them from 0): fault injection for tests; the default leaves records intact.
+    """
+
+    def __init__(self, corrupt: Callable[[int, bytes], bytes] | None = None):
+        self.corrupt = corrupt
+        self.sent = 0
+
+    def transmit(self, wire: bytes) -> bytes:
+        """What arrives of ``wire`` at the other end."""
+        index, self.sent = self.sent, self.sent + 1
+        return self.corrupt(index, wire) if self.corrupt else wire
+
+
+class _PostCopyFaults:
+    """Registered on the destination during post-copy: a fault on a page still missing pulls it
+    from the source."""
+
+    def __init__(self, migration: LiveMigration):
+        self.migration = migration
+
+    @hookimpl(tryfirst=True)
+    def memvisor_page_fault(self, host, vm, fault):
+        """Pull the missing pages of the migrated VM from the source."""
+        m = self.migration
+        if vm is not m.dest_vm:
+            return None
+        wanted = fault.gpps[m.missing[fault.gpps]]
+        if not len(wanted):
+            return None
+        m.pull(wanted, host.backend)
+        m.result.postcopy_faults += len(wanted)
+        return wanted
+
+
+class LiveMigration:
+    """One live migration of ``vm`` from ``source`` to ``destination``.
+
+    The destination gets a VM of the same name and size, with every page missing, attached to
+    the same disks. :meth:`run` performs the migration.
+
+    :param link: the network (a :class:`Link`); a fresh, reliable one when None.
+    """
+
+    def __init__(self, source: Host, vm: VM, destination: Host, options: MigrationOptions | None = None,
+                 link: Link | None = None):
+        self.source, self.vm, self.destination = source, vm, destination
+        self.options = options or MigrationOptions()
+        self.link = link or Link()
+        self.dest_vm = destination.create_vm(vm.name, vm.pages, seed=vm.seed)
+        destination.backend.unmap(self.dest_vm, np.arange(vm.pages, dtype=np.int64))
+        for name, disk in source.disks.get(vm.name, {}).items():
+            destination.attach_disk(self.dest_vm, disk=disk, name=name)
+        self.missing = np.ones(vm.pages, dtype=bool)
+        self.ever_sent = np.zeros(vm.pages, dtype=bool)
+        method = "precopy+postcopy" if self.options.postcopy else "precopy"
+        self.result = MigrationResult(vm.name, method, source.now)
+        level = self.options.level
+        self._compressor = None if level is None else zstandard.ZstdCompressor(level=level)
+        self._decompressor = None if level is None else zstandard.ZstdDecompressor()
+        self._puller: _PostCopyFaults | None = None
+        self.switch_over: float | None = None
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _phase(self, phase: str, round_: int = 0, pages: int = 0) -> None:
+        self.source.hook.memvisor_migration_phase(
+            host=self.source, vm=self.vm,
+            phase=MigrationPhase(phase, round_, pages, self.destination, self.source.now))
+
+    def run(self, run_guests: Callable[[float], None] | None = None) -> MigrationResult:
+        """Migrate. ``run_guests(seconds)`` lets the source's guests run while a pre-copy round
+        is on the wire (time passes without them when None). With post-copy, the method
+        returns at the switch-over: the destination pulls pages on fault, and
+        :meth:`finish_postcopy` pulls the rest."""
+        real = wallclock.perf_counter()
+        src, opts, result = self.source, self.options, self.result
+        self._phase("start", 0, self.vm.pages)
+        src.backend.take_dirty(self.vm)  # from now on, dirty bits mean "changed since sent"
+        to_send = np.arange(self.vm.pages, dtype=np.int64)
+        while True:
+            result.rounds += 1
+            self._phase("round", result.rounds, len(to_send))
+            seconds = self.send(to_send)
+            if run_guests is None:
+                src.advance(seconds)
+            else:
+                run_guests(seconds)
+            to_send = np.flatnonzero(src.backend.take_dirty(self.vm))
+            if len(to_send) <= opts.stop_pages or result.rounds >= opts.max_rounds:
+                break
+        self._phase("stop_and_copy", result.rounds, len(to_send))
+        if opts.postcopy:
+            stale = to_send[~self.missing[to_send]]
+            if len(stale):  # their copies on the destination are old: drop them, pull on fault
+                self.destination.backend.unmap(self.dest_vm, stale)
+                self.missing[stale] = True
+            downtime = src.backend.account("network", 0, 1)  # the switch-over message
+        else:  # the VM stops: the last dirty pages, or at least the switch-over message
+            downtime = self.send(to_send) if len(to_send) else src.backend.account("network", 0, 1)
+        src.advance(downtime)
+        result.downtime_s = downtime
+        self.switch_over = src.now
+        self._sync_clock()
+        if opts.postcopy and self.missing.any():
+            self._phase("postcopy", result.rounds, int(self.missing.sum()))
+            self._puller = _PostCopyFaults(self)
+            self.destination.pm.register(self._puller)
+        else:
+            self._end()
+        result.real_seconds += wallclock.perf_counter() - real
+        return result
+
+    def finish_postcopy(self) -> MigrationResult:
+        """Pull every page still missing in the background and end the migration."""
+        real = wallclock.perf_counter()
+        missing = np.flatnonzero(self.missing)
+        if len(missing):
+            self.result.postcopy_background += len(missing)
+            seconds = self.pull(missing, self.destination.backend)
+            self.destination.advance(seconds)
+        if self._puller is not None:
+            self.destination.pm.unregister(self._puller)
+            self._puller = None
+        self._end()
+        self.result.real_seconds += wallclock.perf_counter() - real
+        return self.result
+
+    def _end(self) -> None:
+        if self.destination.now > self.source.now:
+            self.source.advance(self.destination.now - self.source.now)
+        self.result.total_s = self.source.now - self.result.started
+        self._phase("end", self.result.rounds, 0)
+
+    def _sync_clock(self) -> None:
+        if self.source.now > self.destination.now:
+            self.destination.advance(self.source.now - self.destination.now)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def pull(self, gpps: np.ndarray, clock) -> float:
+        """Send ``gpps`` at the destination's request, time charged to ``clock`` (a backend)."""
+        return self.send(np.unique(gpps), clock=clock)
+
+    def send(self, gpps: np.ndarray, clock=None) -> float:
+        """Send pages of the source VM as records; returns the seconds the batch took."""
+        if not len(gpps):
+            return 0.0
+        src, opts, result = self.source, self.options, self.result
+        clock = clock or src.backend
+        gpps = np.sort(np.asarray(gpps, dtype=np.int64))
+        src_work = _background(src.backend)
+        missing_src = gpps[~src.backend.present(self.vm, gpps)]
+        if len(missing_src):  # pages dropped on the source (swapped, lazily restored): their owner serves them
+            src.deliver_faults(self.vm, FaultBatch(missing_src, np.zeros(len(missing_src), bool), src.now))
+        dest_work = _background(self.destination.backend)
+        nbytes, data_bytes = 0, 0
+        for start in range(0, len(gpps), 16384):
+            part = gpps[start : start + 16384]
+            data = src.backend.read(self.vm, part)
+            zero = ~data.view(np.uint64).any(axis=1) if opts.zero_pages else np.zeros(len(part), bool)
+            if zero.any():
+                nbytes += self._deliver(stream.ZERO, part[zero], b"")
+            rest = ~zero
+            if opts.records and rest.any():
+                for records in describe(src, self.vm, part[rest], "migration"):
+                    nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
+                    rest[np.searchsorted(part, records.gpps)] = False
+            rows = np.flatnonzero(rest)
+            for first in range(0, len(rows), opts.chunk_pages):
+                chunk = rows[first : first + opts.chunk_pages]
+                data_bytes += len(chunk) * PAGE_SIZE
+                nbytes += self._deliver(stream.PAGE, part[chunk], stream.page_payload(data[chunk], self._compressor))
+        result.pages_resent += int(np.count_nonzero(self.ever_sent[gpps]))
+        self.ever_sent[gpps] = True
+        result.pages_sent += len(gpps)
+        src_work = _background(src.backend) - src_work  # reading dropped pages back, describing
+        dest_work = _background(self.destination.backend) - dest_work
+        network = clock.account("network", nbytes, 1)
+        compress = clock.account("compress", data_bytes) if self._compressor is not None else 0.0
+        return max(network, compress, src_work, dest_work)
+
+    def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes) -> int:
+        """Send one record until it arrives intact and install its pages; returns bytes sent,
+        negated when the destination could not resolve a plugin record (nothing installed)."""
+        wire = stream.encode(kind, gpps, payload)
+        sent = 0
+        for _ in range(self.options.max_retries + 1):
+            arrived = self.link.transmit(wire)
+            sent += len(wire)
+            self.result.bytes_sent += len(wire)
+            self.result.bytes_by_kind[kind] += len(wire)
+            try:
+                record = stream.decode(arrived)
+                data = self._materialise(record)
+            except stream.StreamError:
+                self.result.refused += 1
+                continue  # refused: the destination asks for the same pages again
+            if data is None:  # not resolved here: the caller asks again (halves, then data)
+                return -sent
+            self._install(record.gpps, data)
+            self.result.records[kind] += len(gpps)
+            return sent
+        raise BackendError(f"migration of VM {self.vm.name!r}: a {kind} record arrived damaged "
+                           f"{self.options.max_retries + 1} times")
+
+    def _deliver_records(self, kind: str, gpps: np.ndarray, payloads) -> int:
+        """Send a plugin's records. Where the destination cannot resolve them (no plugin for the
+        kind, or a block changed since), it asks for each half again, down to single pages,
+        which are then sent as data: one stale reference costs a few small records, never a
+        wrong page. Returns bytes sent."""
+        sent = self._deliver(kind, gpps, stream.pack_payloads(payloads))
+        if sent >= 0:
+            return sent
+        sent = -sent
+        if len(gpps) > 1:
+            half = len(gpps) // 2
+            if isinstance(payloads, np.ndarray):
+                first, second = payloads[:half], payloads[half:]
+            else:
+                first, second = list(payloads)[:half], list(payloads)[half:]
+            return sent + self._deliver_records(kind, gpps[:half], first) + self._deliver_records(
+                kind, gpps[half:], second)
+        self.result.fallbacks += 1
+        data = self.source.backend.read(self.vm, gpps)
+        return sent + self._deliver(stream.PAGE, gpps, stream.page_payload(data, self._compressor))
+
+    def _materialise(self, record: stream.Record) -> np.ndarray | None:
+        """Bytes of a record's pages on the destination (None: a plugin record not resolved)."""
+        n = len(record.gpps)
+        if record.kind == stream.ZERO:
+            if record.payload:
+                raise stream.StreamError("zero record with a payload")
+            return np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        if record.kind == stream.PAGE:
+            return stream.page_data(record.payload, n, self._decompressor)
+        payloads = stream.unpack_payloads(record.payload, n)
+        dest = self.destination
+        try:
+            data = dest.hook.memvisor_resolve_records(
+                host=dest, vm=self.dest_vm, records=PageRecords(record.kind, record.gpps, payloads))
+        except BackendError:
+            return None  # refused by its plugin (a disk block changed): never used
+        if data is None:
+            return None
+        return np.asarray(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
+
+    def _install(self, gpps: np.ndarray, data: np.ndarray) -> None:
+        backend = self.destination.backend
+        present = backend.present(self.dest_vm, gpps)
+        if (~present).any():
+            backend.populate(self.dest_vm, gpps[~present], data[~present])
+        if present.any():
+            backend.write(self.dest_vm, gpps[present], data[present])
+        self.missing[gpps] = False
+
+
+def _background(backend) -> float:
+    """Seconds of background work a backend has charged so far (0 where it does not say)."""
+    return float(sum(getattr(backend, "background_seconds", {}).values()))
+
+
+def migrate(source: Host, vm: VM, destination: Host, options: MigrationOptions | None = None,
+            run_guests: Callable[[float], None] | None = None, link: Link | None = None) -> LiveMigration:
+    """Migrate ``vm`` from ``source`` to ``destination`` (see :class:`LiveMigration`); returns
+    the migration, whose ``result`` holds the figures (post-copy still running when
+    ``options.postcopy``: call ``finish_postcopy``)."""
+    migration = LiveMigration(source, vm, destination, options, link)
+    migration.run(run_guests)
+    return migration

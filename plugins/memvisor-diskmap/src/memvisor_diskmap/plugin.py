@@ -1,0 +1,380 @@
+"""The diskmap plugin: guest pages that equal disk blocks are kept as mappings GPP -> (disk, block).
+
+A mapping is made when a page is filled from a block (:func:`memvisor_disk_io`, a read), when
+a page is written back to a block (a write: the two are equal afterwards), or, with
+``scan = true``, when a page is found identical to a block by content (the disk index, verified
+byte for byte). Mapped pages are write-protected; a guest write to one drops its mapping
+(:func:`memvisor_page_write`), and so does a write to its disk block; a checkpoint restore
+drops them all (the memory is replaced). Each mapping keeps the
+block's version and a 64-bit hash of the bytes at the time it was made, and every use checks
+them, so a block changed since, or a page changed behind the guest's back, is never used.
+
+Uses of the mapping:
+
+- **snapshots and live migration** -- :func:`memvisor_describe_pages` answers with
+  ``disk-ref`` records (disk, block, hash: 24 bytes instead of a page), and
+  :func:`memvisor_resolve_records` reads the blocks back and checks their hash;
+- **swap** -- under :func:`memvisor_memory_pressure`, mapped clean pages are dropped without a
+  write (``backend.unmap``); a later touch faults them back from the block
+  (:func:`memvisor_page_fault`); a block about to be overwritten is read back in first;
+- **memory-error repair** -- :func:`memvisor_memory_error` rebuilds mapped pages from their
+  blocks.
+
+Settings (``[plugins.diskmap]``): ``swap`` (default true), ``scan`` (default false),
+``protect`` (default true: write-protect mapped pages; without it a guest write is not seen
+and mappings are checked by hash alone at each use).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from memvisor import PAGE_SIZE, hookimpl
+from memvisor.backend import Capability
+from memvisor.errors import BackendError, UserError
+from memvisor.events import PageRecords
+from memvisor.report import ReportSection
+from memvisor_diskmap.index import DiskIndex, nonzero_pages, page_hashes
+
+KIND = "disk-ref"
+"""The record kind this plugin writes: payload ``[disk slot, block, hash]`` as 3 little-endian
+uint64 (24 bytes), the disk slot being the disk's position among the VM's disks."""
+
+PAYLOAD_BYTES = 24
+SETTINGS = {"swap": True, "scan": False, "protect": True}
+
+
+class _Map:
+    """The mappings of one VM."""
+
+    def __init__(self, pages: int):
+        self.disk = np.full(pages, -1, dtype=np.int64)
+        self.block = np.full(pages, -1, dtype=np.int64)
+        self.version = np.zeros(pages, dtype=np.uint64)
+        self.hash = np.zeros(pages, dtype=np.uint64)
+        self.swapped = np.zeros(pages, dtype=bool)
+
+
+class DiskmapPlugin:
+    """Guest pages that equal disk blocks, as mappings used by snapshots, migration, swap and
+    memory-error repair."""
+
+    def __init__(self) -> None:
+        self.host = None
+        self.settings = dict(SETTINGS)
+        self.maps: dict[str, _Map] = {}
+        self.counts: Counter = Counter()
+        self._indexes: dict[int, tuple[int, DiskIndex]] = {}
+        self._watched: set[int] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @hookimpl
+    def memvisor_host_started(self, host):
+        """Read the settings; swap needs page faults, protection needs write protection."""
+        self.host = host
+        for key, value in host.plugin_settings("diskmap").items():
+            if key not in SETTINGS:
+                raise UserError(f"plugins.diskmap.{key}: unknown setting (known: {', '.join(SETTINGS)})")
+            if not isinstance(value, bool):
+                raise UserError(f"plugins.diskmap.{key}: must be true or false, got {value!r}")
+            self.settings[key] = value
+        needs = [Capability.FAULT] if self.settings["swap"] else []
+        if self.settings["protect"]:
+            needs.append(Capability.WRITE_PROTECT)
+        host.require("diskmap", *needs)
+
+    @hookimpl
+    def memvisor_vm_created(self, vm):
+        """Start with no mapping."""
+        self.maps[vm.name] = _Map(vm.pages)
+
+    @hookimpl
+    def memvisor_vm_destroyed(self, host, vm):
+        """Forget the VM and stop watching its disks."""
+        self.maps.pop(vm.name, None)
+        for disk in host.disks.get(vm.name, {}).values():
+            if self._before_write in disk.before_write:
+                disk.before_write.remove(self._before_write)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _map_of(self, vm) -> _Map:
+        if vm.name not in self.maps:
+            self.maps[vm.name] = _Map(vm.pages)
+        return self.maps[vm.name]
+
+    def _disks(self, vm) -> list:
+        return list(self.host.disks.get(vm.name, {}).values())
+
+    def _slot(self, vm, disk) -> int:
+        return next(i for i, d in enumerate(self._disks(vm)) if d is disk)
+
+    def _set(self, vm, gpps, slot: int, blocks, hashes) -> None:
+        """Record mappings of ``gpps`` to ``blocks`` of disk ``slot`` (page bytes hashed by the
+        caller) and write-protect the pages."""
+        m = self._map_of(vm)
+        disk = self._disks(vm)[slot]
+        m.disk[gpps], m.block[gpps] = slot, blocks
+        m.version[gpps], m.hash[gpps] = disk.versions[blocks], hashes
+        if self.settings["protect"] and len(gpps):
+            self.host.backend.protect(vm, gpps)
+        self.counts["mapped"] += len(gpps)
+
+    def _drop(self, vm, gpps, reason: str) -> None:
+        m = self._map_of(vm)
+        gpps = gpps[m.disk[gpps] >= 0]
+        m.disk[gpps] = -1
+        self.counts[f"dropped_{reason}"] += len(gpps)
+
+    def _valid(self, vm, gpps) -> np.ndarray:
+        """Per page, whether it is mapped and its block has not been written since."""
+        m = self._map_of(vm)
+        ok = m.disk[gpps] >= 0
+        for slot, disk in enumerate(self._disks(vm)):
+            mine = ok & (m.disk[gpps] == slot)
+            if mine.any():
+                ok[mine] = disk.versions[m.block[gpps[mine]]] == m.version[gpps[mine]]
+        return ok
+
+    def mapped(self, vm) -> np.ndarray:
+        """The pages of ``vm`` mapped to a block that has not changed since (sorted)."""
+        pages = np.flatnonzero(self._map_of(vm).disk >= 0)
+        return pages[self._valid(vm, pages)]
+
+    def still_equal(self, vm) -> np.ndarray:
+        """The mapped pages whose bytes still hash as when they were mapped (swapped-out ones
+        count: they come back from their blocks). A page changed by the hypervisor rather than
+        the guest (a balloon page remapped) keeps its mapping until a use checks it."""
+        pages = self.mapped(vm)
+        present = pages[self.host.backend.present(vm, pages)]
+        m = self._map_of(vm)
+        keep = np.ones(len(pages), dtype=bool)
+        if len(present):
+            same = page_hashes(self.host.backend.read(vm, present)) == m.hash[present]
+            keep[np.searchsorted(pages, present[~same])] = False
+        return pages[keep]
+
+    def _index(self, disk) -> DiskIndex:
+        cached = self._indexes.get(id(disk))
+        if cached is None or cached[0] != disk.version:
+            cached = (disk.version, DiskIndex(disk.data))
+            self._indexes[id(disk)] = cached
+        return cached[1]
+
+    def scan(self, vm, gpps: np.ndarray | None = None) -> int:
+        """Map pages of ``vm`` (all present ones when None) that are identical to a block of one
+        of its disks, found by content; returns pages newly mapped."""
+        backend = self.host.backend
+        gpps = np.flatnonzero(backend.present(vm)) if gpps is None else gpps
+        m = self._map_of(vm)
+        gpps = gpps[m.disk[gpps] < 0]
+        found = 0
+        for start in range(0, len(gpps), 8192):
+            part = gpps[start : start + 8192]
+            data = backend.read(vm, part)
+            keep = nonzero_pages(data)
+            part, data = part[keep], data[keep]
+            for slot, disk in enumerate(self._disks(vm)):
+                blocks = self._index(disk).lookup(data)
+                hit = blocks >= 0
+                if hit.any():
+                    self._set(vm, part[hit], slot, blocks[hit], page_hashes(data[hit]))
+                    self.counts["mapped_by_scan"] += int(hit.sum())
+                    found += int(hit.sum())
+                    part, data = part[~hit], data[~hit]
+        return found
+
+    # -- disk I/O and guest writes ----------------------------------------------------------
+
+    @hookimpl
+    def memvisor_disk_io(self, host, vm, io):
+        """Map pages read from blocks and pages written to blocks; drop mappings of other pages
+        to the blocks written."""
+        slot = self._slot(vm, io.disk)
+        m = self._map_of(vm)
+        written = io.blocks[io.writes]
+        if len(written):
+            stale = np.flatnonzero((m.disk == slot) & np.isin(m.block, written))
+            self._drop(vm, stale, "disk_write")
+        if len(io.gpps):
+            data = np.asarray(io.disk.data[io.blocks])
+            self._set(vm, io.gpps, slot, io.blocks, page_hashes(data))
+            self.counts["mapped_by_io"] += len(io.gpps)
+
+    @hookimpl
+    def memvisor_page_write(self, vm, write):
+        """The guest writes mapped pages: they no longer equal their blocks."""
+        self._drop(vm, write.gpps, "guest_write")
+
+    # -- snapshots and migration --------------------------------------------------------------
+
+    @hookimpl
+    def memvisor_describe_pages(self, host, vm, gpps, purpose):
+        """``disk-ref`` records for mapped pages whose bytes still hash as they did."""
+        gpps = np.asarray(gpps, dtype=np.int64)
+        if self.settings["scan"] and len(gpps):
+            self.scan(vm, gpps)
+        valid = self._valid(vm, gpps)
+        if not valid.any():
+            return None
+        pages = gpps[valid]
+        m = self._map_of(vm)
+        same = page_hashes(host.backend.read(vm, pages)) == m.hash[pages]
+        if not same.all():  # changed behind the guest's back (no write trap): never describe it
+            self._drop(vm, pages[~same], "hash_mismatch")
+            pages = pages[same]
+        if not len(pages):
+            return None
+        payload = np.stack([m.disk[pages].astype(np.uint64), m.block[pages].astype(np.uint64), m.hash[pages]], axis=1)
+        self.counts[f"records_{purpose}"] += len(pages)
+        return PageRecords(KIND, pages, payload.astype("<u8").view(np.uint8).reshape(len(pages), PAYLOAD_BYTES))
+
+    @hookimpl
+    def memvisor_resolve_records(self, host, vm, records):
+        """Read the blocks that ``disk-ref`` records name and check each against its hash; a
+        block changed since raises :class:`BackendError` (it is never used)."""
+        if records.kind != KIND:
+            return None
+        payload = np.ascontiguousarray(np.asarray(records.payloads, dtype=np.uint8)).reshape(-1, PAYLOAD_BYTES)
+        fields = payload.view("<u8").astype(np.uint64)
+        slots, blocks, hashes = fields[:, 0].astype(np.int64), fields[:, 1].astype(np.int64), fields[:, 2]
+        disks = self._disks(vm)
+        out = np.zeros((len(records.gpps), PAGE_SIZE), dtype=np.uint8)
+        for slot in np.unique(slots):
+            rows = np.flatnonzero(slots == slot)
+            if slot >= len(disks) or np.any(blocks[rows] >= disks[slot].blocks):
+                raise BackendError(f"disk-ref records name disk {slot} of VM {vm.name!r}, which it does not have")
+            out[rows] = disks[slot].data[blocks[rows]]
+            host.backend.account("disk_read", len(rows) * PAGE_SIZE, 1)
+        bad = page_hashes(out) != hashes
+        if bad.any():
+            self.counts["stale_refs_refused"] += int(bad.sum())
+            raise BackendError(f"{int(bad.sum())} disk-ref records of VM {vm.name!r} name blocks changed since")
+        for slot in np.unique(slots):  # the restored pages equal their blocks: map them again
+            rows = np.flatnonzero(slots == slot)
+            self._set(vm, records.gpps[rows], int(slot), blocks[rows], hashes[rows])
+        self._map_of(vm).swapped[records.gpps] = False  # the caller makes them present
+        self.counts["refs_resolved"] += len(records.gpps)
+        return out
+
+    @hookimpl(tryfirst=True)
+    def memvisor_checkpoint_restore(self, vm):
+        """The VM's memory is about to be replaced: every mapping and dropped page is void (the
+        restore's own disk references map their pages again). Takes no part in the restore."""
+        m = self._map_of(vm)
+        self.counts["dropped_restore"] += int(np.count_nonzero(m.disk >= 0))
+        m.disk[:] = -1
+        m.swapped[:] = False
+
+    # -- swap -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def memvisor_memory_pressure(self, host, pressure):
+        """Drop mapped pages that still equal their blocks, without writing anything."""
+        if not self.settings["swap"]:
+            return None
+        backend, freed = host.backend, 0
+        for vm in list(host.vms.values()):
+            need = pressure.target_free_pages - backend.free_pages()
+            if need <= 0:
+                break
+            m = self._map_of(vm)
+            m.swapped &= ~backend.present(vm)  # pages made present by others (a restore) are back
+            pages = self.mapped(vm)
+            pages = pages[backend.present(vm, pages)][: need * 2]
+            if not len(pages):
+                continue
+            same = page_hashes(backend.read(vm, pages)) == m.hash[pages]
+            pages = pages[same][:need]
+            before = backend.free_pages()
+            backend.unmap(vm, pages)
+            m.swapped[pages] = True
+            for disk in self._disks(vm):
+                if self._before_write not in disk.before_write:
+                    disk.before_write.append(self._before_write)
+            freed += backend.free_pages() - before
+            self.counts["swapped_out"] += len(pages)
+        return freed or None
+
+    def _swap_in(self, vm, gpps) -> None:
+        """Make swapped-out pages present again from their blocks (checked by hash)."""
+        m = self._map_of(vm)
+        disks, backend = self._disks(vm), self.host.backend
+        data = np.zeros((len(gpps), PAGE_SIZE), dtype=np.uint8)
+        for slot in np.unique(m.disk[gpps]):
+            rows = np.flatnonzero(m.disk[gpps] == slot)
+            data[rows] = disks[slot].data[m.block[gpps[rows]]]
+        if np.any(page_hashes(data) != m.hash[gpps]):
+            raise BackendError(f"VM {vm.name!r}: a swapped-out page's disk block changed; the page is lost")
+        backend.account("disk_read", len(gpps) * PAGE_SIZE, 1)
+        backend.populate(vm, gpps, data)
+        m.swapped[gpps] = False
+        self.counts["swapped_in"] += len(gpps)
+
+    @hookimpl
+    def memvisor_page_fault(self, host, vm, fault):
+        """Serve faults on pages this plugin dropped: read them back from their blocks."""
+        m = self.maps.get(vm.name)
+        if m is None:
+            return None
+        mine = fault.gpps[m.swapped[fault.gpps]]
+        mine = mine[~host.backend.present(vm, mine)]
+        if not len(mine):
+            return None
+        self._swap_in(vm, mine)
+        return mine
+
+    def _before_write(self, disk, blocks) -> None:
+        """A block that backs swapped-out pages is about to be overwritten: read them in first."""
+        for name, m in self.maps.items():
+            vm = self.host.vms.get(name)
+            if vm is None or disk not in self._disks(vm):
+                continue
+            slot = self._slot(vm, disk)
+            pages = np.flatnonzero(m.swapped & (m.disk == slot) & np.isin(m.block, blocks))
+            present = self.host.backend.present(vm, pages)
+            m.swapped[pages[present]] = False  # made present by someone else meanwhile (a restore)
+            if (~present).any():
+                self._swap_in(vm, pages[~present])
+
+    # -- memory errors --------------------------------------------------------------------------
+
+    @hookimpl
+    def memvisor_memory_error(self, host, vm, error):
+        """Rebuild mapped pages hit by an error from their blocks (checked by hash)."""
+        m = self.maps.get(vm.name)
+        if m is None:
+            return None
+        pages = error.gpps[self._valid(vm, error.gpps)]
+        pages = pages[host.backend.present(vm, pages)]
+        if not len(pages):
+            return None
+        disks = self._disks(vm)
+        data = np.zeros((len(pages), PAGE_SIZE), dtype=np.uint8)
+        for slot in np.unique(m.disk[pages]):
+            rows = np.flatnonzero(m.disk[pages] == slot)
+            data[rows] = disks[slot].data[m.block[pages[rows]]]
+        good = page_hashes(data) == m.hash[pages]
+        pages, data = pages[good], data[good]
+        if len(pages):
+            host.backend.account("disk_read", len(pages) * PAGE_SIZE, 1)
+            host.backend.write(vm, pages, data)
+            if self.settings["protect"]:
+                host.backend.protect(vm, pages)
+        self.counts["repaired"] += len(pages)
+        return pages
+
+    # -- report -------------------------------------------------------------------------------
+
+    @hookimpl
+    def memvisor_report(self, host):
+        """Mapped pages per VM and what the mappings were used for."""
+        per_vm = {name: int(len(self.still_equal(vm))) for name, vm in host.vms.items()}
+        metrics = {"mapped_pages": per_vm, **{k: int(v) for k, v in sorted(self.counts.items())}}
+        return ReportSection("diskmap", "Guest pages mapped to disk blocks", metrics,
+                             text="Pages identical to disk blocks travel as 24-byte references in snapshots "
+                                  "and migrations, are dropped without a write under pressure, and are "
+                                  "rebuilt after memory errors.")
