@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class CheckpointReader:
         made with it (else the file is refused); without one, a MAC in the file is not checked
         (the checksums still are).
     :param max_metadata_bytes: refuse files whose metadata is larger (default 1 GiB).
+    :param cache_blocks: storage blocks kept in memory after they are read (default 8).
 
     Attributes: ``path``, ``version``, ``page_size``, ``vm_pages``, ``codec`` (default codec
     name), ``level``, ``block_pages``, ``file_id``, ``keyed`` (the file has a MAC),
@@ -108,12 +110,16 @@ class CheckpointReader:
     A reader is not thread-safe: use one per thread.
     """
 
-    def __init__(self, path, *, key=None, max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES):
+    def __init__(self, path, *, key=None, max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+                 cache_blocks: int = 8):
         self.path = Path(path)
         self.read_calls = self.bytes_read = 0
         material = L.resolve_key(key)
-        self._cache_index = -1
-        self._cache: bytes | None = None
+        # The last few storage blocks read, most recent last: a lazy restore's faults jump
+        # between blocks, and re-reading a 4 MiB block for each of its 64-page blocks costs
+        # more than keeping a few (8 blocks = 32 MiB by default).
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self.cache_blocks = max(1, int(cache_blocks))
         self._decompressor = zstandard.ZstdDecompressor(max_window_size=L.MAX_PAGE_BLOCK_BYTES)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -131,7 +137,7 @@ class CheckpointReader:
     def close(self) -> None:
         """Close the file (idempotent)."""
         fd, self._fd = getattr(self, "_fd", -1), -1
-        self._cache = None
+        self._cache.clear()
         if fd >= 0:
             os.close(fd)
 
@@ -618,20 +624,24 @@ class CheckpointReader:
     # --- reading data -------------------------------------------------------------------------
 
     def read_storage_block(self, sblock: int) -> bytes:
-        """A storage block's bytes with its checksum checked: one read, or none if it is the one
-        read last (kept in a one-block cache)."""
+        """A storage block's bytes with its checksum checked: one read, or none if it is one of
+        the ``cache_blocks`` read last."""
         sblock = int(sblock)
         if not 0 <= sblock < self.storage_blocks:
             raise IndexError(f"storage block {sblock} out of range (the file has {self.storage_blocks})")
-        if sblock == self._cache_index and self._cache is not None:
-            return self._cache
+        cached = self._cache.get(sblock)
+        if cached is not None:
+            self._cache.move_to_end(sblock)
+            return cached
         where = f"storage block {sblock}"
         offset, length = int(self._sb_offset[sblock]), int(self._sb_length[sblock])
         data = self._pread(length, offset, where)
         want = self._sb_checksum[sblock].tobytes()[: self._checksum_size]
         if not hmac.compare_digest(L.block_checksum(data, self._checksum_size), want):
             raise self._error("checksum mismatch", where, offset)
-        self._cache_index, self._cache = sblock, data
+        self._cache[sblock] = data
+        if len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
         return data
 
     def read_page_block(self, pblock) -> tuple[np.ndarray, np.ndarray]:
@@ -640,7 +650,7 @@ class CheckpointReader:
 
         :param pblock: a page block number or the tuple from :meth:`locate`.
 
-        Reads its storage block with one read call unless it is the one read last; never
+        Reads its storage block with one read call unless it is cached; never
         decompresses more than the block's declared pages.
         """
         pblock = self._pblock_index(pblock)
