@@ -43,6 +43,7 @@ BUILTIN_MODULES = (
     "memvisor.builtins.actions",
     "memvisor.builtins.commands",
     "memvisor.builtins.checkpoints",
+    "memvisor.builtins.sweep",
     "memvisor.builtins.migration",
 )
 """The core's own features, registered as plugins like any other (``trylast`` where they are
