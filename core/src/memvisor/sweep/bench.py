@@ -29,7 +29,6 @@ def _scenario(milliseconds: int, vm_memory: str, batch: int) -> dict:
     return {
         "name": "bench-sweep", "seed": 1,
         "host": {"memory": "64MiB", "tick": "1ms", "batch": batch},
-        "plugins": {"stats": {}},
         "vm": [
             {"name": "a", "memory": vm_memory, "contents": {"zero": 0.5, "text": 0.5},
              "workload": {"kind": "zipf", "alpha": 0.9}},

@@ -287,6 +287,6 @@ def test_example_sweep_file_is_valid():
     """examples/sweep.toml loads and its whole plan checks."""
     from pathlib import Path
 
-    example = Path(__file__).resolve().parents[2] / "examples" / "sweep.toml"
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep.toml"
     spec = load_sweep(example)
     assert len(spec.check()) >= 8 and all(isinstance(a, Axis) for a in spec.axes)
