@@ -103,7 +103,7 @@ def test_missing_capabilities_raise_one_line(make_host):
     host = make_host()
     caps = host.backend.capabilities
     assert Capability.FAULT in caps
-    for absent in (Capability.SHARE, Capability.NUMA, Capability.LARGE_PAGES, Capability.VIRTUAL_TIME):
+    for absent in (Capability.SHARE, Capability.NUMA, Capability.VIRTUAL_TIME):
         assert absent not in caps
     vm = host.create_vm("a", 64)
     for call in (lambda: host.backend.share(vm, np.array([1]), np.array([2])),

@@ -25,6 +25,8 @@ int mv_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64
 int mv_die_with_parent(int expected_parent);
 int mv_punch_hole(int fd, uint64_t offset, uint64_t len);
 int mv_allocate(int fd, uint64_t offset, uint64_t len);
+int64_t mv_map_aligned(int fd, uint64_t size, int prot);
+int mv_madvise(uint64_t addr, uint64_t len, int advice);
 int64_t mv_resolve_runs(int uffd, int kind, uint64_t base, const int64_t *gpps, int64_t n, const uint8_t *src, int wp);
 int64_t mv_protect_runs(int uffd, uint64_t base, const int64_t *gpps, int64_t n, int wp);
 int64_t mv_wake_runs(int uffd, uint64_t base, const int64_t *gpps, int64_t n);

@@ -53,8 +53,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = structlog.get_logger("memvisor.backend.linux")
 
-# Per-page state bits (native.c: ST_*).
-PRESENT, TRACED, PROTECTED, STAGED, WPASYNC = 1, 2, 4, 8, 16
+# Per-page state bits (native.c: ST_*). ZERO: mapped onto a zero page (the zero MPN or a held
+# zero-filled page): a hole in the memfd until the guest reads it, then (ZFILLED) a zero-filled
+# memfd page the guest maps write-protected. ZFILLED is Python's only.
+PRESENT, TRACED, PROTECTED, STAGED, WPASYNC, ZERO, ZFILLED = 1, 2, 4, 8, 16, 32, 64
 # Event flags from the fault loop (native.c: EV_*).
 EV_WRITE, EV_WP, EV_MINOR = 1, 2, 4
 # mv_serve results.
@@ -67,12 +69,17 @@ MODE_MISSING, MODE_WP, MODE_MINOR = 1, 2, 4
 FILL_CHUNK = 16384  # pages of contents generated at a time when a VM is laid out
 START_TIMEOUT = 60.0  # seconds a guest may take to start and send its userfaultfd
 
+SHARE_REFUSAL = ("two memfd pages cannot share one physical page (KSM never merges shmem; an alias "
+                 "mapping would cost a VMA per page); only zero-filled pages can be shared, onto a zero page")
+"""The one line of a refused share (docs/backends/linux.md, "Sharing")."""
+
 MISSING_CAPABILITIES = {
-    Capability.SHARE: "pages of different memfd offsets cannot share one machine page "
-    "(KSM merges anonymous memory only)",
-    Capability.ZERO_PAGE: "a memfd page cannot be mapped onto the one zero page",
-    Capability.LARGE_PAGES: "guest memory is 4 KiB shmem pages; split and collapse are not offered",
-    Capability.NUMA: "this backend models one NUMA node",
+    Capability.SHARE: SHARE_REFUSAL + ", and only with the backend option zero_share = true",
+    Capability.ZERO_PAGE: "zero pages need userfaultfd write-protect faults on shmem (6.x), and not the option "
+    "dirty = true (async write protection would let the first write through unseen)",
+    Capability.LARGE_PAGES: "shmem transparent huge pages are not available here "
+    "(/sys/kernel/mm/transparent_hugepage/shmem_enabled is absent or 'deny')",
+    Capability.NUMA: "this machine has one NUMA node",
     Capability.ACCESSED: "accessed bits need the backend option accessed = true (pagemap PTE bits; "
     "populate then maps only the faulting pages)",
     Capability.DIRTY: "dirty bits need the backend option dirty = true (userfaultfd WP_ASYNC), "
@@ -82,6 +89,39 @@ MISSING_CAPABILITIES = {
     Capability.VIRTUAL_TIME: "time is real",
 }
 """Capabilities this backend does not offer, and why (the text of its CapabilityErrors)."""
+
+
+LARGE = 512  # pages per 2 MiB large page
+THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+
+def shmem_thp_mode() -> str | None:
+    """The selected mode of ``shmem_enabled`` (``never``, ``advise``, ...; None without THP).
+    ``MADV_COLLAPSE`` works in every mode but ``deny`` (and ``force`` is all the same)."""
+    try:
+        with open(THP_SHMEM) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def machine_numa_nodes() -> int:
+    """NUMA nodes of this machine (``/sys/devices/system/node``; 1 where it cannot be read)."""
+    try:
+        return max(1, sum(1 for e in os.listdir("/sys/devices/system/node")
+                          if e.startswith("node") and e[4:].isdigit()))
+    except OSError:
+        return 1
+
+
+def numa_refusal() -> str:
+    """The one line of a refused NUMA request: what this machine has."""
+    nodes = machine_numa_nodes()
+    if nodes == 1:
+        return "this machine has one NUMA node"
+    return f"this backend models one NUMA node (the machine has {nodes}; move_pages(2) is not wired in)"
 
 
 def kernel_features(lib, ffi) -> int:
@@ -154,6 +194,9 @@ class _Guest:
         self.pending_zap: list[np.ndarray] = []
         self.faulting: np.ndarray | None = None  # pages of the fault batch being delivered
         self.dirty_pending = np.zeros(pages, dtype=bool)  # written pages whose PTE was zapped
+        self.zero_mpn = np.full(pages, -1, dtype=np.int64)  # where ZERO: the zero page it maps
+        self.huge = False  # a large-page VM: aligned mapping, no minor faults, collapsible
+        self.large = np.zeros(pages // LARGE, dtype=bool)  # per 2 MiB block: collapsed (a shmem THP)
         self.dead = False
         self.exit_status: int | None = None
 
@@ -195,8 +238,10 @@ class LinuxBackend(Backend):
     """Guests in their own processes on real memory; faults through userfaultfd.
 
     Capabilities: ``fault`` always; ``trace`` where the kernel offers minor faults on shmem;
-    ``write_protect`` where it offers write-protect faults on shmem; ``dirty`` and ``accessed``
-    with the options below. The rest raise
+    ``write_protect`` and ``zero_page`` where it offers write-protect faults on shmem;
+    ``large_pages`` where shmem THP is not denied (VMs created with ``large_pages``: collapsed
+    shmem THPs the guest maps with PMDs, no ``trace``); ``dirty``, ``accessed`` and ``share``
+    (onto zero pages only) with the options below. The rest raise
     :class:`memvisor.errors.CapabilityError` with the reason (:data:`MISSING_CAPABILITIES`).
 
     Backend options (``HostConfig.backend_options``): ``python`` (the guest interpreter,
@@ -204,18 +249,27 @@ class LinuxBackend(Backend):
     asynchronous write protection and ``PAGEMAP_SCAN`` (capability ``dirty``), which replaces
     ``write_protect``; ``accessed`` (default false): accessed bits from the guest's page table
     (capability ``accessed``), for which ``populate`` maps only the pages the guest faulted on
-    and leaves the rest in the memfd for the guest's next touch to map.
+    and leaves the rest in the memfd for the guest's next touch to map; ``zero_share`` (default
+    false): capability ``share``, restricted to mapping pages onto a zero page (the zero MPN or a
+    zero-filled page from ``hold_page``), as the balloon does; anything else is refused
+    (:data:`SHARE_REFUSAL`). A zero-mapped page is a hole in the memfd (freed): a guest read maps
+    a zero-filled page write-protected, a guest write is a write to a shared page.
     """
 
     name = "linux"
+    stops_guests = True
+    """A hook that raises while a guest waits on its fault kills the guest process: the backend
+    stops it (its next batch raises a :class:`BackendError` saying it died), not the host."""
     capabilities: frozenset[str] = frozenset({Capability.FAULT, Capability.TRACE, Capability.WRITE_PROTECT,
-                                              Capability.DIRTY, Capability.ACCESSED})
-    """At most these (``dirty`` instead of ``write_protect`` with the option ``dirty``, ``accessed``
-    with the option ``accessed``); an instance keeps those the running kernel offers."""
+                                              Capability.DIRTY, Capability.ACCESSED, Capability.ZERO_PAGE,
+                                              Capability.SHARE, Capability.LARGE_PAGES})
+    """At most these (``dirty`` instead of ``write_protect`` and ``zero_page`` with the option
+    ``dirty``, ``accessed`` with the option ``accessed``, ``share`` with the option
+    ``zero_share``); an instance keeps those the running kernel offers."""
 
     def __init__(self, config: HostConfig):
         if config.numa_nodes != 1:
-            raise CapabilityError(f"backend 'linux' models one NUMA node, the host asks for {config.numa_nodes}")
+            raise CapabilityError(f"backend 'linux' does not offer {config.numa_nodes} NUMA nodes: {numa_refusal()}")
         native = load()
         self.ffi, self.lib = native.ffi, native.lib
         self.config = config
@@ -230,6 +284,8 @@ class LinuxBackend(Backend):
         self.features = kernel_features(self.lib, self.ffi)
         self.dirty_tracking = bool(config.backend_options.get("dirty", False))
         self.exact_accessed = bool(config.backend_options.get("accessed", False))
+        self.zero_share = bool(config.backend_options.get("zero_share", False))
+        self._held: dict[int, int] = {}  # held zero pages: MPN -> 1 (notional: no memory behind them)
         caps = {Capability.FAULT}
         if self.exact_accessed:
             caps.add(Capability.ACCESSED)
@@ -243,8 +299,14 @@ class LinuxBackend(Backend):
             caps.add(Capability.DIRTY)
         elif wp:
             caps.add(Capability.WRITE_PROTECT)
+            caps.add(Capability.ZERO_PAGE)
+            if self.zero_share:
+                caps.add(Capability.SHARE)
+        if shmem_thp_mode() not in (None, "deny"):
+            caps.add(Capability.LARGE_PAGES)
         self.capabilities = frozenset(caps)
-        self.stats = {"faults": 0, "fault_batches": 0, "served_minor": 0, "served_staged": 0, "ioctls": 0}
+        self.stats = {"faults": 0, "fault_batches": 0, "served_minor": 0, "served_staged": 0, "ioctls": 0,
+                      "zero_reads": 0, "zero_writes": 0}
 
     # -- wiring and time ----------------------------------------------------------------------
 
@@ -303,16 +365,19 @@ class LinuxBackend(Backend):
     def create_vm(self, vm: VM, contents: ContentSpec | None = None) -> None:
         if vm.id in self._guests:
             raise BackendError(f"VM {vm.name!r} exists already")
-        if vm.large_pages:
+        if vm.large_pages and Capability.LARGE_PAGES not in self.capabilities:
             raise self._missing(Capability.LARGE_PAGES)
         used = sum(g.pages for g in self._guests.values())
         if used + vm.pages > self.config.memory_pages:
             raise BackendError(f"VM {vm.name!r}: {vm.pages} pages do not fit in the host's free memory")
         g = _Guest(vm.name, vm.pages)
+        g.huge = bool(vm.large_pages)
         self._guests[vm.id] = g
         try:
             self._lay_out(g, vm, contents)
             self._start_guest(g, vm)
+            if g.huge:
+                self.collapse(vm, np.arange(vm.pages // LARGE))
         except BaseException:
             self._guests.pop(vm.id, None)
             g.close()
@@ -344,7 +409,8 @@ class LinuxBackend(Backend):
         try:
             g.proc = subprocess.Popen(
                 [self._python, "-m", "memvisor_backend_linux.guest", str(theirs.fileno()), str(g.memfd),
-                 str(vm.pages), str(os.getpid()), "dirty" if self.dirty_tracking else "plain"],
+                 str(vm.pages), str(os.getpid()), "dirty" if self.dirty_tracking else "plain",
+                 "large" if g.huge else "small"],
                 pass_fds=(theirs.fileno(), g.memfd), stdin=subprocess.DEVNULL, env=env,
             )
         finally:
@@ -395,6 +461,28 @@ class LinuxBackend(Backend):
     def guest_pid(self, vm: VM) -> int:
         """Process id of the VM's guest."""
         return self._guest(vm).pid
+
+    def memfd_pages(self, vm: VM) -> int:
+        """Pages the VM's memfd really holds (``fstat`` ``st_blocks``): the measure of memory a
+        VM uses here (holes cost nothing)."""
+        return os.fstat(self._guest(vm).memfd).st_blocks * 512 // PAGE_SIZE
+
+    def guest_smaps(self, vm: VM) -> dict[str, int]:
+        """The guest's ``/proc/PID/smaps`` entry for its memory mapping, in kB (``Rss``,
+        ``Shared_Clean``, ``ShmemPmdMapped``, ...); reading another process's smaps needs root or
+        ptrace rights."""
+        g = self._guest(vm)
+        out: dict[str, int] = {}
+        start = f"{g.base:x}-"
+        with open(f"/proc/{g.pid}/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    inside = line.startswith(start)
+                elif inside and line.rstrip().endswith("kB"):
+                    out[head.rstrip(":")] = int(line.split()[1])
+        return out
 
     # -- talking to the guest -----------------------------------------------------------------
 
@@ -476,6 +564,10 @@ class LinuxBackend(Backend):
         wp = (flags & EV_WP) != 0
         minor = ((flags & EV_MINOR) != 0) & ~wp
         missing = ~wp & ~minor
+        zero = missing & ((g.state[pages] & ZERO) != 0)
+        if zero.any():  # a touch of a hole mapped onto a zero page
+            self._zero_faults(vm, g, pages[zero], flags[zero], counts)
+            missing &= ~zero
         if minor.any():  # the trace log was full, or a page cache page memvisor thinks absent
             mp = np.unique(pages[minor])
             present = (g.state[mp] & PRESENT) != 0
@@ -513,14 +605,48 @@ class LinuxBackend(Backend):
         if wp.any():
             wpages, first = np.unique(pages[wp], return_index=True)
             wpages = wpages[np.argsort(first)]
-            protected = (g.state[wpages] & PROTECTED) != 0
+            protected = (g.state[wpages] & (PROTECTED | ZERO)) != 0
             if protected.any():
                 pp = wpages[protected]
-                host.deliver_writes(vm, WriteBatch(pp, self.mpns(vm, pp), np.zeros(len(pp), bool), self.now()))
+                shared = (g.state[pp] & ZERO) != 0
+                self.stats["zero_writes"] += int(np.count_nonzero(shared))
+                host.deliver_writes(vm, WriteBatch(pp, self.mpns(vm, pp), shared, self.now()))
                 counts[2] += len(pp)
             stale = np.sort(wpages[~protected])
             if len(stale):  # not ours to stop: let the write through
                 self.lib.mv_protect_runs(g.uffd, g.base, self._ptr("const int64_t *", stale), len(stale), 0)
+
+    def _zero_faults(self, vm: VM, g: _Guest, pages: np.ndarray, flags: np.ndarray, counts: list[int]) -> None:
+        """Missing faults on holes mapped onto a zero page. A read maps a zero-filled page
+        write-protected (shmem has no shared zero page: this allocates a page); a write is a
+        write to a shared page (``memvisor_page_write``, ``shared`` set), after which the core's
+        ``break_sharing`` gives the page a private zero-filled page and wakes the guest."""
+        zp = np.unique(pages)
+        written = np.unique(pages[(flags & EV_WRITE) != 0])
+        traced = zp[(g.state[zp] & TRACED) != 0]
+        if len(traced):  # the trap of a traced page is still an access
+            g.state[traced] &= ~np.uint8(TRACED)
+            self._host.deliver_accesses(vm, AccessBatch(traced, np.isin(traced, written), np.arange(len(traced)),
+                                                        self.now()))
+            counts[1] += len(traced)
+        reads = np.setdiff1d(zp, written)
+        reads = reads[(g.state[reads] & (ZERO | PRESENT)) == (ZERO | PRESENT)]
+        if len(reads):
+            self.stats["zero_reads"] += len(reads)
+            zeros = np.zeros((len(reads), PAGE_SIZE), np.uint8)  # kept alive across the call
+            rc = self.lib.mv_resolve_runs(g.uffd, RES_COPY, g.base, self._ptr("const int64_t *", reads), len(reads),
+                                          self._ptr("const uint8_t *", zeros), 1)
+            if rc < 0:
+                raise BackendError(f"VM {g.name!r}: mapping {len(reads)} zero pages: {_errno_text(rc)}")
+            self.stats["ioctls"] += rc
+            g.state[reads] |= ZFILLED
+        if len(written):
+            self.stats["zero_writes"] += len(written)
+            self._host.deliver_writes(vm, WriteBatch(written, self.mpns(vm, written), np.ones(len(written), bool),
+                                                     self.now()))
+            counts[2] += len(written)
+            # Whatever the hooks did (private page, unmapped, remapped), the guest retries.
+            self.lib.mv_wake_runs(g.uffd, g.base, self._ptr("const int64_t *", written), len(written))
 
     def _deliver_traced(self, vm: VM, g: _Guest) -> int:
         n = g.ctx.log_n if g.ctx is not None else 0
@@ -544,7 +670,7 @@ class LinuxBackend(Backend):
             return
         groups = [(gpps, data)]
         if protected and g.modes & MODE_WP:
-            wp = (g.state[gpps] & (PROTECTED | WPASYNC)) != 0
+            wp = (g.state[gpps] & (PROTECTED | WPASYNC | ZERO)) != 0
             if wp.any():
                 groups = [(gpps[~wp], None if data is None else data[~wp]),
                           (gpps[wp], None if data is None else data[wp])]
@@ -600,12 +726,19 @@ class LinuxBackend(Backend):
         g = self._guest(vm)
         gpps = self._pages(vm, gpps)
         self._check_present(vm, g, gpps, "read")  # reading a hole through the mapping would fill it
-        return g.data[gpps]
+        zero = (g.state[gpps] & ZERO) != 0
+        if not zero.any():
+            return g.data[gpps]
+        out = np.zeros((len(gpps), PAGE_SIZE), dtype=np.uint8)  # zero pages: never touch the hole
+        out[~zero] = g.data[gpps[~zero]]
+        return out
 
     def write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
         g = self._guest(vm)
         gpps = self._pages(vm, gpps)
         self._check_present(vm, g, gpps, "write")
+        if np.any(g.state[gpps] & ZERO):  # a shared page first gets a private copy
+            self.break_sharing(vm, gpps)
         g.data[gpps] = np.asarray(data, dtype=np.uint8).reshape(len(gpps), PAGE_SIZE)
 
     def present(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
@@ -680,7 +813,9 @@ class LinuxBackend(Backend):
         rc = self.lib.mv_punch_runs(g.memfd, self._ptr("const int64_t *", gpps), len(gpps))
         if rc < 0:
             raise BackendError(f"VM {vm.name!r}: punching holes: {_errno_text(rc)}")
-        g.state[gpps] &= ~np.uint8(PRESENT | STAGED)
+        self._unlarge(g, gpps)
+        g.state[gpps] &= ~np.uint8(PRESENT | STAGED | ZERO | ZFILLED)
+        g.zero_mpn[gpps] = -1
         g.dirty_pending[gpps] = False
 
     # -- traps and bits -----------------------------------------------------------------------
@@ -693,6 +828,9 @@ class LinuxBackend(Backend):
         """Mark pages traced and zap the guest's PTEs of the present ones: the next touch is a
         minor fault that the fault loop logs and resolves with ``UFFDIO_CONTINUE``."""
         g = self._guest(vm)
+        if g.huge:
+            raise CapabilityError(f"backend 'linux' does not trace pages of VM {vm.name!r}: a large-page VM's guest "
+                                  f"registers no minor faults (their UFFDIO_CONTINUE would map 4 KiB)")
         self._require(g, MODE_MINOR, Capability.TRACE)
         gpps = np.unique(self._pages(vm, gpps))
         g.state[gpps] |= TRACED
@@ -728,6 +866,14 @@ class LinuxBackend(Backend):
         gpps = np.unique(self._pages(vm, gpps))
         if not len(gpps) or Capability.WRITE_PROTECT not in self.capabilities:
             return
+        zero = (g.state[gpps] & ZERO) != 0
+        if zero.any():  # a zero-mapped page stays write-protected (its first write must trap): wake only
+            zp = gpps[zero]
+            g.state[zp] &= ~np.uint8(PROTECTED)
+            self.lib.mv_wake_runs(g.uffd, g.base, self._ptr("const int64_t *", zp), len(zp))
+            gpps = gpps[~zero]
+            if not len(gpps):
+                return
         rc = self.lib.mv_protect_runs(g.uffd, g.base, self._ptr("const int64_t *", gpps), len(gpps), 0)
         if rc < 0:
             raise BackendError(f"VM {vm.name!r}: UFFDIO_WRITEPROTECT: {_errno_text(rc)}")
@@ -789,45 +935,194 @@ class LinuxBackend(Backend):
 
     @property
     def zero_mpn(self) -> int:
-        """0, a number no guest page ever has here (no page maps onto a zero page)."""
+        """0: the notional zero page. A page mapped onto it (or onto a held zero page) is a hole
+        in the memfd that reads as zeros and whose first guest write traps."""
         return 0
 
     def mpns(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
         """Page identities: each VM's memfd pages are numbered apart (``-1`` where not present);
-        they are not physical frame numbers."""
+        pages mapped onto a zero page have its number. They are not physical frame numbers."""
         g = self._guest(vm)
         gpps = self._all(vm, gpps)
+        st = g.state[gpps]
         out = self._mpn_base[vm.id] + gpps
-        out[(g.state[gpps] & PRESENT) == 0] = -1
+        zero = (st & ZERO) != 0
+        out[zero] = g.zero_mpn[gpps[zero]]
+        out[(st & PRESENT) == 0] = -1
         return out
 
     def refcounts(self, mpns: np.ndarray) -> np.ndarray:
-        """1 for every page (nothing is shared)."""
-        return np.ones(len(np.asarray(mpns)), dtype=np.int64)
+        """1 for a guest's own page; for a zero page, the guest pages mapped onto it plus the
+        hold (held zero pages)."""
+        mpns = np.asarray(mpns, dtype=np.int64).ravel()
+        out = np.ones(len(mpns), dtype=np.int64)
+        special = (mpns == self.zero_mpn) | np.isin(mpns, np.fromiter(self._held, np.int64, len(self._held)))
+        if special.any():
+            mapped = [g.zero_mpn[g.zero_mpn >= 0] for g in self._guests.values() if not g.dead]
+            mapped = np.concatenate(mapped) if mapped else np.zeros(0, np.int64)
+            values, counts = np.unique(mapped, return_counts=True)
+            for i in np.flatnonzero(special):
+                k = np.searchsorted(values, mpns[i])
+                n = int(counts[k]) if k < len(values) and values[k] == mpns[i] else 0
+                out[i] = n + (1 if int(mpns[i]) in self._held else 0)
+        return out
 
     def share(self, vm: VM, gpps: np.ndarray, mpns: np.ndarray, *, discard: bool = False) -> int:
-        raise self._missing(Capability.SHARE)
+        """Map pages onto a zero page: the zero MPN (capability ``zero_page``) or a page from
+        :meth:`hold_page` (option ``zero_share``): punch their holes in the memfd (their memory is freed at once) and
+        mark them zero-mapped. A guest read then maps a zero-filled page write-protected, a guest
+        write is a ``memvisor_page_write`` with ``shared`` set. Sharing onto any other page is a
+        one-line :class:`CapabilityError` (:data:`SHARE_REFUSAL`). Without ``discard`` the pages
+        must read zeros. Returns the memfd pages freed."""
+        if Capability.ZERO_PAGE not in self.capabilities:
+            raise self._missing(Capability.ZERO_PAGE)
+        g = self._guest(vm)
+        gpps = self._pages(vm, gpps)
+        mpns = np.asarray(mpns, dtype=np.int64).ravel()
+        if len(mpns) != len(gpps):
+            raise BackendError("share: pages and machine pages differ in length")
+        if not len(gpps):
+            return 0
+        onto_zero = (mpns == self.zero_mpn) | np.isin(mpns, np.fromiter(self._held, np.int64, len(self._held)))
+        if not onto_zero.all():
+            raise CapabilityError(f"backend 'linux' cannot share onto machine page {int(mpns[~onto_zero][0])}: "
+                                  f"{SHARE_REFUSAL}")
+        if len(np.unique(gpps)) != len(gpps):
+            raise BackendError("share of the same page twice in one call")
+        st = g.state[gpps]
+        if not np.all(st & PRESENT):
+            raise BackendError(f"share of a page that is not present in VM {vm.name!r}")
+        private = gpps[(st & ZERO) == 0]
+        if not discard and len(private) and g.data[private].any():
+            raise BackendError(f"share of pages of VM {vm.name!r} whose contents are not zeros")
+        freed = np.unique(np.concatenate([private, gpps[(st & ZFILLED) != 0]]))
+        rc = self.lib.mv_punch_runs(g.memfd, self._ptr("const int64_t *", freed), len(freed))
+        if rc < 0:
+            raise BackendError(f"VM {vm.name!r}: punching holes: {_errno_text(rc)}")
+        self._unlarge(g, freed)
+        g.state[gpps] = (g.state[gpps] & ~np.uint8(STAGED | ZFILLED)) | ZERO
+        g.zero_mpn[gpps] = mpns
+        g.dirty_pending[gpps] = False
+        return len(freed)
 
     def break_sharing(self, vm: VM, gpps: np.ndarray) -> int:
-        """0: no page is ever shared."""
-        return 0
+        """Give zero-mapped pages private zero-filled pages: ``fallocate`` their holes (and wake a
+        guest waiting on one: its retry maps the new page) and lift the write protection of
+        those a read had mapped. Returns the pages allocated."""
+        g = self._guest(vm)
+        gpps = np.unique(self._pages(vm, gpps))
+        z = gpps[(g.state[gpps] & ZERO) != 0]
+        if not len(z):
+            return 0
+        holes = z[(g.state[z] & ZFILLED) == 0]
+        filled = z[(g.state[z] & (ZFILLED | PROTECTED)) == ZFILLED]
+        for start, length in _runs(holes):
+            rc = self.lib.mv_allocate(g.memfd, start * PAGE_SIZE, length * PAGE_SIZE)
+            if rc < 0:
+                raise BackendError(f"VM {vm.name!r}: fallocate: {_errno_text(rc)}")
+        g.state[z] &= ~np.uint8(ZERO | ZFILLED)
+        g.zero_mpn[z] = -1
+        if len(holes):
+            self.lib.mv_wake_runs(g.uffd, g.base, self._ptr("const int64_t *", holes), len(holes))
+        if len(filled):
+            rc = self.lib.mv_protect_runs(g.uffd, g.base, self._ptr("const int64_t *", filled), len(filled), 0)
+            if rc < 0:
+                raise BackendError(f"VM {vm.name!r}: UFFDIO_WRITEPROTECT: {_errno_text(rc)}")
+        return len(holes)
 
     def hold_page(self, data: np.ndarray | None = None, node: int = 0) -> int:
-        raise self._missing(Capability.SHARE)
+        """A zero page the caller holds, with the option ``zero_share``: a number only (no memory
+        is behind it: pages mapped onto it are holes). Only zero-filled pages can be held."""
+        if Capability.SHARE not in self.capabilities:
+            raise self._missing(Capability.SHARE)
+        if node != 0:
+            raise CapabilityError(f"backend 'linux' does not offer node {node}: {numa_refusal()}")
+        if data is not None and np.asarray(data).any():
+            raise CapabilityError(f"backend 'linux' holds only zero-filled pages: {SHARE_REFUSAL}")
+        mpn = self._next_mpn
+        self._next_mpn += 1
+        self._held[mpn] = 1
+        return mpn
 
     def release_page(self, mpn: int) -> None:
-        raise self._missing(Capability.SHARE)
+        if Capability.SHARE not in self.capabilities:
+            raise self._missing(Capability.SHARE)
+        if self._held.pop(int(mpn), None) is None:
+            raise BackendError(f"machine page {mpn} is not held")
 
     # -- large pages --------------------------------------------------------------------------
 
+    def _unlarge(self, g: _Guest, gpps: np.ndarray) -> None:
+        """A hole punched in a shmem THP splits it (the kernel does): forget those blocks."""
+        if len(gpps) and g.large.any():
+            blocks = np.unique(gpps // LARGE)
+            g.large[blocks[blocks < len(g.large)]] = False
+
     def large(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
-        return np.zeros(len(self._all(vm, gpps)), dtype=bool)
+        """Per page, whether its 2 MiB block is a shmem THP that this backend collapsed (and
+        has not split or punched since)."""
+        g = self._guest(vm)
+        blocks = self._all(vm, gpps) // LARGE
+        out = np.zeros(len(blocks), dtype=bool)
+        inside = blocks < len(g.large)
+        out[inside] = g.large[blocks[inside]]
+        return out
 
     def split(self, vm: VM, large_indices: np.ndarray) -> int:
-        return 0
+        """Split large pages: copy each 2 MiB out, punch it, allocate it again in 4 KiB pages
+        (``shmem_enabled`` decides the size of a fresh allocation: not ``always`` / ``force``)
+        and copy it back; write protection is applied again. The guest's next touch maps 4 KiB."""
+        g = self._guest(vm)
+        idx = np.unique(np.asarray(large_indices, dtype=np.int64).ravel())
+        idx = idx[(idx >= 0) & (idx < len(g.large))]
+        idx = idx[g.large[idx]]
+        for b in idx:
+            pages = np.arange(b * LARGE, (b + 1) * LARGE, dtype=np.int64)
+            present = pages[(g.state[pages] & (PRESENT | ZERO)) == PRESENT]
+            rows = g.data[present].copy()
+            rc = self.lib.mv_punch_hole(g.memfd, int(b) * LARGE * PAGE_SIZE, LARGE * PAGE_SIZE)
+            if rc < 0:
+                raise BackendError(f"VM {vm.name!r}: punching a large page: {_errno_text(rc)}")
+            for start, length in _runs(present):
+                rc = self.lib.mv_allocate(g.memfd, start * PAGE_SIZE, length * PAGE_SIZE)
+                if rc < 0:
+                    raise BackendError(f"VM {vm.name!r}: fallocate: {_errno_text(rc)}")
+            g.data[present] = rows
+            wp = np.ascontiguousarray(pages[(g.state[pages] & (PROTECTED | WPASYNC)) != 0])
+            if len(wp):
+                self.lib.mv_protect_runs(g.uffd, g.base, self._ptr("const int64_t *", wp), len(wp), 1)
+            g.large[b] = False
+        return len(idx)
 
     def collapse(self, vm: VM, large_indices: np.ndarray) -> int:
-        raise self._missing(Capability.LARGE_PAGES)
+        """Collapse aligned runs of 512 present private pages into shmem THPs: the guest calls
+        ``MADV_COLLAPSE`` on its second, unregistered mapping (≈ 1 ms per 2 MiB) and drops its
+        PTEs there, so that its next touch maps the 2 MiB page with one PMD. Only VMs created
+        with ``large_pages`` (their guests map memory 2 MiB-aligned and register no minor
+        faults); a block that cannot collapse is skipped."""
+        if Capability.LARGE_PAGES not in self.capabilities:
+            raise self._missing(Capability.LARGE_PAGES)
+        g = self._guest(vm)
+        if not g.huge:
+            raise CapabilityError(f"backend 'linux' collapses only VMs created with large_pages: the guest of VM "
+                                  f"{vm.name!r} maps 4 KiB pages (userfaultfd minor faults)")
+        idx = np.unique(np.asarray(large_indices, dtype=np.int64).ravel())
+        idx = idx[(idx >= 0) & (idx < len(g.large))]
+        idx = idx[~g.large[idx]]
+        if len(idx):
+            st = g.state[(idx[:, None] * LARGE + np.arange(LARGE)).ravel()].reshape(len(idx), LARGE)
+            idx = idx[np.all((st & (PRESENT | ZERO | STAGED)) == PRESENT, axis=1)]
+        if not len(idx):
+            return 0
+        idx = np.ascontiguousarray(idx)
+        payload, _ = self._call(vm, g, protocol.COLLAPSE, len(idx), 0, idx)
+        results = np.frombuffer(payload, dtype=np.int64, count=len(idx))
+        done = idx[results == 0]
+        g.large[done] = True
+        if (results != 0).any():
+            log.debug("large pages not collapsed", vm=vm.name, blocks=int(np.count_nonzero(results != 0)),
+                      error=_errno_text(int(results[results != 0][0])))
+        return len(done)
 
     # -- NUMA and accounting ------------------------------------------------------------------
 
@@ -842,12 +1137,14 @@ class LinuxBackend(Backend):
 
     def migrate(self, vm: VM, gpps: np.ndarray, node: int) -> int:
         if node != 0:
-            raise self._missing(Capability.NUMA)
+            raise CapabilityError(f"backend 'linux' cannot migrate to node {node}: {numa_refusal()}")
         return 0
 
     def free_pages(self, node: int | None = None) -> int:
-        """The host's memory budget (``memory_pages``) less the present pages of every VM."""
-        used = sum(int(np.count_nonzero(g.state & PRESENT)) for g in self._guests.values())
+        """The host's memory budget (``memory_pages``) less the pages every VM holds in its memfd
+        (present pages, less the zero-mapped holes)."""
+        used = sum(int(np.count_nonzero((g.state & (PRESENT | ZERO)) == PRESENT))
+                   + int(np.count_nonzero(g.state & ZFILLED)) for g in self._guests.values())
         return self.config.memory_pages - used
 
     def total_pages(self, node: int | None = None) -> int:
@@ -855,7 +1152,8 @@ class LinuxBackend(Backend):
 
     def describe(self) -> dict:
         out = super().describe()
-        out["missing"] = {c: MISSING_CAPABILITIES[c] for c in sorted(MISSING_CAPABILITIES)}
+        out["missing"] = {c: MISSING_CAPABILITIES[c] for c in sorted(MISSING_CAPABILITIES)
+                          if c not in self.capabilities}
         out["kernel"] = os.uname().release
         return out
 

@@ -7,7 +7,10 @@ Started by :class:`memvisor_backend_linux.backend.LinuxBackend` as
    outlives its fault handler: it neither hangs on a fault nobody serves nor reads zeros in place
    of its data (it also keeps its own copy of the userfaultfd open, so the kernel never falls
    back to zero-filling its faults);
-2. maps the memfd ``MAP_SHARED`` and closes the descriptor;
+2. maps the memfd ``MAP_SHARED`` and closes the descriptor (a large-page VM, argument
+   ``large``: at a 2 MiB-aligned address, plus a read-only unregistered mapping from which it
+   collapses shmem THPs with ``MADV_COLLAPSE``, and it registers no minor faults, so that it
+   maps each THP with one PMD);
 3. creates a userfaultfd, registers its memory (missing faults, and minor and write-protect
    faults where the kernel offers them on shmem) and sends the descriptor and its layout to
    memvisor over the socket, as Firecracker's VMM does to its page-fault handler;
@@ -42,6 +45,9 @@ MODE_MINOR = 4
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
 UFFD_USER_MODE_ONLY = 1
+PROT_READ, PROT_WRITE = 1, 2
+MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25
+LARGE = 512 * PAGE
 
 WANTED = FEATURE_MISSING_SHMEM | FEATURE_MINOR_SHMEM | FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_HUGETLBFS_SHMEM
 
@@ -74,12 +80,25 @@ def open_uffd(lib, ffi, features: int) -> tuple[int, int]:
 def main(argv: list[str]) -> int:
     sock_fd, mem_fd, pages, parent = (int(a) for a in argv[1:5])
     dirty_tracking = len(argv) > 5 and argv[5] == "dirty"
+    large = len(argv) > 6 and argv[6] == "large"
     native = load()
     lib, ffi = native.lib, native.ffi
     if lib.mv_die_with_parent(parent) != 0:
         return 3
     size = pages * PAGE
-    mem = mmap.mmap(mem_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    collapser = 0
+    if large:
+        # Large pages: the memory at a 2 MiB-aligned address (the kernel then maps a shmem THP
+        # with one PMD), and a second, unregistered mapping from which MADV_COLLAPSE works.
+        addr = lib.mv_map_aligned(mem_fd, size, PROT_READ | PROT_WRITE)
+        collapser = lib.mv_map_aligned(mem_fd, size, PROT_READ)
+        if addr < 0 or collapser < 0:
+            return 5
+        lib.mv_madvise(addr, size, MADV_HUGEPAGE)
+        lib.mv_madvise(collapser, size, MADV_HUGEPAGE)
+        mem = ffi.buffer(ffi.cast("uint8_t *", addr), size)
+    else:
+        mem = mmap.mmap(mem_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     os.close(mem_fd)
     data = np.frombuffer(mem, dtype=np.uint8).reshape(pages, PAGE)
     words = data.view(np.uint64)
@@ -91,7 +110,7 @@ def main(argv: list[str]) -> int:
         protocol.send(sock, protocol.ERROR, 0, 0, b"userfaultfd: no missing faults on shmem")
         return 4
     mode = MODE_MISSING
-    if features & FEATURE_MINOR_SHMEM:
+    if features & FEATURE_MINOR_SHMEM and not large:  # a minor fault's UFFDIO_CONTINUE maps 4 KiB
         mode |= MODE_MINOR
     if features & FEATURE_PAGEFAULT_FLAG_WP and features & FEATURE_WP_HUGETLBFS_SHMEM:
         mode |= MODE_WP
@@ -134,8 +153,17 @@ def main(argv: list[str]) -> int:
                 protocol.send(sock, protocol.OK, n, 0, data[gpps])
             elif op == protocol.ZAP:
                 for start, length in _runs(gpps):
-                    mem.madvise(mmap.MADV_DONTNEED, start * PAGE, length * PAGE)
+                    lib.mv_madvise(base + start * PAGE, length * PAGE, MADV_DONTNEED)
                 protocol.send(sock, protocol.OK)
+            elif op == protocol.COLLAPSE:
+                results = np.zeros(n, dtype=np.int64)
+                for i, index in enumerate(gpps):
+                    offset = int(index) * LARGE
+                    # EINVAL where the guest has no collapsing mapping (not a large-page VM)
+                    results[i] = lib.mv_madvise(collapser + offset, LARGE, MADV_COLLAPSE) if collapser else -22
+                    if results[i] == 0:  # drop the 4 KiB PTEs: the next touch maps the PMD
+                        lib.mv_madvise(base + offset, LARGE, MADV_DONTNEED)
+                protocol.send(sock, protocol.OK, n, 0, results)
             elif op == protocol.TOUCH_TIMED:
                 ns = np.zeros(n, dtype=np.int64)
                 order = np.ascontiguousarray(gpps)

@@ -53,6 +53,7 @@
 #define ST_PROTECTED 4
 #define ST_STAGED 8
 #define ST_WPASYNC 16 /* install write-protected: async WP tracks writes (dirty bits) */
+#define ST_ZERO 32    /* mapped onto a zero page: a hole, or a zero-filled page kept write-protected */
 
 /* Event flags handed back to Python. */
 #define EV_WRITE 1
@@ -110,6 +111,33 @@ int mv_punch_hole(int fd, uint64_t offset, uint64_t len)
 int mv_allocate(int fd, uint64_t offset, uint64_t len)
 {
     return fallocate(fd, 0, (off_t)offset, (off_t)len) < 0 ? -errno : 0;
+}
+
+/* Map fd's first size bytes MAP_SHARED at a 2 MiB-aligned address (so that the kernel can map
+ * its shmem THPs with PMDs); returns the address or -errno. */
+int64_t mv_map_aligned(int fd, uint64_t size, int prot)
+{
+    const uint64_t align = 2ULL << 20;
+    void *p = mmap(NULL, size + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    uint64_t lo = (uint64_t)(uintptr_t)p, a = (lo + align - 1) & ~(align - 1), hi = lo + size + align;
+    void *q = mmap((void *)(uintptr_t)a, size, prot, MAP_SHARED | MAP_FIXED, fd, 0);
+    if (q == MAP_FAILED) {
+        int err = errno;
+        munmap(p, size + align);
+        return -err;
+    }
+    if (a > lo)
+        munmap(p, a - lo);
+    if (hi > a + size)
+        munmap((void *)(uintptr_t)(a + size), hi - (a + size));
+    return (int64_t)a;
+}
+
+int mv_madvise(uint64_t addr, uint64_t len, int advice)
+{
+    return madvise((void *)(uintptr_t)addr, len, advice) < 0 ? -errno : 0;
 }
 
 /* -- resolutions ---------------------------------------------------------------------------- */
@@ -349,7 +377,7 @@ static int serve_event(struct mv_serve_ctx *c, const struct uffd_msg *m)
             c->log_writes[c->log_n] = ev & EV_WRITE;
             c->log_n++;
         }
-        int rc = resolve_range(c->uffd, RES_CONTINUE, addr, 0, MV_PAGE, (st & (ST_PROTECTED | ST_WPASYNC)) != 0, &ioctls);
+        int rc = resolve_range(c->uffd, RES_CONTINUE, addr, 0, MV_PAGE, (st & (ST_PROTECTED | ST_WPASYNC | ST_ZERO)) != 0, &ioctls);
         c->ioctls += (int64_t)ioctls;
         if (rc < 0)
             return SERVE_ERROR;

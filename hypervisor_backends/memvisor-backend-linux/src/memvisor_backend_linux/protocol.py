@@ -20,6 +20,7 @@ ZAP = 4  # n pages: int64 pages; MADV_DONTNEED over their runs (page-cache pages
 TOUCH_TIMED = 5  # n pages: int64 pages; reply: int64 ns per touch (benchmarks)
 EXIT = 6
 PING = 7
+COLLAPSE = 8  # n large pages: int64 indices; MADV_COLLAPSE each, then drop the guest's PTEs; reply: n int64 results
 
 OK = 100
 ERROR = 101
