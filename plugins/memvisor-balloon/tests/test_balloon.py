@@ -1,9 +1,6 @@
 """memvisor-balloon: balloon pages share one page, a write to it resets the balloon, deflate
 returns pages cleanly, and exactly the right machine pages are reclaimed."""
 
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +8,7 @@ from structlog.testing import capture_logs
 
 from memvisor import PAGE_SIZE
 from memvisor.errors import UserError
-from memvisor.testing import ReferenceMemory, small_host
+from memvisor.testing import ReferenceMemory, listed_plugin, small_host
 from memvisor_balloon import BalloonPlugin
 
 VM_PAGES = 1024
@@ -19,9 +16,7 @@ VM_PAGES = 1024
 
 def test_balloon_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    (row,) = [r for r in json.loads(out) if r["name"] == "balloon"]
+    row = listed_plugin("balloon")
     assert row["distribution"] == "memvisor-balloon"
     for hook in ("memvisor_page_write", "memvisor_memory_pressure", "memvisor_report", "memvisor_register_actions"):
         assert hook in row["hooks"]

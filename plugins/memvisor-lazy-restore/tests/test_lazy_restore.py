@@ -3,10 +3,7 @@ at a time, the prefetcher loads the rest without ever overwriting the guest's pa
 damaged block stops the VM with one line."""
 
 import hashlib
-import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from memvisor.errors import UserError
 from memvisor.events import PageRecords, RestoreRequest, SaveRequest
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
-from memvisor.testing import ReferenceMemory, small_host
+from memvisor.testing import ReferenceMemory, listed_plugin, small_host
 from memvisor_lazy_restore import LazyRestoreError, LazyRestorePlugin
 
 MIX = ContentSpec.parse({"zero": 0.5, "text": 0.3, "random": 0.2}, "test")
@@ -27,9 +24,7 @@ MIX = ContentSpec.parse({"zero": 0.5, "text": 0.3, "random": 0.2}, "test")
 
 def test_lazy_restore_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    (row,) = [r for r in json.loads(out) if r["name"] == "lazy-restore"]
+    row = listed_plugin("lazy-restore")
     assert row["distribution"] == "memvisor-lazy-restore"
     for hook in ("memvisor_checkpoint_restore", "memvisor_page_fault", "memvisor_tick", "memvisor_report",
                  "memvisor_register_benchmarks"):

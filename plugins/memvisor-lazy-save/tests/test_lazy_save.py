@@ -1,10 +1,7 @@
 """memvisor-lazy-save: a lazy save of a running VM holds the memory as of its start, in the
 checkpoint format, and restores eagerly byte for byte."""
 
-import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from memvisor.errors import UserError
 from memvisor.events import RestoreRequest, SaveRequest
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
-from memvisor.testing import ReferenceMemory, small_host
+from memvisor.testing import ReferenceMemory, listed_plugin, small_host
 from memvisor_lazy_save import LazySavePlugin
 from memvisor_lazy_save import order as order_file
 
@@ -24,9 +21,7 @@ MIX = ContentSpec.parse({"zero": 0.5, "text": 0.3, "random": 0.2}, "test")
 
 def test_lazy_save_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    (row,) = [r for r in json.loads(out) if r["name"] == "lazy-save"]
+    row = listed_plugin("lazy-save")
     assert row["distribution"] == "memvisor-lazy-save"
     for hook in ("memvisor_checkpoint_save", "memvisor_page_write", "memvisor_tick", "memvisor_report",
                  "memvisor_register_benchmarks"):

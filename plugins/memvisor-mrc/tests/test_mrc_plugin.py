@@ -3,17 +3,13 @@ answers to the page-heat and giveable-pages hooks, settings and the report."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from memvisor.errors import UserError
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
-from memvisor.testing import ReferenceMemory, small_host
+from memvisor.testing import ReferenceMemory, listed_plugin, small_host
 from memvisor.workloads import make_workload
 from memvisor_mrc.cli import compute
 from memvisor_mrc.curve import Curve
@@ -27,9 +23,7 @@ VM_PAGES = 4096
 
 def test_mrc_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    (row,) = [r for r in json.loads(out) if r["name"] == "mrc"]
+    row = listed_plugin("mrc")
     assert row["distribution"] == "memvisor-mrc" and row["error"] is None
     for hook in ("memvisor_page_accessed", "memvisor_tick", "memvisor_page_heat", "memvisor_giveable_pages",
                  "memvisor_report", "memvisor_register_commands", "memvisor_register_benchmarks"):

@@ -1,8 +1,5 @@
 """memvisor-numa: migration after a NUMA move, most used pages first, within the bandwidth."""
 
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +8,7 @@ from hypothesis import strategies as st
 
 from memvisor import hookimpl
 from memvisor.errors import CapabilityError, UserError
-from memvisor.testing import ReferenceMemory, small_host
+from memvisor.testing import ReferenceMemory, listed_plugin, small_host
 from memvisor_numa import HEURISTICS
 from memvisor_numa.locality import time_to_reach
 from memvisor_numa.settings import bandwidth_pages
@@ -19,9 +16,7 @@ from memvisor_numa.settings import bandwidth_pages
 
 def test_numa_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    (row,) = [r for r in json.loads(out) if r["name"] == "numa"]
+    row = listed_plugin("numa")
     assert row["distribution"] == "memvisor-numa" and row["error"] is None
     for hook in ("memvisor_vcpus_moved", "memvisor_tick", "memvisor_page_accessed", "memvisor_report",
                  "memvisor_register_commands", "memvisor_register_benchmarks"):

@@ -1,9 +1,6 @@
 """memvisor-sharing in a host: scanning, the estimate against brute force, salting, sharing
 small pages, break-up under pressure in order, writes breaking sharing, settings, the report."""
 
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,15 +10,13 @@ from memvisor.contents import ContentSpec
 from memvisor.errors import UserError
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
-from memvisor.testing import ReferenceMemory, small_host
+from memvisor.testing import ReferenceMemory, listed_plugin, small_host
 from memvisor_sharing import SharingPlugin
 
 
 def test_sharing_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    (row,) = [r for r in json.loads(out) if r["name"] == "sharing"]
+    row = listed_plugin("sharing")
     assert row["distribution"] == "memvisor-sharing"
     for hook in ("memvisor_tick", "memvisor_page_write", "memvisor_memory_pressure", "memvisor_report",
                  "memvisor_register_commands", "memvisor_register_benchmarks"):

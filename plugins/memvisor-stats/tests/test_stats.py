@@ -1,21 +1,16 @@
 """memvisor-stats counts events by kind and VM and reports them."""
 
-import json
-import subprocess
-import sys
 
 import numpy as np
 
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
-from memvisor.testing import small_host
+from memvisor.testing import listed_plugin, small_host
 
 
 def test_stats_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    (row,) = [r for r in json.loads(out) if r["name"] == "stats"]
+    row = listed_plugin("stats")
     assert row["distribution"] == "memvisor-stats"
     assert "memvisor_page_fault" in row["hooks"] and "memvisor_report" in row["hooks"]
 

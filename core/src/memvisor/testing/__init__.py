@@ -2,6 +2,8 @@
 
 - :class:`HookRecorder` records every hook call of a host's plugin manager.
 - :func:`small_host` builds a small emulated host with your plugin registered.
+- :func:`listed_plugin` is your plugin's row of ``memvisor plugins --json`` (the first test of
+  every plugin asserts it is there).
 - :mod:`memvisor.testing.builders` makes event batches for calling hook implementations
   directly.
 - :class:`ReferenceMemory` is the reference model of guest memory: drive the guest through it
@@ -19,6 +21,7 @@ _EXPORTS = {
     "HookRecorder": "memvisor.testing.recorder",
     "ReferenceMemory": "memvisor.testing.reference",
     "small_host": "memvisor.testing.reference",
+    "listed_plugin": "memvisor.testing.reference",
 }
 
 __all__ = sorted(_EXPORTS)

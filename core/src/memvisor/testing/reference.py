@@ -84,3 +84,17 @@ def small_host(*, memory_pages: int = 8192, numa_nodes: int = 1, plugins: Iterab
                         tick_interval=tick_interval, plugin_settings=settings or {},
                         backend_options=backend_options or {})
     return Host(config, plugins, extra_plugins=extra_plugins)
+
+
+def listed_plugin(name: str) -> dict:
+    """The row of ``memvisor plugins --json`` for plugin ``name``, from a fresh process (as a
+    user sees it); fails the test when the plugin is not listed exactly once."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
+                         capture_output=True, text=True).stdout
+    rows = [row for row in json.loads(out) if row["name"] == name]
+    assert len(rows) == 1, f"plugin {name!r} is listed {len(rows)} times by `memvisor plugins --json`"
+    return rows[0]
