@@ -78,6 +78,9 @@ class Backend(ABC):
 
     name: str = "?"
     capabilities: frozenset[str] = frozenset()
+    stops_guests: bool = False
+    """True when the backend itself stops a guest whose fault or write trap a plugin failed to
+    handle (the host then leaves the stop to it); otherwise the host stops the VM."""
 
     # -- wiring and time ----------------------------------------------------------------------
 

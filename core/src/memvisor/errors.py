@@ -34,3 +34,8 @@ class BackendError(Exception):
 
     This is a bug in the caller (a plugin or the core), not bad user input.
     """
+
+
+class VMStoppedError(UserError):
+    """A VM was stopped cleanly (a plugin failed where no safe fallback exists, or a restore
+    could not go on): the message names the VM and the reason. Its guest runs no more."""

@@ -18,7 +18,7 @@ import structlog
 
 from memvisor import PAGE_SIZE
 from memvisor.backend import AccessResult, Backend, Capability
-from memvisor.errors import BackendError, CapabilityError
+from memvisor.errors import BackendError, CapabilityError, UserError, VMStoppedError
 from memvisor.events import (
     AccessBatch,
     DiskIOBatch,
@@ -89,6 +89,7 @@ class VM:
     large_pages: bool = False
     seed: int = 0
     write_epoch: int = 0
+    stopped: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -149,7 +150,14 @@ class Host:
         self._ticks = 0
         self._next_tick = config.tick_interval
         self.stopped = False
+        self.plugin_failures: list[dict] = []
+        self.restore_records: dict[str, tuple[str, dict]] = {}
+        self.reclaimed_by: dict[str, int] = {}
+        from memvisor.isolation import isolate
+        from memvisor.plugins import BUILTIN_MODULES
+
         self.hook.memvisor_host_started(host=self)
+        isolate(self, BUILTIN_MODULES)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -204,6 +212,31 @@ class Host:
             disk.flush()
         self._pinned.pop(vm.name, None)
         self._remap.pop(vm.name, None)
+        self.restore_records.pop(vm.name, None)
+
+    def stop_vm(self, vm: VM, reason: str) -> None:
+        """Stop ``vm`` cleanly: its guest runs no more (every later batch raises
+        :class:`VMStoppedError` with ``reason``); its memory stays as it is for inspection."""
+        if vm.stopped is None:
+            vm.stopped = reason
+            log.error("VM stopped", vm=vm.name, reason=reason)
+            self.metrics.event(self.now, "vm_stopped", vm=vm.name, reason=reason)
+
+    def record_plugin_failure(self, plugin: str, hook: str, error: str, *, handled: bool) -> None:
+        """A plugin raised inside a hook (see :mod:`memvisor.isolation`): log it with the
+        plugin's name and keep it in :attr:`plugin_failures`."""
+        entry = {"plugin": plugin, "hook": hook, "error": error, "time": self.now, "handled": handled}
+        self.plugin_failures.append(entry)
+        log.error("plugin failed in a hook", **entry)
+        self.metrics.event(self.now, "plugin_failure", plugin=plugin, hook=hook, error=error)
+
+    def _fatal(self, vm: VM, what: str, exc: BaseException) -> None:
+        if isinstance(exc, UserError) or self.backend.stops_guests:
+            return  # a plugin's own one-line stop (a failed lazy restore), or the backend's
+        plugin = getattr(exc, "memvisor_plugin", None)
+        who = f"plugin {plugin!r}" if plugin else "a plugin"
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        self.stop_vm(vm, f"VM {vm.name!r} stopped: {who} failed {what}: {message}")
 
     def move_vcpus(self, vm: VM, node: int) -> None:
         """Move a VM's virtual CPUs to NUMA ``node``; its memory stays where it is."""
@@ -220,6 +253,8 @@ class Host:
         the caller decides how batches of several VMs overlap). Accesses that land on pages
         the guest has pinned (:meth:`pin_guest_pages`) go to other pages, as the guest's own
         allocator would place them."""
+        if vm.stopped is not None:
+            raise VMStoppedError(vm.stopped)
         vm.write_epoch += 1
         gpps = self.guest_pages(vm, gpps)
         result = self.backend.access(vm, gpps, writes, vm.write_epoch)
@@ -261,7 +296,11 @@ class Host:
 
     def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
         """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""
-        self.hook.memvisor_page_fault(host=self, vm=vm, fault=fault)
+        try:
+            self.hook.memvisor_page_fault(host=self, vm=vm, fault=fault)
+        except Exception as exc:  # no safe fallback: the failing plugin may own these pages
+            self._fatal(vm, "serving a page fault", exc)
+            raise
         if not self.backend.present(vm, fault.gpps).all():
             raise BackendError(f"VM {vm.name!r}: page faults left unserved")
 
@@ -272,7 +311,11 @@ class Host:
     def deliver_writes(self, vm: VM, write: WriteBatch) -> None:
         """Called by the backend: let plugins see writes to shared or protected pages, then make
         the pages writable (private copy for shared ones, protection cleared)."""
-        self.hook.memvisor_page_write(host=self, vm=vm, write=write)
+        try:
+            self.hook.memvisor_page_write(host=self, vm=vm, write=write)
+        except Exception as exc:  # no safe fallback: the plugin may need to act before the write
+            self._fatal(vm, "handling a write trap", exc)
+            raise
         present = write.gpps[self.backend.present(vm, write.gpps)]
         self.backend.break_sharing(vm, present)
         self.backend.unprotect(vm, present)
@@ -427,7 +470,10 @@ class Host:
     def restore_checkpoint(self, vm: VM, request: RestoreRequest):
         """Replace ``vm``'s memory with a checkpoint's (:func:`memvisor_checkpoint_restore`),
         then measure the time until the guest's first access is served: one read of page 0
-        (the first page a booting guest touches)."""
+        (the first page a booting guest touches).
+
+        Restores check first that they can finish (:func:`memvisor.checkpoint.vm.check_restorable`)
+        and refuse with nothing of the VM's memory changed."""
         job = self.hook.memvisor_checkpoint_restore(host=self, vm=vm, request=request)
         probe = self.access(vm, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool))
         self.advance(probe.seconds)
@@ -447,4 +493,11 @@ class Host:
         out = []
         for result in self.hook.memvisor_report(host=self):
             out.extend(result if isinstance(result, list) else [result])
+        # Each technique's standing contribution to reclaimed memory, by the convention that a
+        # section's ``reclaimed_mib`` metric is what the plugin keeps free now.
+        reclaimed = {s.plugin: s.metrics["reclaimed_mib"] for s in out
+                     if isinstance(s.metrics.get("reclaimed_mib"), (int, float))}
+        for s in out:
+            if s.plugin == "memvisor" and "overcommit" in s.metrics:
+                s.metrics["reclaimed_now_mib_by_technique"] = reclaimed
         return out

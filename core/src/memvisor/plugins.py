@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "memvisor.builtins.checkpoints",
     "memvisor.builtins.sweep",
     "memvisor.builtins.migration",
+    "memvisor.builtins.selftest",
 )
 """The core's own features, registered as plugins like any other (``trylast`` where they are
 defaults that a policy may override)."""

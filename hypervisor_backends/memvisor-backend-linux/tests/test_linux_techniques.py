@@ -118,6 +118,7 @@ def test_balloon_runs_on_real_memory(make_host, reset):
     """The balloon plugin on the Linux backend: inflating frees the memfd's pages (st_blocks),
     the guest reads zeros from balloon pages, a guest write to a balloon page after a driver
     reset is detected and resets the balloon, and no guest write is ever lost."""
+    pytest.importorskip("memvisor_balloon", reason="memvisor-balloon is not installed beside the backend")
     vm_pages = 1024
     host = make_host(memory_pages=4096, plugins=["balloon"],
                      backend_options={"accessed": True, "zero_share": True},
@@ -184,6 +185,7 @@ def test_mrc_builds_a_curve_from_real_minor_fault_traps(make_host):
     """memvisor-mrc traces a spatial sample of pages; on this backend each trap is a real minor
     fault that the compiled loop resolves (UFFDIO_CONTINUE) and logs; the plugin retraces on
     ticks and builds a curve."""
+    pytest.importorskip("memvisor_mrc", reason="memvisor-mrc is not installed beside the backend")
     vm_pages = 2048
     host = make_host(memory_pages=4096, plugins=["mrc"], settings={"mrc": {"rate": 0.25, "refresh": 0.02}})
     needs(host, Capability.TRACE)

@@ -1,4 +1,5 @@
-"""The core's scenario timeline actions: run, idle, workload, pressure, move_vcpus."""
+"""The core's scenario timeline actions: run, idle, workload, pressure, move_vcpus, create_vm;
+and the report section on reclaimed memory, plugin failures and stopped VMs."""
 
 from __future__ import annotations
 
@@ -47,14 +48,89 @@ def move_vcpus(run, step):
     run.host.move_vcpus(vm, node)
 
 
+def create_vm(run, step):
+    """``do = "create_vm"``: create a VM now, with the keys of a ``[[vm]]`` table (``name``,
+    ``memory``, ``node``, ``large_pages``, ``contents``, ``workload``, ``seed``).
+
+    A VM's pages are all backed when it is created, so a host overcommits by creating VMs
+    after reclaim: when free memory is short of the VM's size plus the high watermark, the
+    reclaimers are asked for it first (:func:`memvisor_memory_pressure`); if it still does not
+    fit, the step fails with one line naming it."""
+    from memvisor import PAGE_SIZE
+    from memvisor.contents import ContentSpec
+    from memvisor.errors import UserError
+
+    host = run.host
+    name = step.get("name", str)
+    if name in host.vms:
+        raise step.error("name", f"a VM named {name!r} exists already")
+    pages = step.pages("memory")
+    node = step.get("node", int, 0)
+    if not 0 <= node < host.backend.numa_nodes:
+        raise step.error("node", f"the host has NUMA nodes 0..{host.backend.numa_nodes - 1}")
+    contents_value = step.get("contents", (str, dict), None)
+    try:
+        contents = None if contents_value is None else ContentSpec.parse(contents_value, step.key("contents"))
+    except UserError as exc:
+        raise step.error("contents", str(exc)) from None
+    spec = step.get("workload", dict, {})
+    large = step.get("large_pages", bool, False)
+    seed = step.get("seed", int, None)
+    margin = int(host.config.high_watermark * host.backend.total_pages())
+    if host.backend.free_pages() < pages + margin:
+        host.check_pressure(target_free_pages=pages + margin)
+    if host.backend.free_pages() < pages:
+        raise step.error("memory", f"VM {name!r} needs {pages * PAGE_SIZE >> 20} MiB; only "
+                                   f"{host.backend.free_pages() * PAGE_SIZE >> 20} MiB are free after reclaim")
+    vm = host.create_vm(name, pages, home_node=node, large_pages=large, contents=contents, seed=seed)
+    host.metrics.event(host.now, "vm_created", vm=name, pages=pages)
+    if spec:
+        if "kind" not in spec:
+            raise step.error("workload", "needs a kind, e.g. { kind = \"zipf\" }")
+        run.workloads[vm.name] = run.make_workload(spec, vm, step.key("workload"))
+
+
 class CoreActions:
-    """Registers the core's timeline actions."""
+    """Registers the core's timeline actions and reports reclaim, failures and stops."""
 
     @hookimpl
     def memvisor_register_actions(self, register):
-        """run, idle, workload, pressure and move_vcpus."""
-        for function in (run, idle, workload, pressure, move_vcpus):
+        """run, idle, workload, pressure, move_vcpus and create_vm."""
+        for function in (run, idle, workload, pressure, move_vcpus, create_vm):
             register(function.__name__, function)
+
+    @hookimpl
+    def memvisor_report(self, host):
+        """One section: machine memory the VMs use against their size, the pages each plugin
+        reclaimed under memory pressure, the plugins that failed in a hook and the VMs stopped."""
+        from memvisor import PAGE_SIZE
+        from memvisor.report import ReportSection
+
+        backend = host.backend
+        vm_pages = sum(vm.pages for vm in host.vms.values())
+        used = backend.total_pages() - backend.free_pages()
+        mib = PAGE_SIZE / 2**20
+        metrics = {
+            "host_mib": backend.total_pages() * mib,
+            "vm_mib": vm_pages * mib,
+            "overcommit": round(vm_pages / backend.total_pages(), 3),
+            "used_mib": used * mib,
+            "saved_mib": max(0, vm_pages - used) * mib,
+            "reclaimed_under_pressure_mib": {k: v * mib for k, v in sorted(host.reclaimed_by.items())},
+            "plugin_failures": len(host.plugin_failures),
+            "plugin_failures_by_plugin": _count(f"{f['plugin']}:{f['hook']}" for f in host.plugin_failures),
+            "vms_stopped": {vm.name: vm.stopped for vm in host.vms.values() if vm.stopped},
+        }
+        return ReportSection("memvisor", "Memory, reclaim and reliability", metrics,
+                             text="VM memory against machine memory (overcommit), machine pages the techniques "
+                                  "save now, pages each plugin reclaimed under memory pressure, plugins that "
+                                  "failed inside a hook (isolated: docs/reliability.md) and VMs stopped.")
+
+
+def _count(items) -> dict:
+    from collections import Counter
+
+    return dict(Counter(items))
 
 
 PLUGIN = CoreActions

@@ -40,10 +40,13 @@ def checkpoint(run, step):
     job = run.host.save_checkpoint(vm, request)
     run.checkpoints[name] = request.path
     limit = run.host.now + step.duration("timeout", 600.0)
-    while not job.done:  # a lazy save: the guests keep running while it proceeds
+    while not job.done and job.error is None:  # a lazy save: the guests keep running meanwhile
         if run.host.now >= limit:
             raise step.error("timeout", f"checkpoint {name!r} did not finish in time")
         run.run_guests(seconds=run.host.tick_interval)
+    if job.error is not None:
+        run.checkpoints.pop(name, None)
+        raise step.error("name", f"checkpoint {name!r} failed: {job.error}")
 
 
 def restore(run, step):

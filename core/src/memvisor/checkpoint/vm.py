@@ -45,6 +45,8 @@ class SaveJob:
     :ivar finished: time when the file was complete, or None while running.
     :ivar stats: counters of the writer (pages, zero_pages, record_pages, bytes_in, bytes_out,
         write_calls, ...), filled in when done.
+    :ivar error: one line saying why a save that runs on its own (lazy) failed (disk full):
+        the file at :attr:`path` is then the previous one, untouched; None otherwise.
     """
 
     vm: str
@@ -54,6 +56,7 @@ class SaveJob:
     stop_seconds: float = 0.0
     finished: float | None = None
     stats: dict[str, Any] = attrs.field(factory=dict)
+    error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -157,19 +160,26 @@ def write_checkpoint(
         key=request.key,
         threads=1,
     )
-    for start in range(0, len(pages), CHUNK_PAGES):
-        chunk = pages[start : start + CHUNK_PAGES]
-        data = backend.read(vm, chunk)
-        nonzero = data.view(np.uint64).any(axis=1)
-        w.add_zero_pages(chunk[~nonzero])
-        candidates = chunk[nonzero]
-        taken = np.zeros(len(chunk), dtype=bool)
-        for records in describe(host, vm, candidates, "checkpoint"):
-            w.add_records(records.kind, records.gpps, records.payloads)
-            taken[np.searchsorted(chunk, records.gpps)] = True
-        keep = nonzero & ~taken
-        if keep.any():
-            w.add_pages(chunk[keep], data[keep])
+    try:
+        for start in range(0, len(pages), CHUNK_PAGES):
+            chunk = pages[start : start + CHUNK_PAGES]
+            data = backend.read(vm, chunk)
+            nonzero = data.view(np.uint64).any(axis=1)
+            w.add_zero_pages(chunk[~nonzero])
+            candidates = chunk[nonzero]
+            taken = np.zeros(len(chunk), dtype=bool)
+            for records in describe(host, vm, candidates, "checkpoint"):
+                w.add_records(records.kind, records.gpps, records.payloads)
+                taken[np.searchsorted(chunk, records.gpps)] = True
+            keep = nonzero & ~taken
+            if keep.any():
+                w.add_pages(chunk[keep], data[keep])
+    except BaseException:
+        # A failed write (disk full, short writes) removes the temporary file now, not when the
+        # writer is collected; the previous checkpoint at the path is untouched.
+        if writer is None:
+            w.abort()
+        raise
     return w
 
 
@@ -209,6 +219,15 @@ def resolve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bytes of the pages a checkpoint stores as records of ``kind`` (those among ``gpps``, or
     all), through :func:`memvisor_resolve_records`."""
+    cached = host.restore_records.get(vm.name)
+    if cached is not None and cached[0] == str(reader.path) and kind in cached[1]:
+        # Resolved once by check_restorable before the restore began: the bytes as they were
+        # then, each record resolved once.
+        pages, data = cached[1][kind]
+        if gpps is None:
+            return pages, data
+        idx = np.flatnonzero(np.isin(pages, gpps))
+        return pages[idx], data[idx]
     record_set = reader.records(kind)
     idx = np.arange(len(record_set.gpps)) if gpps is None else np.flatnonzero(np.isin(record_set.gpps, gpps))
     if record_set.width is not None:  # fixed width: hand the plugin an (n, width) array
@@ -247,6 +266,7 @@ def eager_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob:
     with CheckpointReader(request.path, key=request.key) as reader:
         if reader.vm_pages != vm.pages:
             raise BackendError(f"{request.path}: checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
+        check_restorable(host, vm, request)
         backend = host.backend
         backend.unmap(vm, np.arange(vm.pages))
         for start in range(0, vm.pages, CHUNK_PAGES):
@@ -267,3 +287,38 @@ def eager_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob:
         "real_seconds": time.perf_counter() - real,
     }
     return job
+
+
+class RestoreRefused(CheckpointError, BackendError):
+    """A restore refused before anything of the VM changed (records that no longer resolve).
+    A :class:`CheckpointError` for people and callers of the checkpoint API; also a
+    :class:`BackendError`, which is what resolving such records raised before the check."""
+
+
+def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> None:
+    """Refuse, before anything of ``vm`` changes, a restore that could not finish: a file that
+    does not open (structure, MAC), a checkpoint of another size, a page it does not hold, or
+    plugin records that no longer resolve (a ``disk-ref`` to a block written since the save).
+
+    A restore that failed half-way would leave pages not present that nobody serves, which
+    the core's default would zero-fill: a wrong page (found by the all-techniques integration
+    test: a checkpoint with disk references, the disk written afterwards). The records resolved
+    here are kept in ``host.restore_records`` for the restore: each record is resolved once; a
+    lazy restore holds the bytes of its record pages (not its data pages) until the next
+    restore. Raises :class:`RestoreRefused` (a :class:`CheckpointError`)."""
+    with CheckpointReader(request.path, key=request.key) as reader:
+        if reader.vm_pages != vm.pages:
+            raise CheckpointError(reader.path, f"checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
+        kinds = reader.page_kind(np.arange(vm.pages, dtype=np.int64))
+        if np.any(kinds == KIND_MISSING):
+            first = int(np.flatnonzero(kinds == KIND_MISSING)[0])
+            raise CheckpointError(reader.path, f"page {first} is not in the checkpoint")
+        host.restore_records.pop(vm.name, None)
+        resolved = {}
+        for kind in reader.record_kinds:
+            try:
+                resolved[kind] = resolve(host, vm, reader, kind)
+            except BackendError as exc:
+                raise RestoreRefused(reader.path, f"records of kind {kind!r} cannot be restored: {exc}") from None
+        if resolved:  # kept for the restore itself (resolve() serves them from here)
+            host.restore_records[vm.name] = (str(reader.path), resolved)

@@ -2,7 +2,7 @@
 rounds driven by dirty bits, stop-and-copy, optional post-copy, and a stream of typed,
 checksummed records (:mod:`memvisor.migration.stream`). docs/migration.md describes it."""
 
-from memvisor.migration.live import Link, LiveMigration, MigrationOptions, MigrationResult, migrate
+from memvisor.migration.live import Link, LiveMigration, MigrationAborted, MigrationOptions, MigrationResult, migrate
 from memvisor.migration.stream import StreamError
 
-__all__ = ["Link", "LiveMigration", "MigrationOptions", "MigrationResult", "StreamError", "migrate"]
+__all__ = ["Link", "LiveMigration", "MigrationAborted", "MigrationOptions", "MigrationResult", "StreamError", "migrate"]

@@ -38,12 +38,17 @@ import zstandard
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.checkpoint.vm import describe
-from memvisor.errors import BackendError
+from memvisor.errors import BackendError, UserError
 from memvisor.events import FaultBatch, MigrationPhase, PageRecords
 from memvisor.migration import stream
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.host import VM, Host
+
+
+class MigrationAborted(UserError, BackendError):
+    """A live migration failed before the switch-over (the link dropped, the destination
+    refused): the destination VM is gone, the source VM runs on unharmed."""
 
 
 @attrs.frozen
@@ -176,6 +181,10 @@ class LiveMigration:
             destination.attach_disk(self.dest_vm, disk=disk, name=name)
         self.missing = np.ones(vm.pages, dtype=bool)
         self.ever_sent = np.zeros(vm.pages, dtype=bool)
+        # Machine page of each page when it was last sent: a page remapped since (a balloon
+        # taking or giving back a page, an eager give-back) changed without a guest write, so
+        # without a dirty bit; it is sent again.
+        self.sent_mpn = np.full(vm.pages, -1, dtype=np.int64)
         method = "precopy+postcopy" if self.options.postcopy else "precopy"
         self.result = MigrationResult(vm.name, method, source.now)
         level = self.options.level
@@ -196,6 +205,26 @@ class LiveMigration:
         is on the wire (time passes without them when None). With post-copy, the method
         returns at the switch-over: the destination pulls pages on fault, and
         :meth:`finish_postcopy` pulls the rest."""
+        try:
+            return self._run(run_guests)
+        except Exception as exc:
+            self.abort(exc)
+            raise MigrationAborted(f"migration of VM {self.vm.name!r} aborted, the VM runs on on the source: "
+                                   + f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Give up: the destination's VM is destroyed (its host keeps nothing of it) and the
+        source VM, which never stopped, runs on. Safe to call at any point of :meth:`run`."""
+        if self._puller is not None:
+            self.destination.pm.unregister(self._puller)
+            self._puller = None
+        if self.dest_vm.name in self.destination.vms:
+            self.destination.destroy_vm(self.dest_vm)
+        self.result.method += " (aborted)"
+        self.source.metrics.event(self.source.now, "migration_aborted", vm=self.vm.name,
+                                  error=None if exc is None else str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+    def _run(self, run_guests) -> MigrationResult:
         real = wallclock.perf_counter()
         src, opts, result = self.source, self.options, self.result
         self._phase("start", 0, self.vm.pages)
@@ -209,7 +238,7 @@ class LiveMigration:
                 src.advance(seconds)
             else:
                 run_guests(seconds)
-            to_send = np.flatnonzero(src.backend.take_dirty(self.vm))
+            to_send = np.flatnonzero(src.backend.take_dirty(self.vm) | self._remapped())
             if len(to_send) <= opts.stop_pages or result.rounds >= opts.max_rounds:
                 break
         self._phase("stop_and_copy", result.rounds, len(to_send))
@@ -296,12 +325,21 @@ class LiveMigration:
                 nbytes += self._deliver(stream.PAGE, part[chunk], stream.page_payload(data[chunk], self._compressor))
         result.pages_resent += int(np.count_nonzero(self.ever_sent[gpps]))
         self.ever_sent[gpps] = True
+        self.sent_mpn[gpps] = src.backend.mpns(self.vm, gpps)
         result.pages_sent += len(gpps)
         src_work = _background(src.backend) - src_work  # reading dropped pages back, describing
         dest_work = _background(self.destination.backend) - dest_work
         network = clock.account("network", nbytes, 1)
         compress = clock.account("compress", data_bytes) if self._compressor is not None else 0.0
         return max(network, compress, src_work, dest_work)
+
+    def _remapped(self) -> np.ndarray:
+        """Per page, whether it was sent and is now present on another machine page: changed by
+        the hypervisor rather than the guest (no dirty bit). Found by examples/overcommit.toml:
+        a balloon inflating during pre-copy left the old bytes on the destination. Pages moved
+        with equal contents (sharing, NUMA) are sent again too: wasted bytes, never a wrong page."""
+        now = self.source.backend.mpns(self.vm)
+        return self.ever_sent & (now >= 0) & (now != self.sent_mpn)
 
     def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes) -> int:
         """Send one record until it arrives intact and install its pages; returns bytes sent,

@@ -298,6 +298,54 @@ class BalloonPlugin:
             st.mpn = -1
         return len(gpps)
 
+    @hookimpl(tryfirst=True)
+    def memvisor_checkpoint_restore(self, host: Host, vm: VM, request) -> None:
+        """A restore replaces every page of the VM, balloon pages included: the balloon ends
+        without touching memory (the restore owns every page now), its page is released and
+        the guest's driver starts over, as after a reboot. Returns None: others restore.
+
+        Without this the balloon's record would name pages that the restore remapped (found by
+        the all-techniques integration test)."""
+        st = self.vms.get(vm.name)
+        if st is None:
+            return None
+        st.in_balloon[:] = False
+        st.backed[:] = False
+        st.order = np.empty(0, dtype=np.int64)
+        st.target = 0
+        if st.mpn >= 0:
+            host.backend.release_page(st.mpn)
+            st.mpn = -1
+        if st.driver.size:
+            st.driver.reset(self._now())
+        self._record(host)
+        return None
+
+    @hookimpl
+    def memvisor_memory_error(self, host: Host, vm: VM, error) -> np.ndarray | None:
+        """Repair balloon pages that a memory error hit: they hold nothing of the guest's (it
+        gave them up, they read zeros), so each is mapped onto the balloon page again, dropping
+        whatever copy the error left. Returns the pages repaired.
+
+        Without this a balloon page hit by an error kept a private, non-zero copy that the
+        balloon's record still counted as ballooned (found by the all-techniques integration
+        test)."""
+        st = self.vms.get(vm.name)
+        if st is None or st.mpn < 0:
+            return None
+        gpps = np.asarray(error.gpps, dtype=np.int64)
+        hit = gpps[st.in_balloon[gpps]]
+        if not len(hit):
+            return None
+        backend = host.backend
+        present = backend.present(vm, hit)
+        moved = hit[present & (backend.mpns(vm, hit) != st.mpn)]
+        if len(moved):
+            self.freed_pages += bulk.share_onto(backend, vm, moved, st.mpn)
+        if backend.read(vm, np.array([st.order[0]])).any():
+            return None  # the balloon page itself is damaged: nothing to repair from
+        return hit[present]
+
     # -- detecting a reset --------------------------------------------------------------------
 
     @hookimpl

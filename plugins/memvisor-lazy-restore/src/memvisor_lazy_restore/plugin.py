@@ -30,7 +30,7 @@ import structlog
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
 from memvisor.checkpoint import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointError, CheckpointReader
-from memvisor.checkpoint.vm import RestoreJob, load_pages
+from memvisor.checkpoint.vm import RestoreJob, check_restorable, load_pages
 from memvisor.errors import UserError
 from memvisor.report import Plot, ReportSection
 from memvisor_lazy_restore.order import read_order
@@ -75,6 +75,9 @@ class LazyRestore:
                 first = int(np.flatnonzero(self.kinds == KIND_MISSING)[0])
                 raise CheckpointError(reader.path, f"page {first} is not in the checkpoint")
             self.pb_of_page = reader.locate_many(every)
+            # Records that no longer resolve (a disk block written since) refuse the restore
+            # now, before the VM's memory goes: not at a fault, with the old memory gone.
+            check_restorable(host, vm, request)
             sb_of_pb = np.fromiter((reader.storage_block_of(p) for p in range(reader.page_blocks)), np.int64,
                                    count=reader.page_blocks)
         except BaseException:
@@ -142,6 +145,14 @@ class LazyRestore:
             return 0, 0.0
         kinds = self.kinds[pages]
         seconds = 0.0
+        if self.reader is None and self.io_left > 0:
+            # Ended early (the host stopped) with pages still owed: open the file again rather
+            # than zero-fill them (found by the all-techniques integration test: a guest read
+            # after the host stopped read zeros in place of its data).
+            try:
+                self.reader = CheckpointReader(self.request.path, key=self.request.key)
+            except CheckpointError as exc:
+                self._fail(exc)
         if self.reader is None:  # every page that needs I/O is in: only zero pages are left
             backend.populate(vm, pages)
         else:

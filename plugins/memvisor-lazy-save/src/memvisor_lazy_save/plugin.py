@@ -27,6 +27,7 @@ import structlog
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
+from memvisor.checkpoint import CheckpointError
 from memvisor.checkpoint.vm import SaveJob, write_checkpoint, writer_stats
 from memvisor.checkpoint.writer import CheckpointWriter
 from memvisor.errors import UserError
@@ -89,7 +90,11 @@ class LazySave:
         self.side_pages = plugin.side_buffer_pages
         self.progress: list[tuple[float, int]] = [(host.now, 0)]
         self.job.stats = {"stop_s": stop, "pages": vm.pages}
-        self.background(host.now + host.tick_interval)  # the saver starts with the VM
+        try:
+            self.background(host.now + host.tick_interval)  # the saver starts with the VM
+        except CheckpointError as exc:  # nothing could be written: the caller gets the error
+            self.fail(exc)
+            raise
 
     # -- saving windows -------------------------------------------------------------------------
 
@@ -269,6 +274,23 @@ class LazySave:
         self.writer.abort()
         self.job.stats["aborted"] = True
 
+    def fail(self, exc: CheckpointError) -> None:
+        """The file cannot be written (disk full, short writes that end in an error): give up
+        the save, not the VM. The temporary file goes, the previous checkpoint at the path is
+        untouched, the pages this save protected are unprotected, and the job says why
+        (``job.error``). Before, the error escaped from the guest's write trap and every
+        later write trapped into the broken writer again (found by the fault-injection tests)."""
+        self.writer.abort()
+        self.closed = True
+        self.copied.clear()
+        pages = np.flatnonzero(self.ours)
+        self.ours[:] = False
+        if len(pages):
+            self.host.backend.unprotect(self.vm, pages)
+        self.job.error = str(exc)
+        self.job.stats["error"] = str(exc)
+        log.error("lazy save failed", vm=self.vm.name, error=str(exc))
+
     def _write_order(self) -> str | None:
         """Write the access-order sidecar; returns its source, or None when there is no hint."""
         if not self.record_order:
@@ -354,13 +376,22 @@ class LazySavePlugin:
         """Copy before write: save the windows of written pages that are not saved yet."""
         save = self.saves.get(vm.name)
         if save is not None and not save.closed:
-            save.copy_before_write(write.gpps)
+            try:
+                save.copy_before_write(write.gpps)
+            except CheckpointError as exc:
+                save.fail(exc)
+                self.finished.append(self.saves.pop(vm.name))
 
     @hookimpl
     def memvisor_tick(self, host, tick) -> None:
         """Background saving within the time the cost model gives the saver."""
         for name, save in list(self.saves.items()):
-            save.background(tick.now + host.tick_interval)
+            try:
+                save.background(tick.now + host.tick_interval)
+            except CheckpointError as exc:
+                save.fail(exc)
+                self.finished.append(self.saves.pop(name))
+                continue
             if save.closed and save.busy_until <= tick.now:
                 save.finish()
                 self.finished.append(self.saves.pop(name))

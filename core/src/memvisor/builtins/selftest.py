@@ -1,0 +1,66 @@
+"""``memvisor selftest``: run the all-techniques integration state machine
+(:mod:`memvisor.testing.integration`) and the hostile-input fuzzers for as long as asked.
+
+CI runs both with small budgets through pytest (``tests/integration/``); this command is the
+long budget: ``memvisor selftest --long`` runs for 10 minutes, ``--seconds S`` for ``S``
+seconds, ``--examples N`` for at most ``N`` examples. A failure prints hypothesis's shrunk
+sequence of steps and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from memvisor import hookimpl
+
+
+@click.command("selftest")
+@click.option("--long", "long_", is_flag=True, help="Run for 10 minutes (unless --seconds says otherwise).")
+@click.option("--examples", type=click.IntRange(min=1), default=None,
+              help="Examples of the state machine at most (default 20, or unbounded with --long/--seconds).")
+@click.option("--seconds", type=click.FloatRange(min=0), default=None, help="Stop starting examples after this long.")
+@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="Steps per example.")
+@click.option("--fuzz/--no-fuzz", default=True, show_default=True, help="Also fuzz the hostile-input parsers.")
+@click.option("--seed", type=int, default=None,
+              help="Start from the same examples every time (the first batch is derandomized).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
+def selftest(long_, examples, seconds, steps, fuzz, seed, json_out):
+    """Drive one host with every technique plugin through random interleavings and check every
+    guest page, machine page and plugin record after each step; fuzz checkpoint files,
+    migration streams, scenarios and traces."""
+    from memvisor.testing import fuzz as fuzzers
+    from memvisor.testing.integration import run
+
+    if seconds is None and long_:
+        seconds = 600.0
+    if examples is None:
+        examples = 10**9 if seconds is not None else 20
+    started = time.monotonic()
+    share = None if seconds is None else (seconds * 0.8 if fuzz else seconds)
+    figures = {"integration": run(max_examples=examples, steps=steps, seconds=share, seed=seed)}
+    if fuzz:
+        left = None if seconds is None else max(1.0, seconds - (time.monotonic() - started))
+        figures["fuzz"] = fuzzers.run_all(examples=min(examples, 200) if left is None else 10**9, seconds=left)
+    figures["seconds"] = round(time.monotonic() - started, 1)
+    text = json.dumps(figures, indent=2)
+    if json_out:
+        with open(json_out, "w") as f:
+            f.write(text + "\n")
+    click.echo(text)
+    sys.exit(0)
+
+
+class CoreSelftest:
+    """Registers ``memvisor selftest``."""
+
+    @hookimpl
+    def memvisor_register_commands(self, cli):
+        """Add ``memvisor selftest``."""
+        cli.add_command(selftest)
+
+
+PLUGIN = CoreSelftest
