@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -88,15 +87,16 @@ def run_one(task: RunTask) -> RunOutcome:
 
 
 def _quiet_worker_logs() -> None:
-    """In a Dask worker, route structlog as the ``memvisor`` command does (``MEMVISOR_LOG``,
-    warnings by default): unconfigured, structlog would print every debug line of every run."""
-    import structlog
-
-    if structlog.is_configured() or "distributed" not in sys.modules:
-        return
+    """In a worker (a child process, or a Dask worker thread), route structlog as the
+    ``memvisor`` command does (``MEMVISOR_LOG``, warnings by default): unconfigured, structlog
+    would print every debug line of every run to standard output."""
     import multiprocessing
 
-    if multiprocessing.parent_process() is None:  # a worker process has a parent (its nanny)
+    import structlog
+
+    if structlog.is_configured():
+        return
+    if multiprocessing.parent_process() is None:  # the main process: only a Dask worker thread
         try:
             from distributed import get_worker
 
