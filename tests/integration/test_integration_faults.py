@@ -95,7 +95,7 @@ def test_integration_observer_hook_failures_are_isolated():
     assert outcome["lost"] == [1, 2]  # the failing repairer repaired nothing: reported lost
     model.known["v0"][[1, 2]] = False
     for vm in vms:
-        assert not len(model.mismatches(host, vm, fault=True))
+        assert not len(model.unexpected_pages(host, vm, fault=True))
     failed = {(f["plugin"], f["hook"]) for f in host.plugin_failures}
     assert {hook for _, hook in failed} == set(FAULTY_HOOKS)
     assert all(f["handled"] for f in host.plugin_failures) and faulty.calls == len(host.plugin_failures)
@@ -203,10 +203,10 @@ def test_integration_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.ckpt"]
     # The guest goes on: it writes everywhere, then the old checkpoint restores exactly.
     host.advance(model.access(host, vm, np.arange(1024), np.ones(1024, bool)).seconds)
-    assert not len(model.mismatches(host, vm, fault=True))
+    assert not len(model.unexpected_pages(host, vm, fault=True))
     host.restore_checkpoint(vm, RestoreRequest(path))
     model.expected[vm.name], model.known[vm.name] = saved
-    assert not len(model.mismatches(host, vm, fault=True))
+    assert not len(model.unexpected_pages(host, vm, fault=True))
 
 
 @pytest.mark.parametrize("postcopy", [False, True])
@@ -229,7 +229,7 @@ def test_integration_migration_link_drop(postcopy, drop_at):
                                                           np.ones(114, bool)).seconds))
     assert isinstance(info.value, UserError)
     assert "v1" not in destination.vms and destination.backend.check_invariants() == 0
-    assert vm.stopped is None and not len(model.mismatches(host, vm, fault=True))
+    assert vm.stopped is None and not len(model.unexpected_pages(host, vm, fault=True))
     host.advance(model.access(host, vm, np.arange(1024), np.ones(1024, bool)).seconds)
     again = LiveMigration(host, vm, destination, MigrationOptions(postcopy=postcopy))
     again.run()

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from memvisor import PAGE_SIZE
+from memvisor.testing.reference import ReferenceMemory
 
 PLUGINS = ("stats", "mrc", "balloon", "sharing", "numa", "lazy-save", "lazy-restore", "diskmap")
 """Every technique plugin of this repository, by entry-point name."""
@@ -39,7 +40,7 @@ VMS = 3
 DISK_BLOCKS = 256
 
 
-class IntegrationModel:
+class IntegrationModel(ReferenceMemory):
     """The reference model of guest memory, with pages that may legitimately be unknown.
 
     ``expected[vm]`` holds what each page must read; ``known[vm]`` is False for pages a memory
@@ -48,37 +49,24 @@ class IntegrationModel:
     """
 
     def __init__(self) -> None:
-        self.expected: dict[str, np.ndarray] = {}
+        super().__init__()
         self.known: dict[str, np.ndarray] = {}
 
     def follow(self, host, vm) -> None:
         """Start following ``vm`` with its current contents."""
-        self.expected[vm.name] = np.array(host.backend.read(vm, np.arange(vm.pages)), copy=True)
+        super().follow(host, vm)
         self.known[vm.name] = np.ones(vm.pages, dtype=bool)
 
-    def access(self, host, vm, gpps, writes):
-        """A batch of the guest's accesses; its writes store the batch's stamp."""
-        gpps = host.guest_pages(vm, np.asarray(gpps, dtype=np.int64))
-        writes = np.asarray(writes, dtype=bool)
-        result = host.access(vm, gpps, writes)
-        written = gpps[writes]
-        if len(written):
-            stamp = np.frombuffer(np.uint64(vm.write_epoch).tobytes(), dtype=np.uint8)
-            self.expected[vm.name][written, :8] = stamp
-        return result
-
     def guest_write(self, host, vm, gpps, data) -> None:
-        """The guest writes whole pages."""
-        gpps = np.asarray(gpps, dtype=np.int64)
-        host.backend.guest_write(vm, gpps, data)
-        self.expected[vm.name][gpps] = data
-        self.known[vm.name][gpps] = True
+        """The guest writes whole pages: they are known again."""
+        super().guest_write(host, vm, gpps, data)
+        self.known[vm.name][np.asarray(gpps, dtype=np.int64)] = True
 
     def snapshot(self, vm) -> tuple[np.ndarray, np.ndarray]:
         """What a checkpoint of ``vm`` taken now must hold."""
         return self.expected[vm.name].copy(), self.known[vm.name].copy()
 
-    def mismatches(self, host, vm, *, fault: bool) -> np.ndarray:
+    def unexpected_pages(self, host, vm, *, fault: bool) -> np.ndarray:
         """Known pages of ``vm`` that read otherwise than expected. With ``fault`` the pages
         are read the way the guest reads them (faults served, which finishes a lazy restore);
         without, present pages are read by the hypervisor and the others left for later."""
@@ -186,7 +174,7 @@ def machine_class(final_fault_check: bool = True):
 
         def check_all(self, *, fault: bool):
             for vm in self.vms:
-                bad = self.model.mismatches(self.host, vm, fault=fault)
+                bad = self.model.unexpected_pages(self.host, vm, fault=fault)
                 assert not len(bad), (f"VM {vm.name}: {len(bad)} pages differ from the model, "
                                       f"first {bad[:8].tolist()}")
 
