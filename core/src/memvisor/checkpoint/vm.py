@@ -215,11 +215,13 @@ def stop_the_world_save(host: Host, vm: VM, request: SaveRequest) -> SaveJob:
 
 
 def resolve(
-    host: Host, vm: VM, reader: CheckpointReader, kind: str, gpps: np.ndarray | None = None
+    host: Host, vm: VM, reader: CheckpointReader, kind: str, gpps: np.ndarray | None = None, *,
+    cached: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bytes of the pages a checkpoint stores as records of ``kind`` (those among ``gpps``, or
-    all), through :func:`memvisor_resolve_records`."""
-    cached = host.restore_records.get(vm.name)
+    all), through :func:`memvisor_resolve_records` (or from what :func:`check_restorable`
+    resolved for the restore under way, unless not ``cached``)."""
+    cached = host.restore_records.get(vm.name) if cached else None
     if cached is not None and cached[0] == str(reader.path) and kind in cached[1]:
         # Resolved once by check_restorable before the restore began: the bytes as they were
         # then, each record resolved once.
@@ -305,7 +307,12 @@ def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> None:
     test: a checkpoint with disk references, the disk written afterwards). The records resolved
     here are kept in ``host.restore_records`` for the restore: each record is resolved once; a
     lazy restore holds the bytes of its record pages (not its data pages) until the next
-    restore. Raises :class:`RestoreRefused` (a :class:`CheckpointError`)."""
+    restore. Raises :class:`RestoreRefused` (a :class:`CheckpointError`).
+
+    A refused restore leaves a restore still under way untouched, its records kept: a restore
+    under way ends only once the next one passed this check (ending it first orphaned its
+    pages, which the core then zero-filled — found by ``memvisor selftest``: a lazy restore,
+    the disk written, a second restore of the same file refused)."""
     with CheckpointReader(request.path, key=request.key) as reader:
         if reader.vm_pages != vm.pages:
             raise CheckpointError(reader.path, f"checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
@@ -313,12 +320,12 @@ def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> None:
         if np.any(kinds == KIND_MISSING):
             first = int(np.flatnonzero(kinds == KIND_MISSING)[0])
             raise CheckpointError(reader.path, f"page {first} is not in the checkpoint")
-        host.restore_records.pop(vm.name, None)
         resolved = {}
         for kind in reader.record_kinds:
             try:
-                resolved[kind] = resolve(host, vm, reader, kind)
+                resolved[kind] = resolve(host, vm, reader, kind, cached=False)
             except BackendError as exc:
                 raise RestoreRefused(reader.path, f"records of kind {kind!r} cannot be restored: {exc}") from None
+        host.restore_records.pop(vm.name, None)
         if resolved:  # kept for the restore itself (resolve() serves them from here)
             host.restore_records[vm.name] = (str(reader.path), resolved)

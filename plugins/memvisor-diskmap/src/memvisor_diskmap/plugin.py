@@ -55,6 +55,13 @@ class _Map:
         self.version = np.zeros(pages, dtype=np.uint64)
         self.hash = np.zeros(pages, dtype=np.uint64)
         self.swapped = np.zeros(pages, dtype=bool)
+        # Machine page each page's bytes were last seen equal to its block on: a memory error
+        # is repaired only on that page (the hypervisor may remap a page without a trap).
+        self.verified_mpn = np.full(pages, -1, dtype=np.int64)
+
+    def verified(self, backend, vm, gpps: np.ndarray) -> None:
+        """``gpps`` were just seen to hold their blocks' bytes."""
+        self.verified_mpn[gpps] = backend.mpns(vm, gpps)
 
 
 class DiskmapPlugin:
@@ -119,6 +126,7 @@ class DiskmapPlugin:
         disk = self._disks(vm)[slot]
         m.disk[gpps], m.block[gpps] = slot, blocks
         m.version[gpps], m.hash[gpps] = disk.versions[blocks], hashes
+        m.verified(self.host.backend, vm, gpps)
         if self.settings["protect"] and len(gpps):
             self.host.backend.protect(vm, gpps)
         self.counts["mapped"] += len(gpps)
@@ -155,6 +163,7 @@ class DiskmapPlugin:
         if len(present):
             same = page_hashes(self.host.backend.read(vm, present)) == m.hash[present]
             keep[np.searchsorted(pages, present[~same])] = False
+            m.verified(self.host.backend, vm, present[same])
         return pages[keep]
 
     def _index(self, disk) -> DiskIndex:
@@ -234,6 +243,7 @@ class DiskmapPlugin:
         if not same.all():  # changed behind the guest's back (no write trap): never describe it
             self._drop(vm, pages[~same], "hash_mismatch")
             pages = pages[same]
+        m.verified(host.backend, vm, pages)
         if not len(pages):
             return None
         payload = np.stack([m.disk[pages].astype(np.uint64), m.block[pages].astype(np.uint64), m.hash[pages]], axis=1)
@@ -319,6 +329,7 @@ class DiskmapPlugin:
             raise BackendError(f"VM {vm.name!r}: a swapped-out page's disk block changed; the page is lost")
         backend.account("disk_read", len(gpps) * PAGE_SIZE, 1)
         backend.populate(vm, gpps, data)
+        m.verified(backend, vm, gpps)
         m.swapped[gpps] = False
         self.counts["swapped_in"] += len(gpps)
 
@@ -352,11 +363,16 @@ class DiskmapPlugin:
 
     @hookimpl
     def memvisor_memory_error(self, host, vm, error):
-        """Rebuild mapped pages hit by an error from their blocks (checked by hash)."""
+        """Rebuild mapped pages hit by an error from their blocks (checked by hash), where the
+        error hit the machine page the page was last seen equal to its block on. A page the
+        hypervisor remapped since (a balloon taking it, then resetting it to zeros) keeps a
+        stale mapping until a use checks it; repairing it would write the block's bytes where
+        the guest reads zeros (found by ``memvisor selftest``)."""
         m = self.maps.get(vm.name)
         if m is None:
             return None
-        pages = error.gpps[self._valid(vm, error.gpps)]
+        same_page = error.mpns == m.verified_mpn[error.gpps]
+        pages = error.gpps[self._valid(vm, error.gpps) & same_page]
         pages = pages[host.backend.present(vm, pages)]
         if not len(pages):
             return None

@@ -103,7 +103,12 @@ class LazyRestore:
         self.prefetching = plugin.prefetch != "off"
         self.order = order if self.prefetching else order[:0]
         self.cursor = 0
+        self.started = started
 
+    def start(self) -> None:
+        """The restore passed its checks: the VM's old memory goes and the restore begins."""
+        host, vm, reader = self.host, self.vm, self.reader
+        every = np.arange(vm.pages, dtype=np.int64)
         backend = host.backend
         open_seconds = backend.account("disk_read", reader.bytes_read, reader.read_calls)
         # The old memory goes: every page is not present, and the next touch faults. (Dropping
@@ -116,7 +121,7 @@ class LazyRestore:
         self.faulted = np.zeros(vm.pages, dtype=bool)
         self.busy_until = host.now
         self.failed: str | None = None
-        self.job = RestoreJob(vm.name, str(request.path), "lazy", started, resumed=host.now)
+        self.job = RestoreJob(vm.name, str(self.request.path), "lazy", self.started, resumed=host.now)
         self.counts = {"faults": 0, "fault_pages": 0, "pages_loaded_on_fault": 0, "pages_prefetched": 0,
                        "page_blocks_decoded": 0}
         self.progress: list[tuple[float, int, int]] = [(host.now, 0, 0)]
@@ -326,13 +331,18 @@ class LazyRestorePlugin:
     def memvisor_checkpoint_restore(self, host, vm, request):
         """Take the restore unless an eager one is asked for (``request.lazy is False``).
 
-        A restore in progress of the same VM ends first, whoever takes the new one: its pages
-        would otherwise be served over the new contents.
+        A restore in progress of the same VM ends, whoever takes the new one (its pages would
+        otherwise be served over the new contents) — but only once the new one passed its
+        checks: a refused restore leaves it serving its pages.
         """
-        self._end(vm)
         if request.lazy is False:
+            if vm.name in self.restores:
+                check_restorable(host, vm, request)  # the core's eager restore checks again
+            self._end(vm)
             return None
         restore = LazyRestore(self, host, vm, request)
+        self._end(vm)
+        restore.start()
         self.restores[vm.name] = restore
         return restore.job
 
