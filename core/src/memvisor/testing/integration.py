@@ -150,15 +150,19 @@ def machine_class(final_fault_check: bool = True):
         # -- helpers --------------------------------------------------------------------------
 
         def sync(self):
-            """Pages that joined a balloon were given up by the guest: they read zeros."""
+            """Pages in a balloon were given up by the guest: they read zeros. Every page in a
+            balloon now is zero in the model, not only those new since the last sync: a page
+            can leave a balloon, be written by the guest and join again between two syncs
+            (ticks deflate and reload balloons while a migration's guests run)."""
             balloon = self.plugins["balloon"]
             for i, vm in enumerate(self.vms):
-                now = set(balloon.balloon_pages(vm).tolist())
+                pages = balloon.balloon_pages(vm)
+                now = set(pages.tolist())
                 new = np.array(sorted(now - self.ballooned[i]), dtype=np.int64)
                 if len(new):
                     assert self.host.guest_pinned(vm)[new].all(), "a page the guest did not give up was ballooned"
-                    self.model.expected[vm.name][new] = 0
-                    self.model.known[vm.name][new] = True
+                self.model.expected[vm.name][pages] = 0
+                self.model.known[vm.name][pages] = True
                 self.ballooned[i] = now
             self.counts["steps"] += 1
 
