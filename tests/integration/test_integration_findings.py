@@ -75,3 +75,43 @@ def test_memory_error_on_a_page_the_balloon_remapped_is_not_repaired_from_its_ol
     assert outcome["repaired"] == []
     model.known[vm.name][outcome["lost"]] = False
     assert not len(model.unexpected_pages(host, vm, fault=True))
+
+
+def test_pressure_never_swaps_out_a_balloon_page_that_equals_a_zero_block():
+    """A zero page written to a disk block is mapped to it; once the balloon takes the page it
+    reads zeros still, so it equals its block — but it is the balloon's shared page, and
+    dropping it would pull it from under the balloon."""
+    host, vm, disk, model = disk_backed_vm(seed=5)
+    balloon = host.pm.get_plugin("balloon")
+    page = 10
+    model.guest_write(host, vm, np.array([page]), np.zeros((1, PAGE_SIZE), np.uint8))
+    host.disk_io(vm, disk, np.array([page]), np.array([200]), np.ones(1, bool))
+    assert page in host.pm.get_plugin("diskmap").mapped(vm)
+    while page not in balloon.balloon_pages(vm):
+        balloon.inflate(vm, 64)
+    state = balloon.state(vm)
+    host.check_pressure(host.backend.total_pages())  # reclaim everything it can
+    assert np.all(host.backend.mpns(vm, state.order) == state.mpn)
+    assert balloon.verify() == 0
+    model.expected[vm.name][balloon.balloon_pages(vm)] = 0
+    assert not len(model.unexpected_pages(host, vm, fault=True))
+
+
+def test_refused_restore_keeps_the_pages_diskmap_dropped(tmp_path):
+    """Pages dropped under pressure (they equal their disk blocks) must still read right after
+    a restore that was refused: diskmap forgot them as it saw the restore begin."""
+    host, vm, disk, model = disk_backed_vm(seed=6)
+    path = str(tmp_path / "v0.ckpt")
+    host.save_checkpoint(vm, SaveRequest(path, lazy=False, time=host.now))
+    host.check_pressure(host.backend.total_pages())
+    model.expected[vm.name][host.pm.get_plugin("balloon").balloon_pages(vm)] = 0  # given up by the guest
+    dropped = int((~host.backend.present(vm, np.arange(vm.pages))).sum())
+    assert dropped > 100
+    host.disk_io(vm, disk, np.array([3]), np.array([7]), np.ones(1, bool))  # a referenced block changes
+    try:
+        host.restore_checkpoint(vm, RestoreRequest(path, lazy=False, time=host.now))
+    except CheckpointError as exc:
+        assert "cannot be restored" in str(exc)
+    else:
+        raise AssertionError("a restore naming a rewritten block was not refused")
+    assert not len(model.unexpected_pages(host, vm, fault=True))

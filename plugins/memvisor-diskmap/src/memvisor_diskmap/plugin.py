@@ -280,9 +280,13 @@ class DiskmapPlugin:
 
     @hookimpl(tryfirst=True)
     def memvisor_checkpoint_restore(self, vm):
-        """The VM's memory is about to be replaced: every mapping and dropped page is void (the
-        restore's own disk references map their pages again). Takes no part in the restore."""
+        """The VM's memory is about to be replaced: every mapping is void (the restore's own
+        disk references map their pages again). Dropped pages come back first: the restore may
+        yet be refused, and the VM then runs on with them. Takes no part in the restore."""
         m = self._map_of(vm)
+        swapped = np.flatnonzero(m.swapped & ~self.host.backend.present(vm))
+        if len(swapped):
+            self._swap_in(vm, swapped)
         self.counts["dropped_restore"] += int(np.count_nonzero(m.disk >= 0))
         m.disk[:] = -1
         m.swapped[:] = False
@@ -306,7 +310,11 @@ class DiskmapPlugin:
             if not len(pages):
                 continue
             same = page_hashes(backend.read(vm, pages)) == m.hash[pages]
-            pages = pages[same][:need]
+            # Only a page on its own machine page: dropping a shared one frees nothing and pulls
+            # it from under its owner (a balloon's page that equals a zero block — found by
+            # memvisor selftest — or pages sharing merged).
+            private = backend.refcounts(backend.mpns(vm, pages)) == 1
+            pages = pages[same & private][:need]
             before = backend.free_pages()
             backend.unmap(vm, pages)
             m.swapped[pages] = True
