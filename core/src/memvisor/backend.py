@@ -58,6 +58,9 @@ class AccessResult:
     :ivar faults: page-fault events delivered.
     :ivar traced: traced-access events delivered.
     :ivar write_traps: write-to-shared or write-protected events delivered.
+    :ivar handler_seconds: the part of ``seconds`` the host's trap handler worked for the
+        batch (trap delivery and the work done inside the traps): the handler is shared by the
+        VMs, so the runner lets a round last at least the sum of its batches' handler time.
     """
 
     seconds: float
@@ -66,6 +69,7 @@ class AccessResult:
     faults: int = 0
     traced: int = 0
     write_traps: int = 0
+    handler_seconds: float = 0.0
 
 
 class Backend(ABC):

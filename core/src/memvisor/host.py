@@ -18,6 +18,7 @@ import structlog
 
 from memvisor import PAGE_SIZE
 from memvisor.backend import AccessResult, Backend, Capability
+from memvisor.budgets import Budget, Budgets
 from memvisor.errors import BackendError, CapabilityError, UserError, VMStoppedError
 from memvisor.events import (
     AccessBatch,
@@ -41,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = structlog.get_logger("memvisor.host")
 
+TIME_EPSILON = 1e-12
+"""Seconds below which two times are the same (rounding of sums of float seconds)."""
+
 
 @attrs.frozen
 class HostConfig:
@@ -55,6 +59,9 @@ class HostConfig:
     :ivar high_watermark: fraction of machine memory that reclaim aims to free.
     :ivar backend_options: the backend's own settings (the emulator's ``costs``).
     :ivar plugin_settings: each plugin's settings, by plugin name.
+    :ivar budget: the resource budget of every VM created without its own (:mod:`memvisor.budgets`).
+    :ivar handler_threads: threads of the host's trap handler; the trap work of every VM in one
+        round of batches shares them, so a round lasts at least that work divided by them.
     """
 
     memory_pages: int
@@ -66,6 +73,8 @@ class HostConfig:
     high_watermark: float = 0.05
     backend_options: Mapping[str, Any] = attrs.field(factory=dict)
     plugin_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    budget: Budget = attrs.field(factory=Budget)
+    handler_threads: int = 1
 
 
 @attrs.define(eq=False)
@@ -153,6 +162,7 @@ class Host:
         self.plugin_failures: list[dict] = []
         self.restore_records: dict[str, tuple[str, dict]] = {}
         self.reclaimed_by: dict[str, int] = {}
+        self.budgets = Budgets(config.budget)
         from memvisor.isolation import isolate
         from memvisor.plugins import BUILTIN_MODULES
 
@@ -190,8 +200,10 @@ class Host:
         large_pages: bool = False,
         contents: ContentSpec | None = None,
         seed: int | None = None,
+        budget: Budget | None = None,
     ) -> VM:
-        """Create a VM with every page present and filled by ``contents`` (zeros if None)."""
+        """Create a VM with every page present and filled by ``contents`` (zeros if None),
+        under ``budget`` (the host's default budget when None)."""
         if name in self.vms:
             raise BackendError(f"a VM named {name!r} exists already")
         if not 0 <= home_node < self.backend.numa_nodes:
@@ -200,6 +212,7 @@ class Host:
         vm = VM(vm_id, name, pages, home_node, large_pages, self.config.seed * 1000 + vm_id if seed is None else seed)
         self.backend.create_vm(vm, contents)
         self.vms[name] = vm
+        self.budgets.add(vm, budget, self.now)
         self.hook.memvisor_vm_created(host=self, vm=vm)
         return vm
 
@@ -259,6 +272,7 @@ class Host:
         gpps = self.guest_pages(vm, gpps)
         result = self.backend.access(vm, gpps, writes, vm.write_epoch)
         self.metrics.add_access(vm.name, result)
+        self.budgets.charge_traps(vm, result, self.now)
         return result
 
     # -- the guest's own allocator --------------------------------------------------------------
@@ -431,13 +445,16 @@ class Host:
             missed = int((self.now - self._next_tick) // self.tick_interval)
             self._next_tick += missed * self.tick_interval
             self._ticks += missed
-        while self.now >= self._next_tick:
+        # A tick is due when time reaches it, up to rounding: time advanced in several steps to
+        # exactly a tick (0.1 + 0.2 …) must fire it.
+        while self.now >= self._next_tick - TIME_EPSILON:
             tick = Tick(self._next_tick, self.tick_interval, self._ticks)
             self._ticks += 1
             self._next_tick += self.tick_interval
             self.hook.memvisor_tick(host=self, tick=tick)
             self.check_pressure()
             self.metrics.sample_memory(self)
+            self.budgets.sample(tick.now)
 
     def check_pressure(self, target_free_pages: int | None = None) -> int:
         """Call :func:`memvisor_memory_pressure` if free memory is below the low watermark (or

@@ -46,6 +46,7 @@ BUILTIN_MODULES = (
     "memvisor.builtins.sweep",
     "memvisor.builtins.migration",
     "memvisor.builtins.selftest",
+    "memvisor.builtins.budgets",
 )
 """The core's own features, registered as plugins like any other (``trylast`` where they are
 defaults that a policy may override)."""

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from memvisor.backend import AccessResult
 from memvisor.errors import BackendError, ScenarioError, UserError
 from memvisor.host import VM, Host
 from memvisor.report import Report
@@ -71,7 +72,7 @@ class ScenarioRun:
         self.checkpoints: dict[str, str] = {}
         for spec in scenario.vms:
             vm = self.host.create_vm(spec.name, spec.pages, home_node=spec.node, large_pages=spec.large_pages,
-                                     contents=spec.contents, seed=spec.seed)
+                                     contents=spec.contents, seed=spec.seed, budget=spec.budget)
             if spec.disk:
                 disk = self.host.attach_disk(vm, spec.disk["path"], blocks=spec.disk["blocks"],
                                              contents=spec.disk["contents"], seed=spec.disk["seed"])
@@ -81,6 +82,7 @@ class ScenarioRun:
                 self.workloads[vm.name] = self.make_workload(spec.workload, vm, f"vm[{spec.name}].workload")
         self._planned = sum(_step_seconds(s) for s in scenario.timeline) or 1.0
         self._done = 0.0
+        self._clocks: dict[str, float] = {}  # each VM's clock: when its last batch ended
 
     def make_workload(self, spec: dict, vm: VM, where: str):
         """Build a workload from its scenario table for ``vm``."""
@@ -101,48 +103,72 @@ class ScenarioRun:
 
     def run_guests(self, seconds: float | None = None, accesses: int | None = None,
                    vms: list[VM] | None = None) -> None:
-        """Run the VMs' workloads, one batch per VM per round, until ``seconds`` of time have
-        passed or ``accesses`` accesses were made (per VM), or every workload is exhausted.
+        """Run the VMs' workloads until ``seconds`` of time have passed or ``accesses`` accesses
+        were made (per VM), or every workload is exhausted.
 
-        VMs run on their own CPUs, so a round takes as long as its slowest batch.
+        Each VM runs on its own virtual CPUs with its own clock: the VM whose clock is earliest
+        runs its next batch, and time passes to it (ticks fire on the way). Batches' trap work
+        shares the host's trap handler (``handler_threads``): a batch that traps waits for the
+        handler to finish the trap work queued before it — how a guest trapping in a loop would
+        starve the others — unless that guest has a trap budget (:mod:`memvisor.budgets`): then
+        its batches are cut to the traps it may take, and it waits while it is in debt.
         """
-        host, batch = self.host, self.scenario.batch
-        running = [vm for vm in (vms or host.vms.values()) if vm.name in self.workloads]
-        start, made = host.now, 0
+        host = self.host
+        running = {vm.name: vm for vm in (vms or host.vms.values()) if vm.name in self.workloads}
+        start = host.now
         end = None if seconds is None else start + seconds
+        made = dict.fromkeys(running, 0)
+        clock = {name: max(start, self._clocks.get(name, start)) for name in running}
+        handler = [start] * host.config.handler_threads  # when each handler thread is free
+
+        def ready(name: str) -> float:
+            return max(clock[name], host.budgets.ready_at(running[name]), host.now)
+
         while running:
-            if end is not None and host.now >= end:
-                break
-            if accesses is not None and made >= accesses:
-                break
-            size = batch if accesses is None else min(batch, accesses - made)
-            round_seconds = 0.0
-            for vm in list(running):
-                if vm.name not in host.vms:  # destroyed meanwhile
-                    running.remove(vm)
-                    continue
-                step = self.workloads[vm.name].next_batch(size)
-                if step is None:
-                    running.remove(vm)
-                    continue
-                workload = self.workloads[vm.name]
-                io = workload.take_io() if hasattr(workload, "take_io") else None
-                io_seconds = 0.0
-                if io is not None and len(io[0][0]):  # reads into the page cache come first
-                    io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[0][0], io[0][1],
-                                               np.zeros(len(io[0][0]), bool))
-                result = host.access(vm, step[0], step[1])
-                if io is not None and len(io[1][0]):  # write-backs of the pages the batch wrote
-                    io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[1][0], io[1][1],
-                                               np.ones(len(io[1][0]), bool))
-                round_seconds = max(round_seconds, result.seconds + io_seconds)
-            made += size
-            host.advance(round_seconds)
-            self._report_progress(host.now - start)
-        if end is not None and host.now < end:
-            host.advance(end - host.now)  # no guest left to run: time still passes
+            name = min(running, key=ready)
+            vm, at = running[name], ready(name)
+            if (vm.name not in host.vms or (end is not None and at >= end)
+                    or (accesses is not None and made[name] >= accesses)):
+                del running[name]  # destroyed meanwhile, or done
+                continue
+            if at > host.now:
+                host.advance(at - host.now)
+                self._report_progress(host.now - start)
+            size = self.scenario.batch if accesses is None else min(self.scenario.batch, accesses - made[name])
+            step = self.workloads[name].next_batch(host.budgets.batch_size(vm, size, host.now))
+            if step is None:
+                del running[name]
+                continue
+            result, seconds_taken = self._run_batch(vm, step)
+            made[name] += len(step[0])
+            wait = 0.0
+            if result.handler_seconds:  # its traps queue behind the work of the others' batches
+                thread = min(range(len(handler)), key=handler.__getitem__)
+                wait = max(0.0, handler[thread] - host.now)
+                handler[thread] = max(handler[thread], host.now) + result.handler_seconds
+                host.budgets.record_handler_wait(vm, wait)
+            clock[name] = host.now + seconds_taken + wait
+        self._clocks.update(clock)
+        target = end if end is not None else max(clock.values(), default=host.now)
+        if target > host.now:
+            host.advance(target - host.now)  # time passes to the end (or the last batch's end)
         self._done += host.now - start
         self._report_progress(0.0)
+
+    def _run_batch(self, vm: VM, step) -> tuple[AccessResult, float]:
+        """One batch of ``vm``'s workload with the disk I/O that comes with it; returns the
+        access result and the seconds the whole took."""
+        host, workload = self.host, self.workloads[vm.name]
+        io = workload.take_io() if hasattr(workload, "take_io") else None
+        io_seconds = 0.0
+        if io is not None and len(io[0][0]):  # reads into the page cache come first
+            io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[0][0], io[0][1],
+                                       np.zeros(len(io[0][0]), bool))
+        result = host.access(vm, step[0], step[1])
+        if io is not None and len(io[1][0]):  # write-backs of the pages the batch wrote
+            io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[1][0], io[1][1],
+                                       np.ones(len(io[1][0]), bool))
+        return result, result.seconds + io_seconds
 
     def _report_progress(self, within_step: float) -> None:
         self.progress(min(1.0, (self._done + within_step) / self._planned), f"t={self.host.now:.3f}s")

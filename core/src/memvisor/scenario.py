@@ -148,7 +148,7 @@ class VMSpec:
     workload: Mapping[str, Any]
     seed: int | None
     disk: Mapping[str, Any] | None = None  # {path | size, contents, page_cache}, checked
-
+    budget: Any = None  # memvisor.budgets.Budget, or None for the host's default
 
 
 @attrs.frozen
@@ -197,6 +197,17 @@ def _disk(table: Table, vm_pages: int) -> dict[str, Any]:
             "page_cache": float(page_cache), "seed": seed}
 
 
+def _budget(table: Table, name: str, base=None):
+    """The resource budget in table ``name`` (:class:`memvisor.budgets.Budget`), over ``base``."""
+    from memvisor.budgets import Budget
+
+    budgets = table.table(name)
+    try:
+        return Budget.parse(budgets.data, table.key(name), base)
+    except UserError as exc:
+        raise UserError(f"{table.path}: {exc}") from None
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check a scenario file."""
     path = Path(path)
@@ -240,6 +251,10 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         raise host.error("high_watermark", f"must not be below low_watermark ({low})")
     costs = host.table("costs").data
     backend_options = dict(host.table("backend_options").data)
+    handler_threads = host.get("handler_threads", int, 1)
+    if handler_threads < 1:
+        raise host.error("handler_threads", "must be at least 1")
+    default_budget = _budget(host, "budgets")
     host.check_unknown()
 
     plugins_table = top.table("plugins")
@@ -272,8 +287,9 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
             raise vm.error("workload", "needs a kind, e.g. { kind = \"zipf\" }")
         vm_seed = vm.get("seed", int, None)
         disk = _disk(vm.table("disk", None), pages) if "disk" in vm.data else None
+        budget = _budget(vm, "budgets", default_budget) if "budgets" in vm.data else None
         vm.check_unknown()
-        vms.append(VMSpec(vm_name, pages, node, large, contents, workload, vm_seed, disk))
+        vms.append(VMSpec(vm_name, pages, node, large, contents, workload, vm_seed, disk, budget))
 
     timeline = top.get("timeline", list, [])
     for i, step in enumerate(timeline):
@@ -291,5 +307,7 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         high_watermark=high,
         backend_options={**backend_options, "costs": costs},
         plugin_settings=plugins,
+        budget=default_budget,
+        handler_threads=handler_threads,
     )
     return Scenario(Path(str(path)), name, description, config, batch, plugins, tuple(vms), tuple(timeline))

@@ -227,3 +227,22 @@ def test_sharing_forgets_a_destroyed_vm_and_keeps_counts_exact():
     assert plugin.estimated == brute_force(host, [["b"]])
     ref.check(host)
     host.backend.check_invariants()
+
+
+def test_sharing_scanner_keeps_within_each_vms_scan_budget():
+    """A VM with a scan budget of 2,000 pages/s is hashed at that rate while the scanner (4,096
+    pages a tick) hashes the other VM at its full share: a VM whose pages never settle cannot
+    take the scanner from the others."""
+    from memvisor.budgets import Budget
+
+    host, plugin = make_host({"pages_per_tick": 4096})
+    limited = host.create_vm("limited", 4096, contents=SPEC, budget=Budget(scan_rate=2000))
+    free = host.create_vm("free", 4096, contents=SPEC)
+    for _ in range(100):
+        host.advance(host.tick_interval)
+    use = host.budgets.vms
+    assert use["limited"].scan_pages <= 2000 * 1.0 + 200  # the rate for 1 s and the burst (0.1 s)
+    assert use["limited"].scan_pages >= 2000 * 0.9 and use["limited"].scan_refused > 0
+    assert use["free"].scan_pages >= 100 * 2048 * 0.9 and use["free"].scan_refused == 0
+    assert plugin.vms["limited"].scanned.sum() < limited.pages and plugin.vms["free"].scanned.all()
+    assert free.pages == 4096

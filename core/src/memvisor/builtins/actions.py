@@ -50,7 +50,7 @@ def move_vcpus(run, step):
 
 def create_vm(run, step):
     """``do = "create_vm"``: create a VM now, with the keys of a ``[[vm]]`` table (``name``,
-    ``memory``, ``node``, ``large_pages``, ``contents``, ``workload``, ``seed``).
+    ``memory``, ``node``, ``large_pages``, ``contents``, ``workload``, ``seed``, ``budgets``).
 
     A VM's pages are all backed when it is created, so a host overcommits by creating VMs
     after reclaim: when free memory is short of the VM's size plus the high watermark, the
@@ -76,13 +76,22 @@ def create_vm(run, step):
     spec = step.get("workload", dict, {})
     large = step.get("large_pages", bool, False)
     seed = step.get("seed", int, None)
+    budget = None
+    if "budgets" in step.data:
+        from memvisor.budgets import Budget
+
+        try:
+            budget = Budget.parse(step.table("budgets").data, step.key("budgets"), host.config.budget)
+        except UserError as exc:
+            raise UserError(f"{step.path}: {exc}") from None
     margin = int(host.config.high_watermark * host.backend.total_pages())
     if host.backend.free_pages() < pages + margin:
         host.check_pressure(target_free_pages=pages + margin)
     if host.backend.free_pages() < pages:
         raise step.error("memory", f"VM {name!r} needs {pages * PAGE_SIZE >> 20} MiB; only "
                                    f"{host.backend.free_pages() * PAGE_SIZE >> 20} MiB are free after reclaim")
-    vm = host.create_vm(name, pages, home_node=node, large_pages=large, contents=contents, seed=seed)
+    vm = host.create_vm(name, pages, home_node=node, large_pages=large, contents=contents, seed=seed,
+                        budget=budget)
     host.metrics.event(host.now, "vm_created", vm=name, pages=pages)
     if spec:
         if "kind" not in spec:

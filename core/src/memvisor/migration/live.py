@@ -20,7 +20,8 @@ Time: each batch of records costs ``backend.account("network", bytes, 1)`` (one 
 latency per batch: the stream is pipelined) and ``account("compress", bytes of page data)``;
 the two overlap, as do the source's other work (reading back pages that a plugin dropped) and
 the destination's (reading disk blocks to resolve records), so a batch takes the longest of
-these. During pre-copy rounds the guests keep running for that
+these — and at least ``bytes / migration_bandwidth`` when the VM has a migration bandwidth
+budget (:mod:`memvisor.budgets`). During pre-copy rounds the guests keep running for that
 long (the ``run_guests`` callback); downtime is the stop-and-copy batch alone. Disks are on
 shared storage: the destination VM is attached to the same disk objects.
 """
@@ -331,7 +332,8 @@ class LiveMigration:
         dest_work = _background(self.destination.backend) - dest_work
         network = clock.account("network", nbytes, 1)
         compress = clock.account("compress", data_bytes) if self._compressor is not None else 0.0
-        return max(network, compress, src_work, dest_work)
+        # The VM's migration bandwidth budget (host.budgets) may make the batch take longer.
+        return src.budgets.migration_seconds(self.vm, nbytes, max(network, compress, src_work, dest_work))
 
     def _remapped(self) -> np.ndarray:
         """Per page, whether it was sent and is now present on another machine page: changed by

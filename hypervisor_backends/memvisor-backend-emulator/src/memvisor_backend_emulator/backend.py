@@ -150,13 +150,9 @@ class EmulatorBackend(Backend):
         if self.memory.nodes > 1:
             remote = int(np.count_nonzero(self.memory.node[mpns] != vm.home_node))
         c = self.costs
-        seconds = (
-            (len(gpps) - remote) * c.dram_local_ns * 1e-9
-            + remote * c.dram_remote_ns * 1e-9
-            + sum(counts) * c.trap_ns * 1e-9
-            + self._take_charged()
-        )
-        return AccessResult(seconds, len(gpps), remote, *counts)
+        handler = sum(counts) * c.trap_ns * 1e-9 + self._take_charged()
+        seconds = (len(gpps) - remote) * c.dram_local_ns * 1e-9 + remote * c.dram_remote_ns * 1e-9 + handler
+        return AccessResult(seconds, len(gpps), remote, *counts, handler_seconds=handler)
 
     def guest_write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
         st = self._state(vm)

@@ -164,7 +164,8 @@ class SharingPlugin:
 
     def scan(self, host, budget: int, *, unscanned_only: bool = False) -> int:
         """Hash up to ``budget`` pages, round robin over the VMs from each VM's cursor (or every
-        page not yet hashed, when ``unscanned_only``); returns pages hashed."""
+        page not yet hashed, when ``unscanned_only``), within each VM's scan budget
+        (:mod:`memvisor.budgets`); returns pages hashed."""
         backend = host.backend
         scans = [s for s in self.vms.values() if s.vm.name in host.vms]
         if not scans:
@@ -175,10 +176,13 @@ class SharingPlugin:
         per_vm = -(-budget // len(scans))  # the budget split evenly, rounded up
         for scan in scans[self._rotation:] + scans[: self._rotation]:
             vm = scan.vm
+            # Each VM's scan budget (host.budgets, pages per second) caps its share: a VM whose
+            # pages never settle cannot take the scanner from the others.
             if unscanned_only:
                 gpps = np.flatnonzero(~scan.scanned)[:budget]
+                gpps = gpps[: host.budgets.take_scan(vm, len(gpps), host.now)]
             else:
-                n = min(per_vm, vm.pages)
+                n = host.budgets.take_scan(vm, min(per_vm, vm.pages), host.now)
                 gpps = (scan.cursor + np.arange(n)) % vm.pages
                 scan.cursor = int((scan.cursor + n) % vm.pages)
             gpps = gpps[backend.present(vm, gpps)]

@@ -1,0 +1,259 @@
+"""Per-VM resource budgets: trap rate, scan rate and migration bandwidth.
+
+The host's trap handler, its content scanners and its network are shared by every VM. A
+misbehaving guest — one that writes all of its memory in a loop while its pages are write
+protected, or whose pages never settle so the scanners hash them again and again — must not
+take them from the other VMs. Each VM therefore has a :class:`Budget`:
+
+``trap_rate``
+    Traps per second (faults, traced accesses and write traps together) the handler serves
+    for the VM, with ``trap_burst`` traps of slack. A batch's traps are always served — a trap
+    cannot be refused without changing what the guest reads — and charged to the VM's token
+    bucket afterwards; a VM in debt waits (the runner gives its virtual CPUs no batch) until
+    the debt is paid back at the rate. Over any interval ``T`` the handler serves at most
+    ``trap_burst + trap_rate * T`` traps for the VM, plus one batch.
+``scan_rate``
+    Pages per second of the VM's memory that the host's content scanners read (the sharing
+    scanner's hashing, diskmap's content scan). A scanner asks :meth:`Budgets.take_scan` for
+    pages and scans no more than it is granted; scans never go into debt.
+``migration_bandwidth``
+    Bytes per second that a live migration of the VM may send: a batch of records takes at
+    least ``bytes / migration_bandwidth`` seconds, so a guest that dirties memory faster than
+    that cannot hold the link (its pre-copy runs out of rounds and stops and copies).
+
+``None`` is no limit. Budgets come from ``[host.budgets]`` (every VM) and a VM's own
+``budgets`` table in a scenario, or :meth:`memvisor.host.Host.create_vm`. The figures of each
+VM — budget, use, peak rate, time waited — are in the report (``memvisor`` section "Budgets").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from memvisor.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memvisor.backend import AccessResult
+    from memvisor.host import VM
+
+BURST_SECONDS = 0.01
+"""Default slack of a trap budget: this many seconds of traps at the rate."""
+
+MIN_BATCH = 256
+"""The fewest accesses a batch of a VM with a trap budget is cut to (Python's cost per batch
+must not dominate)."""
+
+
+@attrs.frozen
+class Budget:
+    """Limits of one VM's use of the host's shared resources (``None``: unlimited).
+
+    :ivar trap_rate: traps per second the host's trap handler serves for the VM.
+    :ivar trap_burst: traps the VM may take at once above the rate (default: 10 ms of rate).
+    :ivar scan_rate: pages per second of the VM's memory that content scanners may read.
+    :ivar migration_bandwidth: bytes per second a live migration of the VM may send.
+    """
+
+    trap_rate: float | None = None
+    trap_burst: float | None = None
+    scan_rate: float | None = None
+    migration_bandwidth: float | None = None
+
+    @classmethod
+    def parse(cls, table: Mapping[str, Any], where: str, base: Budget | None = None) -> Budget:
+        """A budget from a scenario table (``trap_rate = 20000``, ``migration_bandwidth =
+        "100MiB"`` per second…), over ``base`` for the keys it does not give. Raises
+        :class:`UserError` naming ``where.key`` for an unknown key or a bad value."""
+        from memvisor.scenario import parse_size
+
+        values = attrs.asdict(base) if base is not None else {}
+        for key, value in table.items():
+            if key not in {f.name for f in attrs.fields(cls)}:
+                known = ", ".join(f.name for f in attrs.fields(cls))
+                raise UserError(f"{where}.{key}: unknown budget (known: {known})")
+            if key == "migration_bandwidth" and isinstance(value, str):
+                try:
+                    value = parse_size(value.removesuffix("/s"))
+                except ValueError:
+                    raise UserError(f"{where}.{key}: {value!r} is not a bandwidth (use e.g. \"100MiB/s\")") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise UserError(f"{where}.{key}: must be a positive number, got {value!r}")
+            values[key] = float(value)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, float | None]:
+        """The limits as a JSON-able dict (the report's ``budget`` of a VM)."""
+        return attrs.asdict(self)
+
+
+class TokenBucket:
+    """Tokens refilled at ``rate`` per second up to ``capacity``; the balance may go negative
+    (a debt) when a charge exceeds it."""
+
+    def __init__(self, rate: float, capacity: float, now: float):
+        self.rate, self.capacity = rate, capacity
+        self.tokens, self._time = capacity, now
+
+    def refill(self, now: float) -> float:
+        """Add the tokens earned since the last call; returns the balance."""
+        if now > self._time:
+            self.tokens = min(self.capacity, self.tokens + (now - self._time) * self.rate)
+            self._time = now
+        return self.tokens
+
+    def charge(self, amount: float, now: float) -> float:
+        """Take ``amount`` tokens, going into debt if need be; returns the seconds until the
+        balance is back to zero (0 when it never went negative)."""
+        self.refill(now)
+        self.tokens -= amount
+        return max(0.0, -self.tokens / self.rate)
+
+    def grant(self, wanted: int, now: float) -> int:
+        """Take at most ``wanted`` whole tokens, never going into debt; returns those taken."""
+        granted = int(min(wanted, max(0.0, self.refill(now))))
+        self.tokens -= granted
+        return granted
+
+
+@attrs.define
+class VMUse:
+    """What one VM took of the host's shared resources, against its budget."""
+
+    budget: Budget
+    traps: int = 0
+    throttled_batches: int = 0
+    waited_s: float = 0.0
+    ready_at: float = 0.0
+    peak_trap_rate: float = 0.0
+    scan_pages: int = 0
+    scan_refused: int = 0
+    migration_bytes: int = 0
+    migration_limited_s: float = 0.0
+    handler_wait_s: float = 0.0
+    traps_per_access: float = 1.0  # until a batch tells: as if every access trapped
+    trap_series: list[tuple[float, float]] = attrs.field(factory=list)
+    trap_bucket: TokenBucket | None = None
+    scan_bucket: TokenBucket | None = None
+    _window: list[float] = attrs.field(factory=lambda: [0.0, 0.0])  # [start, traps] since last sample
+
+    def to_json(self) -> dict[str, Any]:
+        """Budget and use, for the report."""
+        return {
+            "budget": self.budget.to_json(),
+            "traps": self.traps,
+            "peak_trap_rate": round(self.peak_trap_rate, 1),
+            "throttled_batches": self.throttled_batches,
+            "waited_s": round(self.waited_s, 6),
+            "handler_wait_s": round(self.handler_wait_s, 6),
+            "scan_pages": self.scan_pages,
+            "scan_refused": self.scan_refused,
+            "migration_bytes": self.migration_bytes,
+            "migration_limited_s": round(self.migration_limited_s, 6),
+        }
+
+
+class Budgets:
+    """The budgets of every VM of a host and what each VM used (``host.budgets``).
+
+    :param default: the budget of a VM created without its own.
+    """
+
+    def __init__(self, default: Budget | None = None):
+        self.default = default or Budget()
+        self.vms: dict[str, VMUse] = {}
+
+    def add(self, vm: VM, budget: Budget | None, now: float) -> None:
+        """Start accounting ``vm`` under ``budget`` (the default when None)."""
+        budget = budget or self.default
+        use = VMUse(budget)
+        if budget.trap_rate is not None:
+            burst = budget.trap_burst if budget.trap_burst is not None else budget.trap_rate * BURST_SECONDS
+            use.trap_bucket = TokenBucket(budget.trap_rate, max(1.0, burst), now)
+        if budget.scan_rate is not None:
+            # Scanners run at ticks: one tick's worth of pages must fit, or nothing is ever scanned.
+            use.scan_bucket = TokenBucket(budget.scan_rate, max(1.0, budget.scan_rate * 0.1), now)
+        use._window = [now, 0.0]
+        self.vms[vm.name] = use
+
+    def use(self, vm: VM) -> VMUse:
+        """What ``vm`` used (accounted under the default budget if it was never added)."""
+        if vm.name not in self.vms:
+            self.add(vm, None, 0.0)
+        return self.vms[vm.name]
+
+    # -- traps --------------------------------------------------------------------------------
+
+    def charge_traps(self, vm: VM, result: AccessResult, now: float) -> None:
+        """Charge a batch's traps to ``vm``; past its budget, the VM waits until the debt is
+        paid (:meth:`ready_at`)."""
+        use = self.use(vm)
+        traps = result.faults + result.traced + result.write_traps
+        if result.accesses:
+            # What the next batch may cost: the highest recent ratio, forgotten by 10% a batch
+            # (a guest's trap ratio jumps when a technique protects its pages at a tick).
+            use.traps_per_access = max(traps / result.accesses, 0.9 * use.traps_per_access)
+        use.traps += traps
+        use._window[1] += traps
+        if use.trap_bucket is not None and traps:
+            wait = use.trap_bucket.charge(traps, now)
+            if wait > 0:
+                use.throttled_batches += 1
+                ready = max(use.ready_at, now + wait)
+                use.waited_s += ready - max(now, use.ready_at)
+                use.ready_at = ready
+
+    def batch_size(self, vm: VM, size: int, now: float) -> int:
+        """How many of ``size`` accesses ``vm``'s next batch may have: as many as its trap
+        tokens pay for at its recent traps per access (at least :data:`MIN_BATCH`)."""
+        use = self.use(vm)
+        if use.trap_bucket is None or use.traps_per_access <= 0:
+            return size  # no trap budget, or a ratio forgotten down to nothing
+        affordable = use.trap_bucket.refill(now) / use.traps_per_access
+        return int(min(size, max(MIN_BATCH, affordable)))
+
+    def record_handler_wait(self, vm: VM, seconds: float) -> None:
+        """``vm``'s batch waited ``seconds`` for the shared trap handler (other VMs' trap work)."""
+        self.use(vm).handler_wait_s += seconds
+
+    def ready_at(self, vm: VM) -> float:
+        """The time from which ``vm`` may run its next batch (its trap debt paid)."""
+        use = self.vms.get(vm.name)
+        return 0.0 if use is None else use.ready_at
+
+    def sample(self, now: float) -> None:
+        """Close each VM's trap-rate window (called at every tick)."""
+        for use in self.vms.values():
+            start, traps = use._window
+            if now > start:
+                rate = traps / (now - start)
+                use.peak_trap_rate = max(use.peak_trap_rate, rate)
+                use.trap_series.append((now, rate))
+                use._window = [now, 0.0]
+
+    # -- scans and migrations -----------------------------------------------------------------
+
+    def take_scan(self, vm: VM, pages: int, now: float) -> int:
+        """A content scanner wants to read ``pages`` pages of ``vm``: returns how many it may
+        (all of them when the VM has no scan budget)."""
+        use = self.use(vm)
+        granted = pages if use.scan_bucket is None else use.scan_bucket.grant(pages, now)
+        use.scan_pages += granted
+        use.scan_refused += pages - granted
+        return granted
+
+    def migration_seconds(self, vm: VM, nbytes: int, seconds: float) -> float:
+        """A batch of ``nbytes`` of ``vm``'s migration that the link would carry in ``seconds``:
+        returns how long it takes within the VM's bandwidth budget."""
+        use = self.use(vm)
+        use.migration_bytes += nbytes
+        bandwidth = use.budget.migration_bandwidth
+        if bandwidth is None:
+            return seconds
+        limited = nbytes / bandwidth
+        if limited > seconds:
+            use.migration_limited_s += limited - seconds
+            return limited
+        return seconds
