@@ -40,6 +40,20 @@ def test_a_guest_trapping_in_a_loop_cannot_starve_the_others_of_the_handler():
     assert hog["budget"]["trap_rate"] == 50000
 
 
+def test_a_handler_share_bounds_heavy_traps_a_trap_count_does_not():
+    """hog's traps are few but heavy (each writes its page out inside the trap): a trap
+    budget that web alone could live with does not protect web; a share of the handler does."""
+    alone = run_with_dirty_logging(hog_scenario(hog=False), copy_out=True).data["vms"]["web"]["accesses"]
+    counted = run_with_dirty_logging(hog_scenario(hog_budget={"trap_rate": 50000}), copy_out=True)
+    shared = run_with_dirty_logging(hog_scenario(hog_budget={"handler_share": 0.1}), copy_out=True)
+    assert counted.data["vms"]["web"]["accesses"] < 0.5 * alone
+    assert shared.data["vms"]["web"]["accesses"] > 0.9 * alone
+    hog = budgets(shared)["hog"]
+    # 10% of 1 s, 1 ms of slack, and the first small batch (256 traps of ~0.1 ms)
+    assert hog["handler_s"] <= 0.1 * 1.0 + 0.001 + 256 * 0.0001 + 0.001
+    assert hog["throttled_batches"] > 0
+
+
 def test_a_budget_under_what_a_vm_needs_slows_only_that_vm():
     """The host-wide default applies to every VM; a VM's own table overrides it key by key."""
     s = hog_scenario(default={"trap_rate": 1e9, "scan_rate": 1000}, hog_budget={"trap_rate": 20000})
@@ -110,6 +124,6 @@ def test_budgets_section_in_report_json(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     section = next(s for s in data["sections"] if s["title"] == "Budgets")
     hog = section["metrics"]["vms"]["hog"]
-    assert hog["budget"] == {"trap_rate": 50000.0, "trap_burst": None, "scan_rate": None,
+    assert hog["budget"] == {"trap_rate": 50000.0, "trap_burst": None, "handler_share": None, "scan_rate": None,
                              "migration_bandwidth": 100.0 * 2**20}
     assert (tmp_path / "trap_rates.png").exists()

@@ -127,6 +127,13 @@ class Backend(ABC):
         reference model of guest memory mirrors).
         """
 
+    def trapping(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> np.ndarray | None:
+        """Per access of a batch, whether it would trap if the batch ran now (a fault, a traced
+        page, a write to a protected or shared page), without running it; ``None`` when the
+        backend cannot tell cheaply. Lets the host cut a batch at a VM's trap budget
+        (:mod:`memvisor.budgets`) instead of charging the whole batch after the fact."""
+        return None
+
     @abstractmethod
     def guest_write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
         """The guest writes whole pages (``data``: ``(n, PAGE_SIZE)`` uint8), trapping like

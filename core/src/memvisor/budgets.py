@@ -12,6 +12,11 @@ take them from the other VMs. Each VM therefore has a :class:`Budget`:
     bucket afterwards; a VM in debt waits (the runner gives its virtual CPUs no batch) until
     the debt is paid back at the rate. Over any interval ``T`` the handler serves at most
     ``trap_burst + trap_rate * T`` traps for the VM, plus one batch.
+``handler_share``
+    The fraction of the trap handler's time the VM's traps may take (``0.25``: a quarter), with
+    10 ms of slack: traps differ in cost (a lazy save's copy before write, a lazy restore's
+    disk read inside the fault), so a trap count alone does not bound the handler's work.
+    Charged and enforced like ``trap_rate``, in seconds of handler work.
 ``scan_rate``
     Pages per second of the VM's memory that the host's content scanners read (the sharing
     scanner's hashing, diskmap's content scan). A scanner asks :meth:`Budgets.take_scan` for
@@ -43,8 +48,11 @@ BURST_SECONDS = 0.01
 """Default slack of a trap budget: this many seconds of traps at the rate."""
 
 MIN_BATCH = 256
-"""The fewest accesses a batch of a VM with a trap budget is cut to (Python's cost per batch
-must not dominate)."""
+"""The fewest accesses a batch of a VM with a trap budget is sized to when the backend cannot
+tell which accesses would trap (Python's cost per batch must not dominate)."""
+
+FIRST_TRAPS = 16
+"""Traps a VM with a handler budget may take before what a trap costs it is known."""
 
 
 @attrs.frozen
@@ -53,12 +61,14 @@ class Budget:
 
     :ivar trap_rate: traps per second the host's trap handler serves for the VM.
     :ivar trap_burst: traps the VM may take at once above the rate (default: 10 ms of rate).
+    :ivar handler_share: fraction of the trap handler's time the VM's traps may take.
     :ivar scan_rate: pages per second of the VM's memory that content scanners may read.
     :ivar migration_bandwidth: bytes per second a live migration of the VM may send.
     """
 
     trap_rate: float | None = None
     trap_burst: float | None = None
+    handler_share: float | None = None
     scan_rate: float | None = None
     migration_bandwidth: float | None = None
 
@@ -81,6 +91,8 @@ class Budget:
                     raise UserError(f"{where}.{key}: {value!r} is not a bandwidth (use e.g. \"100MiB/s\")") from None
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise UserError(f"{where}.{key}: must be a positive number, got {value!r}")
+            if key == "handler_share" and value > 1:
+                raise UserError(f"{where}.{key}: a fraction of the handler's time, at most 1, got {value!r}")
             values[key] = float(value)
         return cls(**values)
 
@@ -118,6 +130,46 @@ class TokenBucket:
         return granted
 
 
+class RateLimit:
+    """A token bucket for one cost of a VM's batches (``"traps"``, or ``"handler_seconds"`` of
+    handler work) and what one access and one trap have cost of it lately: the host cuts the
+    VM's next batch at the traps its tokens pay for."""
+
+    def __init__(self, cost: str, rate: float, burst: float, now: float):
+        self.cost = cost
+        self.bucket = TokenBucket(rate, burst, now)
+        self.per_access: float | None = None  # unknown until a batch tells
+        self.per_trap: float | None = 1.0 if cost == "traps" else None
+
+    @staticmethod
+    def _recent(ratio: float, previous: float | None) -> float:
+        # The highest recent cost, forgotten by 10% a batch: a guest's costs jump when a
+        # technique starts protecting its pages at a tick.
+        return ratio if previous is None else max(ratio, 0.9 * previous)
+
+    def charge(self, amount: float, traps: int, accesses: int, now: float) -> float:
+        """Charge a batch's ``amount``; returns the seconds the VM must wait (0: none)."""
+        if accesses:
+            self.per_access = self._recent(amount / accesses, self.per_access)
+        if traps and self.cost != "traps":
+            self.per_trap = self._recent(amount / traps, self.per_trap)
+        return self.bucket.charge(amount, now) if amount else 0.0
+
+    def affordable_accesses(self, now: float) -> float:
+        """Accesses the tokens left pay for at the recent cost per access (inf: any)."""
+        if self.per_access is None:
+            return 0.0  # the first batch is the smallest: its cost is not known yet
+        if self.per_access <= 0:
+            return float("inf")
+        return self.bucket.refill(now) / self.per_access
+
+    def affordable_traps(self, now: float) -> float:
+        """Traps the tokens left pay for at the recent cost per trap."""
+        if self.per_trap is None:
+            return FIRST_TRAPS  # learn what a trap costs on a few
+        return self.bucket.refill(now) / self.per_trap if self.per_trap > 0 else float("inf")
+
+
 @attrs.define
 class VMUse:
     """What one VM took of the host's shared resources, against its budget."""
@@ -132,10 +184,10 @@ class VMUse:
     scan_refused: int = 0
     migration_bytes: int = 0
     migration_limited_s: float = 0.0
+    handler_s: float = 0.0
     handler_wait_s: float = 0.0
-    traps_per_access: float = 1.0  # until a batch tells: as if every access trapped
     trap_series: list[tuple[float, float]] = attrs.field(factory=list)
-    trap_bucket: TokenBucket | None = None
+    limits: list[RateLimit] = attrs.field(factory=list)  # traps, handler seconds: charged per batch
     scan_bucket: TokenBucket | None = None
     _window: list[float] = attrs.field(factory=lambda: [0.0, 0.0])  # [start, traps] since last sample
 
@@ -147,6 +199,7 @@ class VMUse:
             "peak_trap_rate": round(self.peak_trap_rate, 1),
             "throttled_batches": self.throttled_batches,
             "waited_s": round(self.waited_s, 6),
+            "handler_s": round(self.handler_s, 6),
             "handler_wait_s": round(self.handler_wait_s, 6),
             "scan_pages": self.scan_pages,
             "scan_refused": self.scan_refused,
@@ -171,7 +224,10 @@ class Budgets:
         use = VMUse(budget)
         if budget.trap_rate is not None:
             burst = budget.trap_burst if budget.trap_burst is not None else budget.trap_rate * BURST_SECONDS
-            use.trap_bucket = TokenBucket(budget.trap_rate, max(1.0, burst), now)
+            use.limits.append(RateLimit("traps", budget.trap_rate, max(1.0, burst), now))
+        if budget.handler_share is not None:
+            share = budget.handler_share
+            use.limits.append(RateLimit("handler_seconds", share, share * BURST_SECONDS, now))
         if budget.scan_rate is not None:
             # Scanners run at ticks: one tick's worth of pages must fit, or nothing is ever scanned.
             use.scan_bucket = TokenBucket(budget.scan_rate, max(1.0, budget.scan_rate * 0.1), now)
@@ -187,32 +243,50 @@ class Budgets:
     # -- traps --------------------------------------------------------------------------------
 
     def charge_traps(self, vm: VM, result: AccessResult, now: float) -> None:
-        """Charge a batch's traps to ``vm``; past its budget, the VM waits until the debt is
-        paid (:meth:`ready_at`)."""
+        """Charge a batch's traps and handler work to ``vm``; past its budget, the VM waits
+        until the debt is paid (:meth:`ready_at`)."""
         use = self.use(vm)
         traps = result.faults + result.traced + result.write_traps
-        if result.accesses:
-            # What the next batch may cost: the highest recent ratio, forgotten by 10% a batch
-            # (a guest's trap ratio jumps when a technique protects its pages at a tick).
-            use.traps_per_access = max(traps / result.accesses, 0.9 * use.traps_per_access)
         use.traps += traps
+        use.handler_s += result.handler_seconds
         use._window[1] += traps
-        if use.trap_bucket is not None and traps:
-            wait = use.trap_bucket.charge(traps, now)
-            if wait > 0:
-                use.throttled_batches += 1
-                ready = max(use.ready_at, now + wait)
-                use.waited_s += ready - max(now, use.ready_at)
-                use.ready_at = ready
+        costs = {"traps": traps, "handler_seconds": result.handler_seconds}
+        wait = max((limit.charge(costs[limit.cost], traps, result.accesses, now) for limit in use.limits),
+                   default=0.0)
+        if wait > 0:
+            use.throttled_batches += 1
+            self._wait(use, now, wait)
 
     def batch_size(self, vm: VM, size: int, now: float) -> int:
-        """How many of ``size`` accesses ``vm``'s next batch may have: as many as its trap
-        tokens pay for at its recent traps per access (at least :data:`MIN_BATCH`)."""
+        """How many of ``size`` accesses ``vm``'s next batch may have: as many as its tokens
+        pay for at its recent costs per access (at least :data:`MIN_BATCH`). The estimate for
+        backends that cannot tell which accesses would trap; the host cuts batches exactly
+        where they can (:meth:`allowed_traps`)."""
         use = self.use(vm)
-        if use.trap_bucket is None or use.traps_per_access <= 0:
-            return size  # no trap budget, or a ratio forgotten down to nothing
-        affordable = use.trap_bucket.refill(now) / use.traps_per_access
+        if not use.limits:
+            return size
+        affordable = min(limit.affordable_accesses(now) for limit in use.limits)
         return int(min(size, max(MIN_BATCH, affordable)))
+
+    def batch_cut(self, vm: VM, now: float) -> None:
+        """``vm``'s batch was cut at its budget: it waits until its buckets are half full
+        again, so that it runs in chunks of half its burst rather than one trap at a time."""
+        use = self.use(vm)
+        refill = max((limit.bucket.capacity / 2 - limit.bucket.refill(now)) / limit.bucket.rate
+                     for limit in use.limits)
+        use.throttled_batches += 1
+        self._wait(use, now, refill)
+
+    def _wait(self, use: VMUse, now: float, seconds: float) -> None:
+        if seconds > 0:
+            ready = max(use.ready_at, now + seconds)
+            use.waited_s += ready - max(now, use.ready_at)
+            use.ready_at = ready
+
+    def allowed_traps(self, vm: VM, now: float) -> float:
+        """Traps ``vm``'s tokens pay for now (inf without a trap or handler budget)."""
+        use = self.use(vm)
+        return min((limit.affordable_traps(now) for limit in use.limits), default=float("inf"))
 
     def record_handler_wait(self, vm: VM, seconds: float) -> None:
         """``vm``'s batch waited ``seconds`` for the shared trap handler (other VMs' trap work)."""

@@ -17,6 +17,7 @@ import pluggy
 import structlog
 
 from memvisor import PAGE_SIZE
+from memvisor.arrays import first_occurrences
 from memvisor.backend import AccessResult, Backend, Capability
 from memvisor.budgets import Budget, Budgets
 from memvisor.errors import BackendError, CapabilityError, UserError, VMStoppedError
@@ -261,19 +262,43 @@ class Host:
 
     # -- guest activity -----------------------------------------------------------------------
 
-    def access(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> AccessResult:
+    def access(self, vm: VM, gpps: np.ndarray, writes: np.ndarray, *, within_budget: bool = False) -> AccessResult:
         """Run one batch of the guest's accesses; returns what it cost (time is not advanced:
         the caller decides how batches of several VMs overlap). Accesses that land on pages
         the guest has pinned (:meth:`pin_guest_pages`) go to other pages, as the guest's own
-        allocator would place them."""
+        allocator would place them.
+
+        With ``within_budget``, a VM with a trap budget runs only the first accesses of the
+        batch whose traps its budget pays for (when the backend can tell which would trap:
+        :meth:`Backend.trapping`); ``result.accesses`` says how many ran, and the caller runs the
+        rest later. At least one access runs."""
         if vm.stopped is not None:
             raise VMStoppedError(vm.stopped)
         vm.write_epoch += 1
         gpps = self.guest_pages(vm, gpps)
-        result = self.backend.access(vm, gpps, writes, vm.write_epoch)
+        writes = np.asarray(writes, dtype=bool)
+        cut = self._budget_cut(vm, gpps, writes) if within_budget else len(gpps)
+        result = self.backend.access(vm, gpps[:cut], writes[:cut], vm.write_epoch)
         self.metrics.add_access(vm.name, result)
         self.budgets.charge_traps(vm, result, self.now)
+        if cut < len(gpps):
+            self.budgets.batch_cut(vm, self.now)
         return result
+
+    def _budget_cut(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> int:
+        """How many of the batch's accesses the VM's trap budget pays for: the batch ends just
+        before the first trap it cannot pay (each page traps once per batch)."""
+        allowed = self.budgets.allowed_traps(vm, self.now)
+        if allowed >= len(gpps):  # each access traps at most once in a first round: it all fits
+            return len(gpps)
+        trapping = self.backend.trapping(vm, gpps, writes)
+        if trapping is None:
+            return len(gpps)
+        where = np.flatnonzero(trapping)
+        _, first = first_occurrences(gpps[where])
+        positions = where[first]  # sorted: the first trap of each page, in program order
+        allowed = max(1, int(allowed))  # at least one trap, or the VM could never run
+        return len(gpps) if len(positions) <= allowed else int(positions[allowed])
 
     # -- the guest's own allocator --------------------------------------------------------------
 

@@ -70,6 +70,8 @@ class ScenarioRun:
         self._workdir = tempfile.TemporaryDirectory(prefix="memvisor-run-")
         self.workdir = Path(self._workdir.name)
         self.checkpoints: dict[str, str] = {}
+        self._clocks: dict[str, float] = {}  # each VM's clock: when its last batch ended
+        self._pending: dict[str, tuple] = {}  # the rest of a batch cut at a VM's trap budget
         for spec in scenario.vms:
             vm = self.host.create_vm(spec.name, spec.pages, home_node=spec.node, large_pages=spec.large_pages,
                                      contents=spec.contents, seed=spec.seed, budget=spec.budget)
@@ -82,10 +84,12 @@ class ScenarioRun:
                 self.workloads[vm.name] = self.make_workload(spec.workload, vm, f"vm[{spec.name}].workload")
         self._planned = sum(_step_seconds(s) for s in scenario.timeline) or 1.0
         self._done = 0.0
-        self._clocks: dict[str, float] = {}  # each VM's clock: when its last batch ended
+
 
     def make_workload(self, spec: dict, vm: VM, where: str):
-        """Build a workload from its scenario table for ``vm``."""
+        """Build a workload from its scenario table for ``vm`` (the rest of a batch of its
+        previous workload, cut at its trap budget, is dropped with it)."""
+        self._pending.pop(vm.name, None)
         registry = self.host.registries["workload"]
         kind = spec.get("kind")
         if kind not in registry:
@@ -135,12 +139,15 @@ class ScenarioRun:
                 host.advance(at - host.now)
                 self._report_progress(host.now - start)
             size = self.scenario.batch if accesses is None else min(self.scenario.batch, accesses - made[name])
-            step = self.workloads[name].next_batch(host.budgets.batch_size(vm, size, host.now))
+            step = self._pending.pop(name, None) or self.workloads[name].next_batch(
+                host.budgets.batch_size(vm, size, host.now))
             if step is None:
                 del running[name]
                 continue
             result, seconds_taken = self._run_batch(vm, step)
-            made[name] += len(step[0])
+            made[name] += result.accesses
+            if result.accesses < len(step[0]):  # cut at the VM's trap budget: the rest comes next
+                self._pending[name] = (step[0][result.accesses:], step[1][result.accesses:])
             wait = 0.0
             if result.handler_seconds:  # its traps queue behind the work of the others' batches
                 thread = min(range(len(handler)), key=handler.__getitem__)
@@ -164,7 +171,8 @@ class ScenarioRun:
         if io is not None and len(io[0][0]):  # reads into the page cache come first
             io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[0][0], io[0][1],
                                        np.zeros(len(io[0][0]), bool))
-        result = host.access(vm, step[0], step[1])
+        # A batch with disk I/O runs whole: its write-backs belong to all of its writes.
+        result = host.access(vm, step[0], step[1], within_budget=io is None)
         if io is not None and len(io[1][0]):  # write-backs of the pages the batch wrote
             io_seconds += host.disk_io(vm, workload_disk(host, vm, workload), io[1][0], io[1][1],
                                        np.ones(len(io[1][0]), bool))

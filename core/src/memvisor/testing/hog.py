@@ -14,13 +14,24 @@ from memvisor import hookimpl
 
 
 class DirtyLogging:
-    """Write-protects every page of every VM at every tick."""
+    """Write-protects every page of every VM at every tick. With ``copy_out``, each write trap
+    of ``hog`` also writes the page out to disk inside the trap (as a lazy save's copy before
+    write may): few traps, each heavy."""
+
+    def __init__(self, copy_out: bool = False):
+        self.copy_out = copy_out
 
     @hookimpl
     def memvisor_tick(self, host, tick):
         """Protect every page again: the next write to each traps."""
         for vm in host.vms.values():
             host.backend.protect(vm, np.arange(vm.pages))
+
+    @hookimpl
+    def memvisor_page_write(self, host, vm, write):
+        """Charge the copy-out of ``hog``'s trapped pages (one disk write call each)."""
+        if self.copy_out and vm.name == "hog":
+            host.backend.account("disk_write", len(write.gpps) * 4096, len(write.gpps))
 
 
 def hog_scenario(hog: bool = True, hog_budget: dict | None = None, default: dict | None = None,
@@ -38,8 +49,8 @@ def hog_scenario(hog: bool = True, hog_budget: dict | None = None, default: dict
     return parse_scenario({"name": "hog", "host": host, "vm": vms, "timeline": [{"do": "run", "for": seconds}]})
 
 
-def run_with_dirty_logging(scenario):
+def run_with_dirty_logging(scenario, copy_out: bool = False):
     """Run ``scenario`` with :class:`DirtyLogging`; returns the report."""
     from memvisor.runner import ScenarioRun
 
-    return ScenarioRun(scenario, extra_plugins=[DirtyLogging()]).run()
+    return ScenarioRun(scenario, extra_plugins=[DirtyLogging(copy_out)]).run()

@@ -132,8 +132,11 @@ def machine_class(final_fault_check: bool = True):
             self.host = small_host(memory_pages=8192, numa_nodes=2, plugins=PLUGINS, settings=settings, seed=seed)
             self.plugins = {name: self.host.pm.get_plugin(name) for name in PLUGINS}
             contents = ContentSpec.parse({"zero": 0.4, "text": 0.3, "random": 0.2, "duplicate": 0.1}, "contents")
+            from memvisor.budgets import Budget
+
+            budgets = {1: Budget(trap_rate=500, handler_share=0.2, scan_rate=20000)}  # VM 1 is budgeted tightly
             self.vms = [self.host.create_vm(f"v{i}", VM_PAGES, home_node=i % 2, large_pages=large and i == 0,
-                                            contents=contents) for i in range(VMS)]
+                                            contents=contents, budget=budgets.get(i)) for i in range(VMS)]
             self.model = IntegrationModel()
             for vm in self.vms:
                 self.model.follow(self.host, vm)
@@ -184,10 +187,12 @@ def machine_class(final_fault_check: bool = True):
 
         # -- guest activity -------------------------------------------------------------------
 
-        @rule(v=vm_index, gpps=page_lists, data=st.data())
-        def guest_accesses(self, v, gpps, data):
+        @rule(v=vm_index, gpps=page_lists, data=st.data(), within_budget=st.booleans())
+        def guest_accesses(self, v, gpps, data, within_budget):
+            """A batch of reads and writes; ``within_budget`` cuts it at the VM's trap budget
+            (VM 1 has a small one) as the runner does: only the accesses that ran count."""
             writes = np.array(data.draw(st.lists(st.booleans(), min_size=len(gpps), max_size=len(gpps))))
-            result = self.model.access(self.host, self.vms[v], np.array(gpps), writes)
+            result = self.model.access(self.host, self.vms[v], np.array(gpps), writes, within_budget=within_budget)
             self.host.advance(result.seconds)
             self.sync()
 

@@ -31,12 +31,14 @@ class ReferenceMemory:
         for vm in host.vms.values():
             self.follow(host, vm)
 
-    def access(self, host, vm, gpps, writes):
+    def access(self, host, vm, gpps, writes, *, within_budget=False):
         """Run a batch of guest accesses and mirror its writes (the stamp of
-        :meth:`memvisor.backend.Backend.access`)."""
+        :meth:`memvisor.backend.Backend.access`); with ``within_budget``, only the accesses the
+        VM's trap budget let run (``result.accesses`` of them)."""
         gpps = host.guest_pages(vm, gpps)  # where the guest's allocator puts them
         writes = np.asarray(writes, dtype=bool)
-        result = host.access(vm, gpps, writes)
+        result = host.access(vm, gpps, writes, within_budget=within_budget)
+        gpps, writes = gpps[: result.accesses], writes[: result.accesses]
         written = gpps[writes]
         if len(written):
             stamp = np.frombuffer(np.uint64(vm.write_epoch).tobytes(), dtype=np.uint8)

@@ -154,6 +154,10 @@ class EmulatorBackend(Backend):
         seconds = (len(gpps) - remote) * c.dram_local_ns * 1e-9 + remote * c.dram_remote_ns * 1e-9 + handler
         return AccessResult(seconds, len(gpps), remote, *counts, handler_seconds=handler)
 
+    def trapping(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> np.ndarray:
+        f = self._state(vm).flags[self._pages(vm, gpps)]
+        return ((f & (PRESENT | TRACED)) != PRESENT) | (np.asarray(writes, bool) & ((f & (PROTECTED | COW)) != 0))
+
     def guest_write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
         st = self._state(vm)
         gpps = self._pages(vm, gpps)
