@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from memvisor.budgets import Budget, TokenBucket
@@ -127,3 +128,21 @@ def test_budgets_section_in_report_json(tmp_path):
     assert hog["budget"] == {"trap_rate": 50000.0, "trap_burst": None, "handler_share": None, "scan_rate": None,
                              "migration_bandwidth": 100.0 * 2**20}
     assert (tmp_path / "trap_rates.png").exists()
+
+
+def test_a_batch_is_cut_before_the_first_trap_the_budget_cannot_pay():
+    """Trap budget 1,000/s with 10 traps of slack: of a batch touching 100 traced pages (each
+    twice), the first 10 pages' traps run and the batch ends before the 11th page's first touch;
+    the VM then waits until its bucket is half full."""
+    host = small_host(memory_pages=4096)
+    vm = host.create_vm("a", 1024, budget=Budget(trap_rate=1000))
+    pages = np.arange(0, 200, 2)
+    host.backend.trace(vm, pages)
+    gpps = np.repeat(pages, 2)  # 0 0 2 2 4 4 ...
+    result = host.access(vm, gpps, np.zeros(len(gpps), bool), within_budget=True)
+    assert result.accesses == 20 and result.traced == 10
+    assert host.backend.traced(vm, pages).sum() == 90
+    use = host.budgets.vms["a"]
+    assert use.throttled_batches == 1 and host.budgets.ready_at(vm) == pytest.approx(0.005)
+    whole = host.access(vm, gpps, np.zeros(len(gpps), bool))  # without within_budget: all of it
+    assert whole.accesses == 200 and whole.traced == 90

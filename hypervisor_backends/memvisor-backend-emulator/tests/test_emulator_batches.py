@@ -173,3 +173,28 @@ def test_page_shared_onto_turns_copy_on_write_too(reference_memory):
     reference_memory.guest_write(host, vm, np.array([0]), np.full((1, 4096), 5, np.uint8))
     reference_memory.check(host)
     assert host.backend.check_invariants() == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_trapping_predicts_the_pages_that_trap(seed):
+    """Backend.trapping (the host cuts batches at a trap budget with it) marks exactly the
+    accesses whose pages trap when the batch runs: missing, traced, and written protected
+    pages — the union of every trap hook call's pages, no more, no fewer."""
+    rng = np.random.default_rng(seed)
+    host = small_host()
+    vm = host.create_vm("a", 1024)
+    host.backend.unmap(vm, rng.choice(1024, 100, replace=False))
+    present = np.flatnonzero(host.backend.present(vm, np.arange(1024)))
+    host.backend.trace(vm, rng.choice(present, 100, replace=False))
+    host.backend.protect(vm, rng.choice(present, 100, replace=False))
+    gpps, writes = rng.integers(0, 1024, 3000), rng.random(3000) < 0.5
+    marked = host.backend.trapping(vm, gpps, writes)
+    recorder = HookRecorder(host.pm)
+    result = host.access(vm, gpps, writes)
+    trapped = set()
+    for name, key in (("memvisor_page_fault", "fault"), ("memvisor_page_accessed", "access"),
+                      ("memvisor_page_write", "write")):
+        for call in recorder.of(name):
+            trapped |= set(call.kwargs[key].gpps.tolist())
+    assert trapped == set(gpps[marked].tolist())
+    assert result.faults + result.traced + result.write_traps >= len(trapped) > 0
