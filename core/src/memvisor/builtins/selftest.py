@@ -3,8 +3,9 @@
 
 CI runs both with small budgets through pytest (``tests/integration/``); this command is the
 long budget: ``memvisor selftest --long`` runs for 10 minutes, ``--seconds S`` for ``S``
-seconds, ``--examples N`` for at most ``N`` examples. A failure prints hypothesis's shrunk
-sequence of steps and exits with status 1.
+seconds, ``--examples N`` for at most ``N`` examples. A failure prints the sequence of steps
+that led to it and exits with status 1; ``--replay FILE`` runs those steps again from what was
+printed (saved to FILE), to debug the failure.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ from memvisor import hookimpl
 @click.option("--seed", type=int, default=None,
               help="Start from the same examples every time (the first batch is derandomized).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
-def selftest(long_, examples, seconds, steps, fuzz, seed, json_out):
+@click.option("--replay", type=click.Path(dir_okay=False), default=None,
+              help="Replay the failing example printed in this file (saved output of a run), then stop.")
+def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
     """Drive one host with every technique plugin through random interleavings and check every
     guest page, machine page and plugin record after each step; fuzz checkpoint files,
     migration streams, scenarios and traces."""
     from memvisor.testing import fuzz as fuzzers
     from memvisor.testing.integration import run
+
+    if replay is not None:
+        _replay(replay)
 
     if seconds is None and long_:
         seconds = 600.0
@@ -51,6 +57,28 @@ def selftest(long_, examples, seconds, steps, fuzz, seed, json_out):
         with open(json_out, "w") as f:
             f.write(text + "\n")
     click.echo(text)
+    sys.exit(0)
+
+
+def _replay(path: str) -> None:
+    """Replay the example printed in ``path``: exit 0 when every step and check passes, 1 with
+    the failure, 2 when the file holds no example."""
+    from memvisor.errors import UserError
+    from memvisor.testing.integration import replay
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        count = replay(text)
+    except (ValueError, SyntaxError) as exc:
+        raise UserError(f"{path}: {exc}") from None
+    except AssertionError as exc:
+        click.echo(f"{path}: the example fails again: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: {count} steps replayed, every check passed")
     sys.exit(0)
 
 

@@ -400,6 +400,77 @@ def machine_class(final_fault_check: bool = True):
     return AllTechniques
 
 
+class _Draws:
+    """Stands for hypothesis's ``data`` in a replayed step: hands out the values printed as
+    ``Draw N: ...`` before it, in order."""
+
+    def __init__(self, values: list):
+        self.values = list(values)
+
+    def draw(self, strategy):
+        if not self.values:
+            raise ValueError("the step draws more values than the printed example has")
+        return self.values.pop(0)
+
+
+def parse_steps(text: str) -> list[tuple[str, dict]]:
+    """The steps of the last failing example in ``text`` (what ``memvisor selftest`` printed:
+    ``state.rule(key=value, ...)`` lines, ``Draw N: value`` lines before the step that drew
+    them), as ``(rule, keyword arguments)``. Values are read as Python literals, never run."""
+    import ast
+
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("state = ")]
+    if not starts:
+        raise ValueError("no failing example in it (no 'state = ...' line)")
+    statements, current = [], ""
+    for line in lines[starts[-1] + 1:]:  # join what one statement spreads over several lines
+        current = f"{current}\n{line}" if current else line
+        body = current.split(":", 1)[1] if current.startswith("Draw ") else current
+        try:
+            ast.parse(body.strip())
+        except SyntaxError:
+            continue
+        statements.append(current)
+        current = ""
+    steps, draws = [], []
+    for statement in statements:
+        if statement.startswith("Draw "):
+            draws.append(ast.literal_eval(statement.split(":", 1)[1].strip()))
+            continue
+        if not statement.startswith("state."):
+            continue
+        call = ast.parse(statement.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Attribute):
+            raise ValueError(f"not a step: {statement.strip()[:80]}")
+        kwargs = {}
+        for keyword in call.keywords:
+            if keyword.arg == "data":
+                kwargs["data"] = _Draws(draws)
+            else:
+                kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+        draws = []
+        steps.append((call.func.attr, kwargs))
+    return steps
+
+
+def replay(text: str) -> int:
+    """Replay the last failing example printed in ``text`` step by step, checking the
+    invariants after each as the state machine does; raises the failure again (an
+    ``AssertionError`` with its message) or returns the number of steps replayed."""
+    machine = machine_class(final_fault_check=True)()
+    steps = parse_steps(text)
+    for name, kwargs in steps:
+        if name == "teardown":
+            machine.teardown()
+            continue
+        method = getattr(machine, name, None)
+        if method is None:
+            raise ValueError(f"unknown step {name!r}: printed by another version of memvisor?")
+        method(**kwargs)
+    return len(steps)
+
+
 def run(max_examples: int, steps: int = 30, seconds: float | None = None, seed: int | None = None,
         shrink: bool = False, final_fault_check: bool = True) -> dict:
     """Run the state machine for ``max_examples`` examples (or until ``seconds`` have passed,
