@@ -312,3 +312,30 @@ def test_unprotect_keeps_a_zero_page_write_protected(make_host):
     assert sorted(writes.shared) == [1, 5]
     got = backend.guest_read(vm, np.array([1, 5, 6]))
     assert got[0, :8].any() and got[1, :8].any() and not got[2].any()
+
+
+# -- budgets ------------------------------------------------------------------------------------
+
+
+def test_trap_budget_holds_on_real_write_protection_faults(make_host):
+    """A guest writing all of its memory under dirty logging (every page write-protected at
+    every tick: real userfaultfd write-protect faults) keeps to its trap budget in real time:
+    the backend tells from its page states which accesses would trap, the host cuts the
+    guest's batches at its budget, and the guest waits in between."""
+    from memvisor.runner import ScenarioRun
+    from memvisor.testing.hog import DirtyLogging, hog_scenario
+
+    make_host()  # skips with the reason where the backend cannot run
+    scenario = hog_scenario(hog_budget={"trap_rate": 500}, seconds="1s", memory="16MiB").with_backend("linux")
+    run = ScenarioRun(scenario, extra_plugins=[DirtyLogging()])
+    try:
+        report = run.run()
+    finally:
+        run.host.backend.close()
+    seconds = report.data["time"]["virtual_seconds"]
+    hog = next(s for s in report.sections if s.title == "Budgets").metrics["vms"]["hog"]
+    assert report.data["vms"]["hog"]["write_traps"] == hog["traps"] > 0
+    assert hog["traps"] <= 500 * seconds + 5 + 1  # the rate, its slack, a trap past a cut
+    # Cut at its budget and made to wait (guests run one at a time here, in real time, so the
+    # time waited is what the other guest's batches did not already take).
+    assert hog["throttled_batches"] > 10 and hog["waited_s"] > 0

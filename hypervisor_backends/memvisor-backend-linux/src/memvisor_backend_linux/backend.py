@@ -704,6 +704,14 @@ class LinuxBackend(Backend):
                                writes.view(np.uint8))
         return AccessResult(time.perf_counter() - started, len(gpps), 0, *counts)
 
+    def trapping(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> np.ndarray:
+        """From the per-page state: a page not present (missing or staged: a fault, served by
+        Python or by the C loop), traced (a minor fault), or written while write-protected or
+        mapped onto a zero page. Pages under async write protection never trap."""
+        state = self._guest(vm).state[self._pages(vm, gpps)]
+        wp = (state & (PROTECTED | ZERO)) != 0
+        return ((state & PRESENT) == 0) | ((state & TRACED) != 0) | (np.asarray(writes, bool) & wp)
+
     def guest_write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
         g = self._guest(vm)
         gpps = np.ascontiguousarray(self._pages(vm, gpps))
