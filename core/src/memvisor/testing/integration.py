@@ -86,7 +86,7 @@ def machine_class(final_fault_check: bool = True):
 
     ``final_fault_check``: at the end of each example, after the host stops, read every page
     the way the guest does (faults served), not only the present ones that the per-step
-    invariant reads. An open finding fails it rarely (docs/reliability.md, "Open")."""
+    invariant reads (it found the pages a refused restore left to be zero-filled)."""
     from hypothesis import strategies as st
     from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
