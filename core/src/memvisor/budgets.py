@@ -1,4 +1,4 @@
-"""Per-VM resource budgets: trap rate, scan rate and migration bandwidth.
+"""Per-VM resource budgets: trap rate, handler share, scan rate and migration bandwidth.
 
 The host's trap handler, its content scanners and its network are shared by every VM. A
 misbehaving guest — one that writes all of its memory in a loop while its pages are write
@@ -7,16 +7,18 @@ take them from the other VMs. Each VM therefore has a :class:`Budget`:
 
 ``trap_rate``
     Traps per second (faults, traced accesses and write traps together) the handler serves
-    for the VM, with ``trap_burst`` traps of slack. A batch's traps are always served — a trap
-    cannot be refused without changing what the guest reads — and charged to the VM's token
-    bucket afterwards; a VM in debt waits (the runner gives its virtual CPUs no batch) until
-    the debt is paid back at the rate. Over any interval ``T`` the handler serves at most
-    ``trap_burst + trap_rate * T`` traps for the VM, plus one batch.
+    for the VM, with ``trap_burst`` traps of slack: a token bucket. Before a batch runs the
+    host asks the backend which accesses would trap (:meth:`memvisor.backend.Backend.trapping`)
+    and runs the batch only up to the first trap the tokens cannot pay for; the rest runs once
+    the bucket is half full again (:meth:`Budgets.batch_cut`). A trap is never refused — that
+    would change what the guest reads —, so what ran is charged afterwards, and a VM in debt
+    waits until it is paid back (the runner gives its virtual CPUs no batch meanwhile).
 ``handler_share``
     The fraction of the trap handler's time the VM's traps may take (``0.25``: a quarter), with
     10 ms of slack: traps differ in cost (a lazy save's copy before write, a lazy restore's
     disk read inside the fault), so a trap count alone does not bound the handler's work.
-    Charged and enforced like ``trap_rate``, in seconds of handler work.
+    Enforced like ``trap_rate`` in seconds of handler work, at the cost per trap the VM's
+    recent batches had: the first batch after its traps turn heavier can exceed it.
 ``scan_rate``
     Pages per second of the VM's memory that the host's content scanners read (the sharing
     scanner's hashing, diskmap's content scan). A scanner asks :meth:`Budgets.take_scan` for
