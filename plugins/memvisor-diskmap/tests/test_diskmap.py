@@ -312,3 +312,20 @@ def test_example_scenario_is_valid():
     spec = load_scenario(Path(__file__).resolve().parents[3] / "examples" / "migration.toml")
     assert "diskmap" in spec.plugins and spec.vms[0].disk["page_cache"] == 0.5
     assert [s["do"] for s in spec.timeline].count("migrate") == 2
+
+
+def test_verify_finds_mappings_that_no_longer_hold():
+    """verify() (the integration state machine checks it after every step) counts a dropped
+    page whose block changed behind diskmap's back, and a trusted present page changed in
+    place without a trap; an honest run has none."""
+    host = small_host(memory_pages=2048, plugins=["diskmap"])
+    vm, disk, cache = vm_with_cache(host)
+    plugin = plugin_of(host)
+    host.check_pressure(target_free_pages=host.backend.free_pages() + 40)
+    assert plugin.verify(vm) == 0
+    m = plugin.maps["a"]
+    gone = cache[~host.backend.present(vm, cache)][0]
+    disk.data[m.block[gone]] ^= 1  # the block changes without a write through the disk (no version)
+    kept = cache[host.backend.present(vm, cache)][0]
+    host.backend.write(vm, np.array([kept]), np.full((1, PAGE_SIZE), 7, np.uint8))  # in place, no trap
+    assert plugin.verify(vm) == 2

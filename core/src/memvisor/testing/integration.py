@@ -396,6 +396,7 @@ def machine_class(final_fault_check: bool = True):
                     assert backend.refcounts(np.array([state.mpn]))[0] == state.size + 1
             assert backend.check_invariants() == held
             assert balloon.verify() == 0
+            assert self.plugins["diskmap"].verify(self.vms[0]) == 0, "a disk mapping diskmap trusts does not hold"
 
     return AllTechniques
 

@@ -166,6 +166,32 @@ class DiskmapPlugin:
             m.verified(self.host.backend, vm, present[same])
         return pages[keep]
 
+    def verify(self, vm) -> int:
+        """Check the mappings this plugin would trust without looking: a dropped page's block
+        still holds the page (it comes back from there), and a present page on the machine
+        page it was last seen equal to its block on still equals it (a memory error is repaired
+        from there). Returns the pages for which that does not hold."""
+        m = self._map_of(vm)
+        backend, disks = self.host.backend, self._disks(vm)
+        pages = self.mapped(vm)
+        if not len(pages):
+            return 0
+        present = backend.present(vm, pages)
+        swapped = pages[~present & m.swapped[pages]]
+        trusted = pages[present]
+        trusted = trusted[backend.mpns(vm, trusted) == m.verified_mpn[trusted]]
+        bad = 0
+        for group, data in ((swapped, None), (trusted, backend.read(vm, trusted) if len(trusted) else None)):
+            if not len(group):
+                continue
+            blocks = np.zeros((len(group), PAGE_SIZE), dtype=np.uint8)
+            for slot in np.unique(m.disk[group]):
+                rows = np.flatnonzero(m.disk[group] == slot)
+                blocks[rows] = disks[slot].data[m.block[group[rows]]]
+            expected = m.hash[group] if data is None else page_hashes(data)
+            bad += int(np.count_nonzero(page_hashes(blocks) != expected))
+        return bad
+
     def _index(self, disk) -> DiskIndex:
         cached = self._indexes.get(id(disk))
         if cached is None or cached[0] != disk.version:
