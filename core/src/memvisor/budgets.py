@@ -188,10 +188,10 @@ class VMUse:
     migration_limited_s: float = 0.0
     handler_s: float = 0.0
     handler_wait_s: float = 0.0
-    trap_series: list[tuple[float, float]] = attrs.field(factory=list)
+    trap_series: list[tuple[float, float, float]] = attrs.field(factory=list)  # (time, traps/s, handler s)
     limits: list[RateLimit] = attrs.field(factory=list)  # traps, handler seconds: charged per batch
     scan_bucket: TokenBucket | None = None
-    _window: list[float] = attrs.field(factory=lambda: [0.0, 0.0])  # [start, traps] since last sample
+    _window: list[float] = attrs.field(factory=lambda: [0.0, 0.0, 0.0])  # [start, traps, handler s] since a tick
 
     def to_json(self) -> dict[str, Any]:
         """Budget and use, for the report."""
@@ -233,7 +233,7 @@ class Budgets:
         if budget.scan_rate is not None:
             # Scanners run at ticks: one tick's worth of pages must fit, or nothing is ever scanned.
             use.scan_bucket = TokenBucket(budget.scan_rate, max(1.0, budget.scan_rate * 0.1), now)
-        use._window = [now, 0.0]
+        use._window = [now, 0.0, 0.0]
         self.vms[vm.name] = use
 
     def use(self, vm: VM) -> VMUse:
@@ -252,6 +252,7 @@ class Budgets:
         use.traps += traps
         use.handler_s += result.handler_seconds
         use._window[1] += traps
+        use._window[2] += result.handler_seconds
         costs = {"traps": traps, "handler_seconds": result.handler_seconds}
         wait = max((limit.charge(costs[limit.cost], traps, result.accesses, now) for limit in use.limits),
                    default=0.0)
@@ -300,14 +301,14 @@ class Budgets:
         return 0.0 if use is None else use.ready_at
 
     def sample(self, now: float) -> None:
-        """Close each VM's trap-rate window (called at every tick)."""
+        """Close each VM's window: its trap rate and handler seconds since the last tick."""
         for use in self.vms.values():
-            start, traps = use._window
+            start, traps, handler = use._window
             if now > start:
                 rate = traps / (now - start)
                 use.peak_trap_rate = max(use.peak_trap_rate, rate)
-                use.trap_series.append((now, rate))
-                use._window = [now, 0.0]
+                use.trap_series.append((now, rate, handler))
+                use._window = [now, 0.0, 0.0]
 
     # -- scans and migrations -----------------------------------------------------------------
 

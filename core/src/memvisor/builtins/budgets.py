@@ -13,21 +13,36 @@ class CoreBudgets:
     def memvisor_report(self, host):
         """One section: per VM its budget, traps served, peak trap rate, batches throttled and
         time waited, pages scanned and refused, migration bytes and time added by the budget;
-        a plot of each VM's trap rate over time."""
+        plots of each VM's trap rate and share of the handler's time over time."""
+        import numpy as np
+
         from memvisor.report import Plot, ReportSection
 
         uses = host.budgets.vms
         if not uses:
             return None
-        series = {}
+        rates, handler = {}, {}
         for name, use in uses.items():
             if use.trap_series and use.traps:
-                times, rates = zip(*use.trap_series)
-                series[f"{name} traps/s"] = (list(times), list(rates))
+                times, rate, seconds = (list(column) for column in zip(*use.trap_series))
+                took = np.cumsum(seconds).tolist()  # handler time taken so far: its slope is the share
+                rates[name] = (times, rate)
+                handler[name] = (times, took)
+                # one line per budget value: VMs under the host's default share it
                 if use.budget.trap_rate is not None:
-                    series[f"{name} budget"] = ([times[0], times[-1]], [use.budget.trap_rate] * 2)
-        plots = [Plot("trap_rates", "Traps served per second, by VM", "time (s)", "traps per second", series,
-                      kind="step")] if series else []
+                    rates.setdefault(f"budget {use.budget.trap_rate:g}/s",
+                                     ([times[0], times[-1]], [use.budget.trap_rate] * 2))
+                if use.budget.handler_share is not None:
+                    share = use.budget.handler_share
+                    handler.setdefault(f"budget {share:g} of the handler",
+                                       (times, [share * (t - times[0]) for t in times]))
+        plots = []
+        if rates:
+            plots.append(Plot("trap_rates", "Traps served per second, by VM", "time (s)", "traps per second",
+                              rates, kind="step"))
+        if any(ys[-1] > 0 for name, (_, ys) in handler.items() if not name.startswith("budget")):
+            plots.append(Plot("handler_time", "Trap handler time taken so far, by VM", "time (s)",
+                              "handler seconds", handler))
         limited = any(u.budget != type(u.budget)() for u in uses.values())
         return ReportSection(
             "memvisor", "Budgets", {"vms": {name: use.to_json() for name, use in uses.items()},
