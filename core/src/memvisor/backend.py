@@ -196,7 +196,8 @@ class Backend(ABC):
 
     @abstractmethod
     def take_accessed(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
-        """Read and clear accessed bits."""
+        """Read and clear accessed bits. Plugins call :meth:`memvisor.host.Host.take_accessed`
+        instead, which shares the bits among their readers."""
 
     @abstractmethod
     def take_dirty(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:

@@ -154,6 +154,7 @@ class Host:
         self.migrations: list = []
         self.memory_errors: list[dict] = []
         self._remap: dict[str, np.ndarray] = {}
+        self._accessed: dict[str, dict[str, np.ndarray]] = {}  # VM -> reader -> touches it has not seen
         self._ids = itertools.count()
         self.metrics = Metrics()
         self.tick_interval = config.tick_interval
@@ -226,6 +227,7 @@ class Host:
             disk.flush()
         self._pinned.pop(vm.name, None)
         self._remap.pop(vm.name, None)
+        self._accessed.pop(vm.name, None)
         self.restore_records.pop(vm.name, None)
 
     def stop_vm(self, vm: VM, reason: str) -> None:
@@ -299,6 +301,31 @@ class Host:
         positions = where[first]  # sorted: the first trap of each page, in program order
         allowed = max(1, int(allowed))  # at least one trap, or the VM could never run
         return len(gpps) if len(positions) <= allowed else int(positions[allowed])
+
+    # -- accessed bits, shared by their readers ------------------------------------------------
+
+    def take_accessed(self, vm: VM, reader: str, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Which of ``gpps`` (every page when None) the guest touched since ``reader`` last
+        asked — for ``reader`` alone.
+
+        The backend's accessed bits are read-and-clear: a plugin that took them (the balloon
+        sampling idle memory) would hide the touches from the next (NUMA aging, a lazy save's
+        access order). The host takes them from the backend for every page at each call and
+        keeps what each reader has not seen yet, so each reader sees every touch once. A
+        reader's first call reports the touches since any reader last asked."""
+        fresh = self.backend.take_accessed(vm)
+        views = self._accessed.setdefault(vm.name, {})
+        for seen in views.values():
+            seen |= fresh
+        mine = views.setdefault(reader, fresh.copy())
+        if gpps is None:
+            out = mine.copy()
+            mine[:] = False
+        else:
+            gpps = np.asarray(gpps, dtype=np.int64)
+            out = mine[gpps]
+            mine[gpps] = False
+        return out
 
     # -- the guest's own allocator --------------------------------------------------------------
 

@@ -154,7 +154,7 @@ class BalloonPlugin:
         if tick.now - self._last_sample >= self.settings.sample_interval - 1e-12:
             self._last_sample = tick.now
             for st in self.vms.values():
-                st.sample_accessed(host.backend.take_accessed(st.vm))
+                st.sample_accessed(host.take_accessed(st.vm, "balloon"))
         for st in self.vms.values():
             if st.driver.loaded(tick.now) and st.driver.size != st.target:
                 self.adjust(st.vm)

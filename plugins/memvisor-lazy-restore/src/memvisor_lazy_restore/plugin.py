@@ -114,6 +114,8 @@ class LazyRestore:
         # The old memory goes: every page is not present, and the next touch faults. (Dropping
         # the old pages happens off the critical path on a real host: no time is charged.)
         backend.unmap(vm, every)
+        if Capability.ACCESSED in backend.capabilities:
+            host.take_accessed(vm, "lazy-restore")  # touches count from now on
         host.advance(open_seconds)  # the VM waits only for the page map
         self.pending = np.ones(vm.pages, dtype=bool)  # still to come from the checkpoint
         self.io_left = int(np.count_nonzero(self.kinds != KIND_ZERO))
@@ -262,10 +264,9 @@ class LazyRestore:
         backend = self.host.backend
         if Capability.ACCESSED in backend.capabilities and self.vm.name in self.host.vms:
             # Pages the guest faulted on are touched; the others tell by their accessed bit
-            # (populate clears it). A plugin that clears accessed bits meanwhile makes this an
-            # upper bound.
+            # (populate clears it), read since the restore began.
             maybe = np.flatnonzero(self.loaded & ~self.faulted)
-            touched = backend.take_accessed(self.vm, maybe) if len(maybe) else np.zeros(0, bool)
+            touched = self.host.take_accessed(self.vm, "lazy-restore", maybe) if len(maybe) else np.zeros(0, bool)
             self.job.stats["pages_never_touched"] = int(np.count_nonzero(~touched))
         self._update_stats()
 

@@ -74,7 +74,7 @@ class LazySave:
         self.ours = ~backend.protected(vm)
         # Accessed bits before and during the save give the order hint for a lazy restore.
         self.record_order = plugin.record_order and Capability.ACCESSED in backend.capabilities
-        self.accessed_before = backend.take_accessed(vm) if self.record_order else None
+        self.accessed_before = host.take_accessed(vm, "lazy-save") if self.record_order else None
         backend.protect(vm, np.arange(vm.pages, dtype=np.int64))
         stop = backend.account("copy", vm.pages * PTE_BYTES)
         host.advance(stop)  # the VM is stopped only while every page is write-protected
@@ -301,8 +301,8 @@ class LazySave:
             source, page_heat = order.SOURCE_PAGE_HEAT, np.asarray(heat, dtype=np.float64)
         else:
             # Pages touched during the save are the working set now; pages touched before it
-            # (since whoever last cleared the bits) come next.
-            during = host.backend.take_accessed(vm)
+            # (since the previous save, or since any reader of accessed bits asked) come next.
+            during = host.take_accessed(vm, "lazy-save")
             source, page_heat = order.SOURCE_ACCESSED_BITS, 2.0 * during + self.accessed_before
         if not page_heat.any():
             return None

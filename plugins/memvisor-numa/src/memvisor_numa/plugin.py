@@ -255,14 +255,14 @@ class NumaPlugin:
     def _scan(self, host: Host, st: VmNuma, final: bool = False) -> None:
         """Read and clear the accessed bits: age the pages, and strike migrated pages off the
         untouched list. Without aging only the migrated pages' bits are read (at the end)."""
-        backend, vm = host.backend, st.vm
+        vm = st.vm
         if st.age is None:
             if final and st.untouched is not None:
                 pages = np.flatnonzero(st.untouched)
                 if len(pages):
-                    st.untouched[pages[backend.take_accessed(vm, pages)]] = False
+                    st.untouched[pages[host.take_accessed(vm, "numa", pages)]] = False
             return
-        accessed = backend.take_accessed(vm)
+        accessed = host.take_accessed(vm, "numa")
         if st.untouched is not None:
             st.untouched &= ~accessed
         if st.seen is not None:
@@ -347,7 +347,7 @@ class NumaPlugin:
             st.remote[moved] = False
         # Bits set before the move are history for the ages, not evidence that it paid off:
         # clear them now so that the end of the run sees only later touches.
-        before = backend.take_accessed(vm, moved)
+        before = host.take_accessed(vm, "numa", moved)
         if st.age is not None:
             if st.seen is None:
                 st.seen = np.zeros(vm.pages, dtype=bool)
