@@ -623,6 +623,10 @@ class CheckpointReader:
 
     # --- reading data -------------------------------------------------------------------------
 
+    def is_cached(self, sblock: int) -> bool:
+        """Whether storage block ``sblock`` would be read without a read call now."""
+        return int(sblock) in self._cache
+
     def read_storage_block(self, sblock: int) -> bytes:
         """A storage block's bytes with its checksum checked: one read, or none if it is one of
         the ``cache_blocks`` read last."""

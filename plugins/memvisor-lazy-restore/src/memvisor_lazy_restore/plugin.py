@@ -104,6 +104,12 @@ class LazyRestore:
         self.order = order if self.prefetching else order[:0]
         self.cursor = 0
         self.started = started
+        self.sb_of_pb = sb_of_pb
+        # Storage blocks a fault has read: one that a later fault needs again after the reader
+        # let it go is loaded whole then, so no storage block is read more than twice (random
+        # faults over more blocks than the reader keeps re-read each block many times: 6.2 GB
+        # read for a 301 MB checkpoint on the Linux backend).
+        self.sb_fault_reads = np.zeros(reader.storage_blocks, dtype=np.int64)
 
     def start(self) -> None:
         """The restore passed its checks: the VM's old memory goes and the restore begins."""
@@ -125,7 +131,7 @@ class LazyRestore:
         self.failed: str | None = None
         self.job = RestoreJob(vm.name, str(self.request.path), "lazy", self.started, resumed=host.now)
         self.counts = {"faults": 0, "fault_pages": 0, "pages_loaded_on_fault": 0, "pages_prefetched": 0,
-                       "page_blocks_decoded": 0}
+                       "page_blocks_decoded": 0, "storage_blocks_loaded_whole": 0}
         self.progress: list[tuple[float, int, int]] = [(host.now, 0, 0)]
         self.ended = False
         self._update_stats()
@@ -217,6 +223,12 @@ class LazyRestore:
         # anyway and their frames are decompressed whole.
         blocks = np.unique(self.pb_of_page[span[self.kinds[span] == KIND_DATA]])
         extra = [self.reader.page_block_pages(int(b)) for b in blocks] if self.reader is not None else []
+        if self.reader is not None and len(blocks):
+            sbs = np.unique(self.sb_of_pb[blocks])
+            again = [sb for sb in sbs if self.sb_fault_reads[sb] and not self.reader.is_cached(sb)]
+            extra += [self.block_pages[self.block_bounds[sb] : self.block_bounds[sb + 1]] for sb in again]
+            self.sb_fault_reads[sbs] += 1
+            self.counts["storage_blocks_loaded_whole"] += len(again)
         pages = np.unique(np.concatenate([span, *extra])) if extra else span
         loaded, _ = self._load(pages)
         self.faulted[own] = True
