@@ -60,7 +60,8 @@ class AccessResult:
     :ivar write_traps: write-to-shared or write-protected events delivered.
     :ivar handler_seconds: the part of ``seconds`` the host's trap handler worked for the
         batch (trap delivery and the work done inside the traps): the handler is shared by the
-        VMs, so the runner lets a round last at least the sum of its batches' handler time.
+        VMs, so the runner queues it: a batch that traps waits for the handler time of the
+        other VMs' batches queued before it.
     """
 
     seconds: float

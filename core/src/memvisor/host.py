@@ -61,8 +61,8 @@ class HostConfig:
     :ivar backend_options: the backend's own settings (the emulator's ``costs``).
     :ivar plugin_settings: each plugin's settings, by plugin name.
     :ivar budget: the resource budget of every VM created without its own (:mod:`memvisor.budgets`).
-    :ivar handler_threads: threads of the host's trap handler; the trap work of every VM in one
-        round of batches shares them, so a round lasts at least that work divided by them.
+    :ivar handler_threads: threads of the host's trap handler; the trap work of every VM's
+        batches queues for them (a batch that traps waits for the work queued before it).
     """
 
     memory_pages: int
