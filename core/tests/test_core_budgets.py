@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import attrs
 import numpy as np
 import pytest
 
@@ -146,3 +147,16 @@ def test_a_batch_is_cut_before_the_first_trap_the_budget_cannot_pay():
     assert use.throttled_batches == 1 and host.budgets.ready_at(vm) == pytest.approx(0.005)
     whole = host.access(vm, gpps, np.zeros(len(gpps), bool))  # without within_budget: all of it
     assert whole.accesses == 200 and whole.traced == 90
+
+
+def test_more_handler_threads_leave_less_to_wait_for():
+    """With two handler threads the hog's trap work occupies one and web's traps are served by
+    the other: web waits far less for the handler than with one thread, budget or none."""
+    def web(threads):
+        scenario = hog_scenario(seconds="300ms")
+        scenario = attrs.evolve(scenario, host=attrs.evolve(scenario.host, handler_threads=threads))
+        report = run_with_dirty_logging(scenario)
+        return report.data["vms"]["web"]["accesses"], budgets(report)["web"]["handler_wait_s"]
+
+    (one, wait_one), (two, wait_two) = web(1), web(2)
+    assert two > 2 * one and wait_two < wait_one / 10
