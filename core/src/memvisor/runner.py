@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from memvisor.backend import AccessResult
+from memvisor.backend import AccessResult, Capability
 from memvisor.errors import BackendError, ScenarioError, UserError
 from memvisor.host import VM, Host
 from memvisor.report import Report
@@ -124,6 +124,8 @@ class ScenarioRun:
         made = dict.fromkeys(running, 0)
         clock = {name: max(start, self._clocks.get(name, start)) for name in running}
         handler = [start] * host.config.handler_threads  # when each handler thread is free
+        # On a real clock the handler's work already took its time while the batch ran.
+        virtual = Capability.VIRTUAL_TIME in host.backend.capabilities
 
         def ready(name: str) -> float:
             return max(clock[name], host.budgets.ready_at(running[name]), host.now)
@@ -149,7 +151,7 @@ class ScenarioRun:
             if result.accesses < len(step[0]):  # cut at the VM's trap budget: the rest comes next
                 self._pending[name] = (step[0][result.accesses:], step[1][result.accesses:])
             wait = 0.0
-            if result.handler_seconds:  # its traps queue behind the work of the others' batches
+            if result.handler_seconds and virtual:  # its traps queue behind the others' trap work
                 thread = min(range(len(handler)), key=handler.__getitem__)
                 wait = max(0.0, handler[thread] - host.now)
                 handler[thread] = max(handler[thread], host.now) + result.handler_seconds
