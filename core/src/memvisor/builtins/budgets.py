@@ -49,9 +49,11 @@ class CoreBudgets:
                                     "any_budget": limited,
                                     "handler_threads": host.config.handler_threads},
             plots=plots,
-            text="Each VM's share of the host's trap handler, content scanners and network, against its budget "
-                 "(None: unlimited). A VM past its trap budget waits until it is paid back, so a guest "
-                 "trapping in a loop cannot take the handler from the others (docs/reliability.md).")
+            text="Each VM's use of the host's trap handler, content scanners and network, against its budget "
+                 "(None: unlimited). A VM's batches stop at the first trap its trap or handler budget cannot "
+                 "pay, and it waits until the budget refills, so a guest trapping in a loop cannot take the "
+                 "handler from the others (waited_s: time waited for its budget; handler_wait_s: time its "
+                 "traps waited behind other VMs' in the handler; docs/reliability.md).")
 
 
     @hookimpl
