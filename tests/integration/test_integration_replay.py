@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from memvisor.testing import integration
 
 EXAMPLE = Path(__file__).parent / "data" / "selftest-diskmap-swapped-a-balloon-page.txt"
@@ -19,13 +21,22 @@ def test_parse_steps_reads_rules_arguments_and_draws():
     assert disk_io["data"].draw(None) == [92, 62, 255, 135, 44]
 
 
-def test_replay_of_a_fixed_finding_passes_every_check():
-    """The example of the diskmap finding (a balloon page swapped out under pressure) failed
-    before the fix; it replays cleanly now."""
-    proc = subprocess.run([sys.executable, "-m", "memvisor", "selftest", "--replay", str(EXAMPLE)],
+FIXED = {
+    # a balloon page swapped out under pressure (diskmap dropped a shared page)
+    "selftest-diskmap-swapped-a-balloon-page.txt": 22,
+    # diskmap trusted a mapping on a machine page number the balloon's page had reused
+    "selftest-diskmap-trusted-a-reused-machine-page.txt": 109,
+}
+
+
+@pytest.mark.parametrize("name, steps", sorted(FIXED.items()))
+def test_replay_of_a_fixed_finding_passes_every_check(name, steps):
+    """Examples of findings that failed before their fixes replay cleanly now."""
+    path = EXAMPLE.parent / name
+    proc = subprocess.run([sys.executable, "-m", "memvisor", "selftest", "--replay", str(path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "22 steps replayed, every check passed" in proc.stdout
+    assert f"{steps} steps replayed, every check passed" in proc.stdout
 
 
 def test_replay_reports_a_failure_again(monkeypatch):

@@ -149,6 +149,7 @@ class Host:
         self.backend.attach(self)
         self.vms: dict[str, VM] = {}
         self._pinned: dict[str, np.ndarray] = {}
+        self._given_up: dict[str, np.ndarray] = {}  # VM -> times each page was pinned
         self.checkpoint_jobs: list = []
         self.disks: dict[str, dict[str, Disk]] = {}
         self.migrations: list = []
@@ -226,6 +227,7 @@ class Host:
         for disk in self.disks.pop(vm.name, {}).values():
             disk.flush()
         self._pinned.pop(vm.name, None)
+        self._given_up.pop(vm.name, None)
         self._remap.pop(vm.name, None)
         self._accessed.pop(vm.name, None)
         self.restore_records.pop(vm.name, None)
@@ -336,7 +338,11 @@ class Host:
         mask = self._pinned.get(vm.name)
         if mask is None:
             mask = self._pinned[vm.name] = np.zeros(vm.pages, dtype=bool)
-        mask[np.asarray(gpps, dtype=np.int64)] = pinned
+            self._given_up[vm.name] = np.zeros(vm.pages, dtype=np.int64)
+        gpps = np.asarray(gpps, dtype=np.int64)
+        if pinned:
+            self._given_up[vm.name][gpps[~mask[gpps]]] += 1
+        mask[gpps] = pinned
         if mask.all():
             raise BackendError(f"VM {vm.name!r}: a guest driver pinned every page; the guest cannot run")
         remap = np.arange(vm.pages, dtype=np.int64)
@@ -348,6 +354,14 @@ class Host:
             self._remap[vm.name] = remap
         else:
             self._remap.pop(vm.name, None)
+
+    def times_given_up(self, vm: VM) -> np.ndarray:
+        """Per page of ``vm``, how many times the guest has given it up (pinned it for a driver)
+        so far. A page given up may come back with other bytes than it had (a balloon's zeros)
+        without a guest write: a plugin that trusts what it once saw in a page checks that this
+        has not changed since (machine page numbers are reused, so they cannot tell)."""
+        counts = self._given_up.get(vm.name)
+        return np.zeros(vm.pages, dtype=np.int64) if counts is None else counts.copy()
 
     def guest_pinned(self, vm: VM) -> np.ndarray:
         """Per page of ``vm``, whether a guest driver has pinned it."""

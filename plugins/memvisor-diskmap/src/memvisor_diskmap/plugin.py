@@ -58,10 +58,12 @@ class _Map:
         # Machine page each page's bytes were last seen equal to its block on: a memory error
         # is repaired only on that page (the hypervisor may remap a page without a trap).
         self.verified_mpn = np.full(pages, -1, dtype=np.int64)
+        self.verified_given_up = np.zeros(pages, dtype=np.int64)  # host.times_given_up then
 
-    def verified(self, backend, vm, gpps: np.ndarray) -> None:
+    def verified(self, host, vm, gpps: np.ndarray) -> None:
         """``gpps`` were just seen to hold their blocks' bytes."""
-        self.verified_mpn[gpps] = backend.mpns(vm, gpps)
+        self.verified_mpn[gpps] = host.backend.mpns(vm, gpps)
+        self.verified_given_up[gpps] = host.times_given_up(vm)[gpps]
 
 
 class DiskmapPlugin:
@@ -126,7 +128,7 @@ class DiskmapPlugin:
         disk = self._disks(vm)[slot]
         m.disk[gpps], m.block[gpps] = slot, blocks
         m.version[gpps], m.hash[gpps] = disk.versions[blocks], hashes
-        m.verified(self.host.backend, vm, gpps)
+        m.verified(self.host, vm, gpps)
         if self.settings["protect"] and len(gpps):
             self.host.backend.protect(vm, gpps)
         self.counts["mapped"] += len(gpps)
@@ -163,8 +165,18 @@ class DiskmapPlugin:
         if len(present):
             same = page_hashes(self.host.backend.read(vm, present)) == m.hash[present]
             keep[np.searchsorted(pages, present[~same])] = False
-            m.verified(self.host.backend, vm, present[same])
+            m.verified(self.host, vm, present[same])
         return pages[keep]
+
+    def _trusted(self, host, vm, gpps: np.ndarray, mpns: np.ndarray) -> np.ndarray:
+        """Per page, whether its mapping can be used without looking at its bytes: it is on the
+        machine page it was last seen equal to its block on, and the guest has not given it up
+        since (a balloon takes only pages given up, and gives them back as zeros). Machine page
+        numbers are reused, so the first alone is not enough: the balloon's page can be
+        allocated where a mapped page once was, and the page, once taken, then sits on its old
+        number with zeros in it (found by ``memvisor selftest`` through :meth:`verify`)."""
+        m = self._map_of(vm)
+        return (mpns == m.verified_mpn[gpps]) & (host.times_given_up(vm)[gpps] == m.verified_given_up[gpps])
 
     def verify(self, vm) -> int:
         """Check the mappings this plugin would trust without looking: a dropped page's block
@@ -179,7 +191,7 @@ class DiskmapPlugin:
         present = backend.present(vm, pages)
         swapped = pages[~present & m.swapped[pages]]
         trusted = pages[present]
-        trusted = trusted[backend.mpns(vm, trusted) == m.verified_mpn[trusted]]
+        trusted = trusted[self._trusted(self.host, vm, trusted, backend.mpns(vm, trusted))]
         bad = 0
         for group, data in ((swapped, None), (trusted, backend.read(vm, trusted) if len(trusted) else None)):
             if not len(group):
@@ -269,7 +281,7 @@ class DiskmapPlugin:
         if not same.all():  # changed behind the guest's back (no write trap): never describe it
             self._drop(vm, pages[~same], "hash_mismatch")
             pages = pages[same]
-        m.verified(host.backend, vm, pages)
+        m.verified(host, vm, pages)
         if not len(pages):
             return None
         payload = np.stack([m.disk[pages].astype(np.uint64), m.block[pages].astype(np.uint64), m.hash[pages]], axis=1)
@@ -363,7 +375,7 @@ class DiskmapPlugin:
             raise BackendError(f"VM {vm.name!r}: a swapped-out page's disk block changed; the page is lost")
         backend.account("disk_read", len(gpps) * PAGE_SIZE, 1)
         backend.populate(vm, gpps, data)
-        m.verified(backend, vm, gpps)
+        m.verified(self.host, vm, gpps)
         m.swapped[gpps] = False
         self.counts["swapped_in"] += len(gpps)
 
@@ -401,12 +413,11 @@ class DiskmapPlugin:
         error hit the machine page the page was last seen equal to its block on. A page the
         hypervisor remapped since (a balloon taking it, then resetting it to zeros) keeps a
         stale mapping until a use checks it; repairing it would write the block's bytes where
-        the guest reads zeros (found by ``memvisor selftest``)."""
+        the guest reads zeros (found by ``memvisor selftest``). See :meth:`_trusted`."""
         m = self.maps.get(vm.name)
         if m is None:
             return None
-        same_page = error.mpns == m.verified_mpn[error.gpps]
-        pages = error.gpps[self._valid(vm, error.gpps) & same_page]
+        pages = error.gpps[self._valid(vm, error.gpps) & self._trusted(host, vm, error.gpps, error.mpns)]
         pages = pages[host.backend.present(vm, pages)]
         if not len(pages):
             return None
