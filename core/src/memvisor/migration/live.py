@@ -186,6 +186,9 @@ class LiveMigration:
         # taking or giving back a page, an eager give-back) changed without a guest write, so
         # without a dirty bit; it is sent again.
         self.sent_mpn = np.full(vm.pages, -1, dtype=np.int64)
+        # ... and how many times the guest had given it up then: machine page numbers are
+        # reused, so a page the balloon took can sit on the number it was sent from.
+        self.sent_given_up = np.zeros(vm.pages, dtype=np.int64)
         method = "precopy+postcopy" if self.options.postcopy else "precopy"
         self.result = MigrationResult(vm.name, method, source.now)
         level = self.options.level
@@ -327,6 +330,7 @@ class LiveMigration:
         result.pages_resent += int(np.count_nonzero(self.ever_sent[gpps]))
         self.ever_sent[gpps] = True
         self.sent_mpn[gpps] = src.backend.mpns(self.vm, gpps)
+        self.sent_given_up[gpps] = src.times_given_up(self.vm)[gpps]
         result.pages_sent += len(gpps)
         src_work = _background(src.backend) - src_work  # reading dropped pages back, describing
         dest_work = _background(self.destination.backend) - dest_work
@@ -339,9 +343,13 @@ class LiveMigration:
         """Per page, whether it was sent and is now present on another machine page: changed by
         the hypervisor rather than the guest (no dirty bit). Found by examples/overcommit.toml:
         a balloon inflating during pre-copy left the old bytes on the destination. Pages moved
-        with equal contents (sharing, NUMA) are sent again too: wasted bytes, never a wrong page."""
+        with equal contents (sharing, NUMA) are sent again too: wasted bytes, never a wrong page.
+        A page the guest gave up since it was sent counts as remapped whatever its number: the
+        balloon's own page can be allocated where the page was sent from (``memvisor selftest``
+        found one ballooned onto its old number with zeros in it)."""
         now = self.source.backend.mpns(self.vm)
-        return self.ever_sent & (now >= 0) & (now != self.sent_mpn)
+        given_up = self.source.times_given_up(self.vm) != self.sent_given_up
+        return self.ever_sent & (now >= 0) & ((now != self.sent_mpn) | given_up)
 
     def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes) -> int:
         """Send one record until it arrives intact and install its pages; returns bytes sent,
