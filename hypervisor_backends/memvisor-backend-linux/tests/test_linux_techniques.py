@@ -317,24 +317,31 @@ def test_unprotect_keeps_a_zero_page_write_protected(make_host):
 # -- budgets ------------------------------------------------------------------------------------
 
 
-def test_trap_budget_holds_on_real_write_protection_faults(make_host):
-    """A guest writing all of its memory under dirty logging (every page write-protected at
-    every tick: real userfaultfd write-protect faults) keeps to its trap budget in real time:
-    the backend tells from its page states which accesses would trap, the host cuts the
-    guest's batches at its budget, and the guest waits in between."""
+def hog_beside_web_on_linux(make_host, budget):
+    """1 s of the budgets fixture (memvisor.testing.hog: web and a hog writing all of its
+    16 MiB under dirty logging) on real memory; returns the run's seconds and each VM's use."""
     from memvisor.runner import ScenarioRun
     from memvisor.testing.hog import DirtyLogging, hog_scenario
 
     make_host()  # skips with the reason where the backend cannot run
-    scenario = hog_scenario(hog_budget={"trap_rate": 500}, seconds="1s", memory="16MiB").with_backend("linux")
+    scenario = hog_scenario(hog_budget=budget, seconds="1s", memory="16MiB").with_backend("linux")
     run = ScenarioRun(scenario, extra_plugins=[DirtyLogging()])
     try:
         report = run.run()
     finally:
         run.host.backend.close()
-    seconds = report.data["time"]["virtual_seconds"]
-    hog = next(s for s in report.sections if s.title == "Budgets").metrics["vms"]["hog"]
-    assert report.data["vms"]["hog"]["write_traps"] == hog["traps"] > 0
+    vms = next(s for s in report.sections if s.title == "Budgets").metrics["vms"]
+    assert report.data["vms"]["hog"]["write_traps"] == vms["hog"]["traps"] > 0
+    return report.data["time"]["virtual_seconds"], vms
+
+
+def test_trap_budget_holds_on_real_write_protection_faults(make_host):
+    """A guest writing all of its memory under dirty logging (every page write-protected at
+    every tick: real userfaultfd write-protect faults) keeps to its trap budget in real time:
+    the backend tells from its page states which accesses would trap, the host cuts the
+    guest's batches at its budget, and the guest waits in between."""
+    seconds, vms = hog_beside_web_on_linux(make_host, {"trap_rate": 500})
+    hog = vms["hog"]
     assert hog["traps"] <= 500 * seconds + 5 + 1  # the rate, its slack, a trap past a cut
     # Cut at its budget and made to wait (guests run one at a time here, in real time, so the
     # time waited is what the other guest's batches did not already take).
@@ -345,18 +352,7 @@ def test_handler_share_holds_on_real_write_protection_faults(make_host):
     """The Linux backend reports the real time its hook path spent on a batch's traps; a 5%
     share of the handler holds a guest writing all of its memory under dirty logging to about
     5% of the run in its traps."""
-    from memvisor.runner import ScenarioRun
-    from memvisor.testing.hog import DirtyLogging, hog_scenario
-
-    make_host()  # skips with the reason where the backend cannot run
-    scenario = hog_scenario(hog_budget={"handler_share": 0.05}, seconds="1s", memory="16MiB").with_backend("linux")
-    run = ScenarioRun(scenario, extra_plugins=[DirtyLogging()])
-    try:
-        report = run.run()
-    finally:
-        run.host.backend.close()
-    seconds = report.data["time"]["virtual_seconds"]
-    vms = next(s for s in report.sections if s.title == "Budgets").metrics["vms"]
+    seconds, vms = hog_beside_web_on_linux(make_host, {"handler_share": 0.05})
     hog, web = vms["hog"], vms["web"]
     assert web["handler_s"] > 0  # measured, not modelled
     # the share, its 10 ms of slack, the 16 traps taken before a trap's cost is known
