@@ -262,9 +262,8 @@ class Budgets:
 
     def batch_size(self, vm: VM, size: int, now: float) -> int:
         """How many of ``size`` accesses ``vm``'s next batch may have: as many as its tokens
-        pay for at its recent costs per access (at least :data:`MIN_BATCH`). The estimate for
-        backends that cannot tell which accesses would trap; the host cuts batches exactly
-        where they can (:meth:`allowed_traps`)."""
+        pay for at its recent costs per access (at least :data:`MIN_BATCH`): where the cut is
+        when the backend cannot tell which accesses would trap (else :meth:`allowed_traps`)."""
         use = self.use(vm)
         if not use.limits:
             return size

@@ -273,9 +273,10 @@ class Host:
         allocator would place them.
 
         With ``within_budget``, a VM with a trap budget runs only the first accesses of the
-        batch whose traps its budget pays for (when the backend can tell which would trap:
-        :meth:`Backend.trapping`); ``result.accesses`` says how many ran, and the caller runs the
-        rest later. At least one access runs."""
+        batch whose traps its budget pays for (exactly when the backend can tell which would
+        trap, :meth:`Backend.trapping`; else as many as its recent costs per access pay for);
+        ``result.accesses`` says how many ran, and the caller runs the rest later. At least one
+        access runs."""
         if vm.stopped is not None:
             raise VMStoppedError(vm.stopped)
         vm.write_epoch += 1
@@ -296,8 +297,8 @@ class Host:
         if allowed >= len(gpps):  # each access traps at most once in a first round: it all fits
             return len(gpps)
         trapping = self.backend.trapping(vm, gpps, writes)
-        if trapping is None:
-            return len(gpps)
+        if trapping is None:  # the backend cannot tell: the VM's recent costs per access decide
+            return self.budgets.batch_size(vm, len(gpps), self.now)
         where = np.flatnonzero(trapping)
         _, first = first_occurrences(gpps[where])
         positions = where[first]  # sorted: the first trap of each page, in program order

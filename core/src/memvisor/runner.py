@@ -141,8 +141,7 @@ class ScenarioRun:
                 host.advance(at - host.now)
                 self._report_progress(host.now - start)
             size = self.scenario.batch if accesses is None else min(self.scenario.batch, accesses - made[name])
-            step = self._pending.pop(name, None) or self.workloads[name].next_batch(
-                host.budgets.batch_size(vm, size, host.now))
+            step = self._pending.pop(name, None) or self.workloads[name].next_batch(size)
             if step is None:
                 del running[name]
                 continue

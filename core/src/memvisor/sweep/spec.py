@@ -109,7 +109,7 @@ def parse_values(text: str) -> list[Any]:
         if values:
             return values
     except tomllib.TOMLDecodeError:
-        pass
+        pass  # not a TOML array: bare words, split by hand below
     values = []
     for part in _split_commas(text):
         part = part.strip()
