@@ -42,8 +42,13 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise PluginError(f"unknown {self.kind} {name!r} (installed: {known})") from None
+            from memvisor.plugins import left_out
+
+            reason = left_out(name)
+            if reason:
+                raise PluginError(f"{self.kind} {name!r}: {reason}") from None
+            known = ", ".join(sorted(self._entries)[:20]) or "none"
+            raise PluginError(f"unknown {self.kind} {str(name)[:60]!r} (installed: {known})") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
