@@ -80,7 +80,7 @@ def test_errors_found_when_running_name_the_step(tmp_path):
     with pytest.raises(ScenarioError, match=r"timeline\[1\]\.do: unknown action 'teleport'"):
         ScenarioRun(load_scenario(path)).run()
     path = write(tmp_path, GOOD.replace('kind = "loop"', 'kind = "spiral"'))
-    with pytest.raises(ScenarioError, match=r"vm\[b\]\.workload\.kind: unknown workload 'spiral'"):
+    with pytest.raises(ScenarioError, match=r"vm\[1\]\.workload\.kind: unknown workload 'spiral'"):
         ScenarioRun(load_scenario(path))
 
 

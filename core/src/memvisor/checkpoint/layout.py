@@ -75,6 +75,9 @@ MAX_STORAGE_BLOCK_BYTES = 512 << 20
 MAX_BUFFER_BYTES = 256 << 20
 """Largest staging buffer a writer accepts."""
 MAX_KIND_NAME = 64
+MAX_SECTIONS = 1024
+"""Most metadata sections a reader accepts (the four tables, one per record kind and optional
+ones): parsing a section header is work per section, not per byte."""
 
 RESERVED_KINDS = ("missing", "zero", "data")
 """Page-kind names of the core; record kinds may not use them."""
