@@ -180,7 +180,7 @@ class BoundedZstdReader:
             data = data[step:]
             self.produced += len(piece)
             if self.produced > self._limit:
-                raise self._error(f"decompresses to more than {_fmt(self._limit)}")
+                raise self._error(f"decompresses to more than {_fmt(self._limit)}, the most it may take to read here")
             out.append(piece)
             self._in_frame = not self._frame.eof
             if self._frame.eof:  # the next frame starts with what this one left
