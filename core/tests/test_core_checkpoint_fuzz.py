@@ -374,7 +374,7 @@ def zstd_rle_frame(declared: int, block: int) -> bytes:
 @pytest.mark.parametrize(
     ("declared", "block", "message"),
     [
-        (1 << 40, 1 << 17, "declares 1099511627776 bytes, the block holds 16384"),
+        (1 << 40, 1 << 17, "declares 1099511627776 bytes, expected 16384 bytes"),
         (4 * PAGE_SIZE, 1 << 17, "zstd: "),  # declares the right size, holds more
         (4 * PAGE_SIZE, 100, "zstd: "),  # declares the right size, holds less
     ],

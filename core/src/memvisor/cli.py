@@ -107,6 +107,15 @@ def _remember(ctx: click.Context | None, kind: str, value: str, param) -> None:
     files.append((kind, value, param))
 
 
+def _checked(check, value, param) -> None:
+    """``check(value)``; an option's error names the option first (``--json: x: ...``)."""
+    try:
+        check(value)
+    except UserError as exc:
+        label = _label(param)
+        raise UserError(f"{label}: {exc}" if label.startswith("-") else str(exc)) from None
+
+
 def _label(param) -> str:
     if param is None:
         return "?"
@@ -127,7 +136,7 @@ class InputFile(click.ParamType):
 
         value = str(value)
         if not (self.allow_dash and value == "-"):
-            check_regular(value, self.what)
+            _checked(lambda v: check_regular(v, self.what), value, param)
             _remember(ctx, "in", value, param)
         return value
 
@@ -147,7 +156,7 @@ class OutputFile(click.ParamType):
 
         value = str(value)
         if not (self.allow_dash and value == "-"):
-            check_output(value, self.what)
+            _checked(lambda v: check_output(v, self.what), value, param)
             _remember(ctx, "out", value, param)
         return value
 
@@ -161,7 +170,7 @@ class OutputDir(click.ParamType):
         from memvisor.files import check_out_dir
 
         value = str(value)
-        check_out_dir(value)
+        _checked(check_out_dir, value, param)
         return value
 
 

@@ -7,10 +7,17 @@ and pyarrow load when the command runs.
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from memvisor import hookimpl
+from memvisor.cli import InputFile, OutputDir
 from memvisor.errors import UserError
+
+SCHEDULER = re.compile(r"(?:(?:tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9._\[\]:-]{1,253}:(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|"
+                       r"6[0-4]\d{3}|[1-5]?\d{1,4})")
+"""A Dask scheduler address: [PROTOCOL://]HOST:PORT."""
 
 
 def _goal(text: str | None) -> tuple[str | None, str | None]:
@@ -23,11 +30,11 @@ def _goal(text: str | None) -> tuple[str | None, str | None]:
 
 
 @click.command()
-@click.argument("sweep_file", metavar="FILE", type=click.Path(dir_okay=False))
+@click.argument("sweep_file", metavar="FILE", type=InputFile("sweep file"))
 @click.option("--vary", "varies", multiple=True, metavar="PATH=V1,V2,...",
               help="An axis: a dotted scenario path and its values as TOML, comma-separated "
                    "(vm.*.memory=64MiB,128MiB; plugins.sharing.pages_per_tick=1024,4096; seed=1,2,3). Repeatable.")
-@click.option("--out", "out_dir", default="memvisor-sweep", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="memvisor-sweep", show_default=True, type=OutputDir(),
               help="Folder for runs/KEY/report.json, the results table and index.html.")
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
               help="Run on this existing Dask cluster instead of a LocalCluster.")
@@ -57,6 +64,8 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
 
     if serial and scheduler:
         raise UserError("--serial and --scheduler: choose one")
+    if scheduler is not None and not SCHEDULER.fullmatch(scheduler):
+        raise UserError(f"--scheduler {scheduler[:80]!r}: not a scheduler address (tcp://HOST:PORT)")
     spec = load_sweep(sweep_file)
     spec = spec.with_axes([parse_vary(v) for v in varies])
     if backend:

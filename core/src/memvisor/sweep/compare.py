@@ -76,7 +76,7 @@ def pick_metrics(spec: SweepSpec, rows: Sequence[Mapping[str, Any]]) -> list[str
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower() or "metric"
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:100] or "metric"
 
 
 def _text(value: Any) -> str:

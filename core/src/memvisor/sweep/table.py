@@ -62,6 +62,34 @@ def flatten_report(data: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+CORE_COLUMNS = {"time": {"virtual_seconds", "real_seconds"},
+                "total": {*COUNTERS, "local_fraction"},
+                "memory": {"used_pages.max", "used_pages.mean", "free_pages.min"}}
+"""The core's metric columns, by their first part (``events.KIND`` and ``vms.NAME.COUNTER``
+follow from the run)."""
+
+
+def column_problem(name: str, vm_names: set[str], plugins: set[str]) -> str | None:
+    """What is wrong with ``name`` as a metric column of a sweep whose runs have VMs
+    ``vm_names`` and enable ``plugins`` (None: it can be one). The core's columns are checked
+    exactly; a plugin's metric only by its plugin, whose report alone knows its keys."""
+    head, _, rest = name.partition(".")
+    if head in CORE_COLUMNS:
+        known = CORE_COLUMNS[head]
+        return None if rest in known else f"no such column (the {head} columns: {', '.join(sorted(known))})"
+    if head == "events":
+        return None if rest else "an events column is events.KIND"
+    if head == "vms":
+        vm, _, counter = rest.partition(".")
+        if vm not in vm_names:
+            return f"no VM named {vm[:40]!r} in the sweep"
+        return None if counter else "a VM column is vms.NAME.METRIC"
+    if head == "memvisor" or head in plugins:
+        return None if rest else f"a {head} column is {head}.METRIC"
+    return (f"no column starts with {head[:40]!r}: columns are time.*, total.*, memory.*, events.*, vms.NAME.* "
+            f"or PLUGIN.* of an enabled plugin ({', '.join(sorted(plugins)) or 'none here'})")
+
+
 def _is_cell(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
