@@ -51,7 +51,7 @@ class VMStoppedError(UserError):
     could not go on): the message names the VM and the reason. Its guest runs no more."""
 
 
-class GuestDied(VMStoppedError):
+class GuestDied(VMStoppedError, BackendError):
     """A VM's guest died outside memvisor's control (its process was killed): the message names
     the VM and how it died. A scenario run ends there, and :attr:`report` holds the report of
     what ran (set by :meth:`memvisor.runner.ScenarioRun.run`)."""

@@ -230,6 +230,7 @@ class ScenarioRun:
                 step.check_unknown()
         except GuestDied as exc:
             # A guest killed from outside: the run ends here, with the report of what ran.
+            self.host.metrics.event(self.host.now, "guest_died", error=str(exc))
             exc.report = self._finish(started)
             raise
         finally:
