@@ -101,14 +101,17 @@ def _remember(ctx: click.Context | None, kind: str, value: str, param) -> None:
     files = ctx.meta.setdefault("memvisor.files", [])
     for other_kind, other, other_param in files:
         if {kind, other_kind} == {"in", "out"} and same_file(value, other):
-            out, inp = (value, other) if kind == "out" else (other, value)
-            raise UserError(f"{out}: the output is also the input {inp} ({_label(other_param)}); "
+            (out, out_param), (inp, in_param) = ((value, param), (other, other_param)) if kind == "out" else \
+                ((other, other_param), (value, param))
+            raise UserError(f"{_label(out_param)} {out}: the output is the input {_label(in_param)} {inp}; "
                             f"writing it would destroy the input")
     files.append((kind, value, param))
 
 
 def _checked(check, value, param) -> None:
     """``check(value)``; an option's error names the option first (``--json: x: ...``)."""
+    if not value:
+        raise UserError(f"{_label(param)}: an empty path")
     try:
         check(value)
     except UserError as exc:

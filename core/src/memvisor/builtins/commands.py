@@ -35,7 +35,7 @@ def run(scenario, out_dir, backend, seed, quiet):
     from memvisor.scenario import load_scenario
 
     spec = load_scenario(scenario)
-    if backend:
+    if backend is not None:
         spec = spec.with_backend(backend)
     if seed is not None:
         spec = spec.with_seed(seed)
@@ -94,7 +94,7 @@ def _plugin_rows(show_all: bool, hook: str | None) -> list[dict]:
         rows.append({"name": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
                      "hooks": hooks_of(pm, registered) if registered is not None else [], "builtin": False,
                      "error": plugin.error})
-    if hook:
+    if hook is not None:
         rows = [r for r in rows if hook in r["hooks"]]
     return rows
 
@@ -113,8 +113,8 @@ def plugins(as_json, show_all, hook):
     """List installed plugins, their versions and the hooks each implements."""
     from memvisor.hookspecs import HOOK_NAMES
 
-    if hook and hook not in HOOK_NAMES:
-        raise UserError(f"--hook: no hook named {hook!r}")
+    if hook is not None and hook not in HOOK_NAMES:
+        raise UserError(f"--hook: no hook named {hook[:80]!r}")
     rows = _plugin_rows(show_all, hook)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

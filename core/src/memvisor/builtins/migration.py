@@ -135,6 +135,7 @@ def _table(rows: list[dict]) -> None:
 def migrate_image(image: str, disk: str | None, plugins: list[str], settings: dict, options) -> dict:
     """Migrate a raw memory image (a VM that does not run) with its raw disk image attached;
     returns the migration's figures."""
+    from memvisor.errors import UserError
     from memvisor.files import image_pages
     from memvisor.host import Host, HostConfig
     from memvisor.migration import LiveMigration
@@ -142,7 +143,10 @@ def migrate_image(image: str, disk: str | None, plugins: list[str], settings: di
     path = Path(image)
     pages = image_pages(path)
     config = HostConfig(memory_pages=pages + 1024, plugin_settings=settings)
-    source, destination = Host(config, plugins), Host(config, plugins)
+    try:
+        source, destination = Host(config, plugins), Host(config, plugins)
+    except UserError as exc:
+        raise UserError(f"--plugin/--set: {exc}") from None
     vm = source.create_vm("image", pages)
     memory = np.memmap(path, dtype=np.uint8, mode="r", shape=(pages, PAGE_SIZE))
     for start in range(0, pages, 16384):

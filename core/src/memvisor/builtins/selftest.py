@@ -36,7 +36,7 @@ from memvisor.cli import InputFile, Number, OutputFile
 def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
     """Drive one host with every technique plugin through random interleavings and check every
     guest page, machine page and plugin record after each step; fuzz checkpoint files,
-    migration streams, scenarios and traces."""
+    migration records and links, scenario files and values, traces and the command line."""
     _need_hypothesis()
     from memvisor.testing import fuzz as fuzzers
     from memvisor.testing.integration import run
@@ -52,8 +52,12 @@ def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
     share = None if seconds is None else (seconds * 0.8 if fuzz else seconds)
     figures = {"integration": run(max_examples=examples, steps=steps, seconds=share, seed=seed)}
     if fuzz:
+        from memvisor.testing import cli_matrix
+
         left = None if seconds is None else max(1.0, seconds - (time.monotonic() - started))
         figures["fuzz"] = fuzzers.run_all(examples=min(examples, 200) if left is None else 10**9, seconds=left)
+        # Every case with a time budget (about 10 s), else 20 per example.
+        figures["cli_matrix"] = cli_matrix.run(limit=None if seconds is not None else examples * 20)
     figures["seconds"] = round(time.monotonic() - started, 1)
     text = json.dumps(figures, indent=2)
     if json_out:

@@ -388,12 +388,14 @@ class SweepSpec:
             runs.append(PlannedRun(run_key(data, self.backend), axes, data))
         return runs
 
-    def check(self, installed_plugins: set[str] | None = None) -> list[PlannedRun]:
+    def check(self, installed_plugins: set[str] | None = None,
+              installed_backends: set[str] | None = None) -> list[PlannedRun]:
         """Check every axis value and every combination before anything runs; return the plan.
 
         Each value is first checked alone, so that a mistake names its axis and value.
 
         :param installed_plugins: names that ``plugins`` settings may use (None: not checked).
+        :param installed_backends: backends the runs may name (None: not checked).
         :raises UserError: one line naming the sweep file, the axis and the problem.
         """
         self._check_scenario(copy.deepcopy(dict(self.base)), "base scenario", installed_plugins)
@@ -425,6 +427,14 @@ class SweepSpec:
             where = "run " + ", ".join(f"{k}={label(v)}" for k, v in run.axes.items())
             self._check_scenario(dict(run.data), where, installed_plugins)
         self._check_goal(plan)
+        if installed_backends is not None:
+            for run in plan:
+                backend = self.backend
+                if backend is None:
+                    backend = run.data.get("host", {}).get("backend", "emulator")
+                if backend not in installed_backends:
+                    known = ", ".join(sorted(installed_backends))
+                    raise UserError(f"{self.source}: unknown backend {str(backend)[:60]!r} (installed: {known})")
         return plan
 
     def _check_goal(self, plan: Sequence[PlannedRun]) -> None:

@@ -130,7 +130,8 @@ def _plot(result: MRCResult, trace: str, path: str) -> None:
 @click.option("--json", "json_out", default=None, type=OutputFile("JSON file", allow_dash=True),
               help="Write the curve as JSON to this file ('-': stdout).")
 @click.option("--address", is_flag=True, help="The trace holds byte addresses, not page numbers.")
-@click.option("--format", "fmt", default=None, help="Trace format: npy, csv or oracleGeneral (default: by name).")
+@click.option("--format", "fmt", default=None, type=click.Choice(["npy", "csv", "oracleGeneral"], case_sensitive=False),
+              help="Trace format (default: by name).")
 @click.option("--plot", "plot_out", default=None, type=OutputFile("PNG file"), help="Draw the curve to this PNG file.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the page hash.")
 @click.option("--quiet", is_flag=True, help="No progress and no summary.")
