@@ -240,6 +240,27 @@ def temp_file(final: str | os.PathLike) -> tuple[int, str]:
     return tempfile.mkstemp(dir=final.parent, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
 
 
+def atomic_write(path: str | os.PathLike, data) -> None:
+    """Write ``path`` whole or not at all: ``data`` (bytes, text, or ``data(file)`` writing to
+    a binary file) goes to a :func:`temp_file` beside it, which is renamed over ``path`` once
+    complete; on failure it is removed and ``path`` left as it was."""
+    fd, tmp = temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # a report is as readable as any file its user writes
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
     """A private temporary folder ``memvisor-KIND.PID.RANDOM`` in the system's temp folder,
     removed when it is cleaned up or at exit (SIGTERM included, see

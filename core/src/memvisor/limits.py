@@ -138,7 +138,7 @@ def decompress_frame(frame, expected: int, error: Error, decompressor=None) -> b
     except zstandard.ZstdError as exc:
         raise error(f"bad zstd frame: {exc}") from None
     if declared != expected:
-        what = "no size" if declared == zstandard.CONTENTSIZE_UNKNOWN else f"{declared} bytes"
+        what = "no size" if declared < 0 or declared == zstandard.CONTENTSIZE_UNKNOWN else f"{declared} bytes"
         raise error(f"zstd frame declares {what}, expected {expected} bytes")
     if decompressor is None:
         decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)

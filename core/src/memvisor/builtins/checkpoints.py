@@ -5,7 +5,6 @@ actions, the ``memvisor checkpoint`` command over raw memory images, and the rep
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -84,7 +83,9 @@ def restore(run, step):
 
 def _write_json(path, stats) -> None:
     if path:
-        Path(path).write_text(json.dumps(stats.to_json(), indent=2) + "\n")
+        from memvisor.files import atomic_write
+
+        atomic_write(path, json.dumps(stats.to_json(), indent=2) + "\n")
 
 
 def _progress(label: str):

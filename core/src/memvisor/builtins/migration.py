@@ -192,6 +192,7 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
     """Run a migration SCENARIO and print its migrations, or migrate a raw memory --image
     with its --disk image: {"bytes_sent": B, "records": {KIND: pages}, ...}."""
     from memvisor.errors import UserError
+    from memvisor.files import atomic_write
     from memvisor.migration import MigrationOptions
 
     if (scenario is None) == (image is None):
@@ -202,7 +203,7 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
         options = MigrationOptions(postcopy=postcopy, records=not no_records)
         figures = migrate_image(image, disk, list(plugins), _settings(settings), options)
         if json_out:
-            Path(json_out).write_text(json.dumps(figures, indent=2) + "\n")
+            atomic_write(json_out, json.dumps(figures, indent=2) + "\n")
         _table([figures])
         return
     from memvisor.runner import ScenarioRun
@@ -214,7 +215,7 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
     if out_dir:
         report.write(out_dir)
     if json_out:
-        Path(json_out).write_text(json.dumps({"migrations": rows}, indent=2) + "\n")
+        atomic_write(json_out, json.dumps({"migrations": rows}, indent=2) + "\n")
     if not rows:
         raise UserError(f"{scenario}: the timeline has no migrate step")
     _table(rows)

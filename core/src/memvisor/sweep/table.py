@@ -163,25 +163,25 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: Path, fmt: str | Non
     fmt = fmt or ("parquet" if have_pyarrow() else "csv")
     columns = columns_of(rows)
     kinds = {c: column_kind([r.get(c) for r in rows]) for c in columns}
+    from memvisor.files import atomic_write
+
     path = out_dir / f"results.{fmt}"
-    tmp = path.with_name(path.name + ".tmp")
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
         arrays = [pa.array([_cell(r.get(c), kinds[c]) for r in rows], type=types[kinds[c]]) for c in columns]
-        pq.write_table(pa.Table.from_arrays(arrays, names=columns), tmp)
+        atomic_write(path, lambda f: pq.write_table(pa.Table.from_arrays(arrays, names=columns), f))
     elif fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(columns)
         for r in rows:
             writer.writerow(["" if r.get(c) is None else _csv_text(_cell(r.get(c), kinds[c])) for c in columns])
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        atomic_write(path, buffer.getvalue())
     else:
         raise ValueError(f"unknown table format {fmt!r}")
-    tmp.replace(path)
     other = out_dir / ("results.csv" if fmt == "parquet" else "results.parquet")
     other.unlink(missing_ok=True)
     return path
