@@ -125,43 +125,53 @@ def _label(param) -> str:
     return param.opts[0] if param.opts and param.opts[0].startswith("-") else param.name.upper()
 
 
-class InputFile(click.ParamType):
-    """A file the command reads: it must exist and be a regular file (a FIFO or a device is
-    refused at once, a folder too). ``allow_dash``: ``-`` means standard input."""
+class _File(click.ParamType):
+    """A path the command reads (``kind = "in"``) or writes (``"out"``), checked by
+    :meth:`check`; ``allow_dash``: ``-`` means standard input or output."""
 
     name = "file"
+    kind = "in"
+
+    def __init__(self, what: str, allow_dash: bool = False):
+        self.what, self.allow_dash = what, allow_dash
+
+    def check(self, value: str) -> None:  # pragma: no cover - each subclass has its own
+        raise NotImplementedError
+
+    def convert(self, value, param, ctx):
+        value = str(value)
+        if not (self.allow_dash and value == "-"):
+            _checked(self.check, value, param)
+            _remember(ctx, self.kind, value, param)
+        return value
+
+
+class InputFile(_File):
+    """A file the command reads: it must exist and be a regular file (a FIFO or a device is
+    refused at once, a folder too)."""
 
     def __init__(self, what: str = "file", allow_dash: bool = False):
-        self.what, self.allow_dash = what, allow_dash
+        super().__init__(what, allow_dash)
 
-    def convert(self, value, param, ctx):
+    def check(self, value: str) -> None:
         from memvisor.files import check_regular
 
-        value = str(value)
-        if not (self.allow_dash and value == "-"):
-            _checked(lambda v: check_regular(v, self.what), value, param)
-            _remember(ctx, "in", value, param)
-        return value
+        check_regular(value, self.what)
 
 
-class OutputFile(click.ParamType):
+class OutputFile(_File):
     """A file the command writes: its folder must exist, it must be absent or a regular file,
-    and it must not be one of the command's input files. ``allow_dash``: ``-`` means standard
-    output."""
+    and it must not be one of the command's input files."""
 
-    name = "file"
+    kind = "out"
 
     def __init__(self, what: str = "output file", allow_dash: bool = False):
-        self.what, self.allow_dash = what, allow_dash
+        super().__init__(what, allow_dash)
 
-    def convert(self, value, param, ctx):
+    def check(self, value: str) -> None:
         from memvisor.files import check_output
 
-        value = str(value)
-        if not (self.allow_dash and value == "-"):
-            _checked(lambda v: check_output(v, self.what), value, param)
-            _remember(ctx, "out", value, param)
-        return value
+        check_output(value, self.what)
 
 
 class OutputDir(click.ParamType):

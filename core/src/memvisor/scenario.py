@@ -36,6 +36,22 @@ _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "min": 60.
 _NUMBER = re.compile(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([a-zA-Z]*)\s*")
 
 
+def _amount(text: str) -> tuple[Decimal | None, str]:
+    """The number (exact) and the unit of ``"1.5GiB"``-like text of at most 80 characters;
+    ``(None, "")`` when it is not one."""
+    m = _NUMBER.fullmatch(text) if len(text) <= 80 else None
+    return (Decimal(m.group(1)), m.group(2)) if m else (None, "")
+
+
+def _within(value: Any, amount, what: str, limit: float, beyond: str):
+    """``amount`` (read from ``value``) when it is from 0 to ``limit``; else ``ValueError``."""
+    if amount < 0:
+        raise ValueError(f"{what} must not be negative")
+    if amount > limit:
+        raise ValueError(f"{str(value)[:40]!r} is {beyond}")
+    return amount
+
+
 def parse_size(value: Any) -> int:
     """Bytes from ``"1GiB"``, ``"512MiB"``, ``"4KiB"`` (or ``"4K"``), or a plain integer of bytes;
     at most :data:`memvisor.limits.MAX_SIZE_BYTES`. Binary units only: ``"1GB"`` is refused (it
@@ -47,24 +63,19 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         size = value
     elif isinstance(value, str):
-        m = _NUMBER.fullmatch(value) if len(value) <= 80 else None
-        unit = m.group(2).lower() if m else ""
-        if m and unit in _DECIMAL_UNITS:
-            raise ValueError(f"{value!r}: {m.group(2)} is a decimal unit; memory sizes use binary units "
-                             f"(\"{m.group(1)}{_DECIMAL_UNITS[unit]}\")")
-        if not m or unit not in _UNITS:
+        number, unit = _amount(value)
+        if unit.lower() in _DECIMAL_UNITS:
+            raise ValueError(f"{value!r}: {unit} is a decimal unit; memory sizes use binary units "
+                             f"(\"{number}{_DECIMAL_UNITS[unit.lower()]}\")")
+        if number is None or unit.lower() not in _UNITS:
             raise ValueError(f"{value[:40]!r} is not a size (use e.g. \"1GiB\", \"512MiB\")")
-        exact = Decimal(m.group(1)) * _UNITS[unit]
+        exact = number * _UNITS[unit.lower()]
         if exact != exact.to_integral_value():
             raise ValueError(f"{value!r} is not a whole number of bytes")
         size = int(exact)
     else:
         raise ValueError(f"{value!r} is not a size (use e.g. \"1GiB\", \"512MiB\")")
-    if size < 0:
-        raise ValueError("a size must not be negative")
-    if size > MAX_SIZE_BYTES:
-        raise ValueError(f"{str(value)[:40]!r} is larger than the limit of {format_bytes(MAX_SIZE_BYTES)}")
-    return size
+    return _within(value, size, "a size", MAX_SIZE_BYTES, f"larger than the limit of {format_bytes(MAX_SIZE_BYTES)}")
 
 
 def parse_duration(value: Any) -> float:
@@ -77,17 +88,14 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)):
         seconds = finite(value, "a duration")
     elif isinstance(value, str):
-        m = _NUMBER.fullmatch(value) if len(value) <= 80 else None
-        if not m or m.group(2) not in _TIME_UNITS:
+        number, unit = _amount(value)
+        if number is None or unit not in _TIME_UNITS:
             raise ValueError(f"{value[:40]!r} is not a duration (use e.g. \"10ms\", \"2s\")")
-        seconds = float(Decimal(m.group(1)) * Decimal(repr(_TIME_UNITS[m.group(2)])))
+        seconds = float(number * Decimal(repr(_TIME_UNITS[unit])))
     else:
         raise ValueError(f"{value!r} is not a duration (use e.g. \"10ms\", \"2s\")")
-    if seconds < 0:
-        raise ValueError("a duration must not be negative")
-    if seconds > MAX_DURATION_S:
-        raise ValueError(f"{str(value)[:40]!r} is longer than the limit of {MAX_DURATION_S:g} s (a week)")
-    return seconds
+    return _within(value, seconds, "a duration", MAX_DURATION_S,
+                   f"longer than the limit of {MAX_DURATION_S:g} s (a week)")
 
 
 class Table:
