@@ -118,3 +118,18 @@ def test_integration_selftest_command_runs_briefly(tmp_path):
     assert figures["integration"]["examples"] == 2 and set(figures["fuzz"]) == set(BUDGET)
     assert figures["cli_matrix"]["inputs"] == figures["cli_matrix"]["of"] == 40
     assert np.all([f["inputs"] >= 1 for f in figures["fuzz"].values()])
+
+
+def test_integration_selftest_without_hypothesis_says_how_in_one_line(monkeypatch):
+    """Without hypothesis (an install without the selftest extra), `memvisor selftest` is one
+    line saying what to install, not a ModuleNotFoundError."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hypothesis" else real(name, *a))
+    _register_commands()
+    result = CliRunner().invoke(cli, ["selftest", "--examples", "1"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        'memvisor: error: memvisor selftest needs hypothesis: pip install "memvisor[selftest]" '
+        "(requirements-all.txt installs it)"]
