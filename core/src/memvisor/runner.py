@@ -122,7 +122,7 @@ class ScenarioRun:
         kind = spec.get("kind")
         if kind not in registry:
             raise ScenarioError(self.scenario.path, f"{where}.kind",
-                                f"unknown workload {kind!r} (known: {', '.join(registry)})")
+                                f"unknown workload {repr(kind)[:60]} (known: {', '.join(registry)})")
         try:
             workload = registry[kind](dict(spec), vm.pages, vm.seed)
             if hasattr(workload, "bind_disk"):  # a workload that does disk I/O (pagecache)
