@@ -138,10 +138,15 @@ def migrate_image(image: str, disk: str | None, plugins: list[str], settings: di
     from memvisor.errors import UserError
     from memvisor.files import image_pages
     from memvisor.host import Host, HostConfig
+    from memvisor.limits import format_bytes, machine_memory
     from memvisor.migration import LiveMigration
 
     path = Path(image)
     pages = image_pages(path)
+    host_bytes = (pages + 1024) * PAGE_SIZE
+    if 2 * host_bytes > machine_memory():  # the source and the destination each hold the image
+        raise UserError(f"{image}: migrating it takes two hosts of {format_bytes(host_bytes)}, more than this "
+                        f"machine's memory ({format_bytes(machine_memory())})")
     config = HostConfig(memory_pages=pages + 1024, plugin_settings=settings)
     try:
         source, destination = Host(config, plugins), Host(config, plugins)
