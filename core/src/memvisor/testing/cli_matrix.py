@@ -19,6 +19,7 @@ outcomes. pytest runs every case (``tests/integration/test_integration_cli_matri
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import tempfile
@@ -79,14 +80,22 @@ class Case:
         return f"memvisor {self.command} [{self.param}: {self.kind}] {shown!r}"
 
 
+@functools.cache
+def _register_all() -> None:
+    """Every installed plugin's commands on ``memvisor``, once per process (a test may have
+    added one command to it, which does not make the tree whole)."""
+    from memvisor.cli import _register_commands
+
+    _register_commands()
+
+
 def commands(group: click.Group | None = None, prefix: str = "") -> dict[str, click.Command]:
     """Every leaf command of the ``memvisor`` tree by its path (``"checkpoint save"``), and
     every group with subcommands by its own (invoked bare, it is a bad invocation too)."""
     if group is None:
-        from memvisor.cli import _register_commands, cli
+        from memvisor.cli import cli
 
-        if not cli.commands:
-            _register_commands()
+        _register_all()
         group = cli
     out: dict[str, click.Command] = {}
     ctx = click.Context(group)
