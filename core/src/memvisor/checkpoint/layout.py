@@ -208,9 +208,11 @@ def load_key(path) -> bytes:
     A key file is made with e.g. ``head -c 32 /dev/urandom > checkpoint.key``. The bytes are
     used as they are (a trailing newline is part of the key).
     """
+    from memvisor.files import open_regular
+
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, "key file", CheckpointError), "rb") as f:
             material = f.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as e:
         raise CheckpointError(path, f"cannot read key file: {e.strerror or e}") from e
