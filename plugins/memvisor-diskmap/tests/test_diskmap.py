@@ -329,3 +329,86 @@ def test_verify_finds_mappings_that_no_longer_hold():
     kept = cache[host.backend.present(vm, cache)][0]
     host.backend.write(vm, np.array([kept]), np.full((1, PAGE_SIZE), 7, np.uint8))  # in place, no trap
     assert plugin.verify(vm) == 2
+
+
+def numbered_blocks(count: int, seed: int = 3) -> np.ndarray:
+    """``count`` blocks equal but for bytes 8-15, which hold the block's number (records
+    numbered in their first bytes)."""
+    blocks = np.repeat(np.random.default_rng(seed).integers(0, 256, (1, PAGE_SIZE), dtype=np.uint8), count, axis=0)
+    blocks[:, 8:16] = np.arange(count, dtype=np.uint64).view(np.uint8).reshape(count, 8)
+    return blocks
+
+
+def test_blocks_that_differ_only_in_a_few_bytes_are_all_found(tmp_path):
+    """A disk of 1,024 blocks identical but for bytes 8-15 and an image holding copies of all
+    of them (shuffled): every copy is found, at the block that holds its bytes — the index
+    once verified only the first block whose sampled words matched, and found one."""
+    disk = numbered_blocks(1024)
+    order = np.random.default_rng(1).permutation(1024)
+    index = DiskIndex(disk)
+    found = index.lookup(disk[order])
+    assert (found == order).all()
+    (tmp_path / "d.img").write_bytes(disk.tobytes())
+    (tmp_path / "m.img").write_bytes(disk[order].tobytes())
+    assert scan_image(tmp_path / "m.img", tmp_path / "d.img").pages_on_disk == 1024
+
+
+def colliding_blocks(count: int) -> np.ndarray:
+    """``count`` different blocks with one and the same :func:`page_hashes` value: the hash
+    adds each word times an odd constant, so flipping the top bit of two words adds
+    2^63 * (odd + odd), a multiple of 2^64. Block ``i`` flips the pairs of words picked by the
+    bits of ``i``."""
+    base = np.random.default_rng(7).integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+    blocks = np.repeat(base[None, :], count, axis=0)
+    words = blocks.view(np.uint64)
+    top = np.uint64(1 << 63)
+    for bit in range(int(count - 1).bit_length()):
+        chosen = (np.arange(count) >> bit) & 1 == 1
+        words[chosen, 2 * bit] ^= top
+        words[chosen, 2 * bit + 1] ^= top
+    return blocks
+
+
+def test_every_candidate_of_a_colliding_key_is_tried():
+    """A disk crafted so that 2,048 different blocks share one 64-bit key, half of them on the
+    disk: each copy in the image is found at its own block, and the other half (same key, not
+    on the disk) is not found."""
+    blocks = colliding_blocks(2048)
+    assert len(np.unique(page_hashes(blocks))) == 1 and len(np.unique(blocks, axis=0)) == 2048
+    disk, absent = blocks[::2], blocks[1::2]
+    index = DiskIndex(np.concatenate([disk, disk[:100]]))  # and equal blocks: indexed once
+    assert len(index) == 1024
+    order = np.random.default_rng(2).permutation(1024)
+    assert (index.lookup(disk[order]) == order).all()
+    assert (index.lookup(absent) == -1).all()
+
+
+def digest_count(image: np.ndarray, disk: np.ndarray) -> int:
+    """Non-zero pages of ``image`` whose bytes are some block of ``disk``: an independent,
+    byte-for-byte count (a set of the blocks' bytes)."""
+    on_disk = {bytes(block) for block in disk if block.any()}
+    return sum(bytes(page) in on_disk for page in image if page.any())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scan_equals_a_byte_for_byte_count_on_random_images(tmp_path, seed):
+    """`diskmap scan` counts exactly the non-zero pages a byte-for-byte comparison finds, on
+    random images with planted copies of disk blocks: numbered records, colliding keys, equal
+    blocks, copies changed by one byte, and zero pages."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.integers(0, 256, (300, PAGE_SIZE), dtype=np.uint8), numbered_blocks(200, seed),
+             colliding_blocks(64)[rng.permutation(64)[:40]], np.zeros((20, PAGE_SIZE), np.uint8)]
+    disk = np.concatenate(parts)
+    disk = np.concatenate([disk, disk[rng.integers(0, len(disk), 50)]])[rng.permutation(len(disk) + 50)]
+    copies = disk[rng.integers(0, len(disk), 400)]
+    changed = disk[rng.integers(0, len(disk), 100)].copy()
+    changed[np.arange(100), rng.integers(0, PAGE_SIZE, 100)] ^= np.uint8(1 << int(rng.integers(8)))
+    strangers = rng.integers(0, 256, (100, PAGE_SIZE), dtype=np.uint8)
+    image = np.concatenate([copies, changed, colliding_blocks(64), numbered_blocks(300, seed), strangers,
+                            np.zeros((50, PAGE_SIZE), np.uint8)])
+    image = image[rng.permutation(len(image))]
+    (tmp_path / "d.img").write_bytes(disk.tobytes())
+    (tmp_path / "m.img").write_bytes(image.tobytes())
+    result = scan_image(tmp_path / "m.img", tmp_path / "d.img")
+    assert result.pages_on_disk == digest_count(image, disk)
+    assert result.zero_pages == int((~image.any(axis=1)).sum())
