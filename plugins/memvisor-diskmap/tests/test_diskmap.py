@@ -270,6 +270,25 @@ def test_migrate_command_with_an_image_sends_disk_references(tmp_path):
     assert json.loads(out.read_text())["records"][KIND] == 40
 
 
+def test_migrate_command_uses_diskmap_when_a_disk_is_named(tmp_path):
+    """`memvisor migrate --image M --disk D` alone sends disk references (diskmap, scanning by
+    content, is enabled because the disk was named) and says so; it once sent none unless
+    `--plugin diskmap --set diskmap.scan=true` was given too."""
+    disk = ContentSpec.parse("text", "d").fill(256, 5, np.arange(256))
+    mem = ContentSpec.parse({"zero": 0.5, "random": 0.5}, "m").fill(128, 6, np.arange(128))
+    mem[:40] = disk[100:140]
+    (tmp_path / "d.img").write_bytes(disk.tobytes())
+    (tmp_path / "m.img").write_bytes(mem.tobytes())
+    out = tmp_path / "o.json"
+    done = subprocess.run([sys.executable, "-m", "memvisor", "migrate", "--image", str(tmp_path / "m.img"),
+                           "--disk", str(tmp_path / "d.img"), "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"disk references to {tmp_path / 'd.img'}: plugin diskmap (scan = true)")
+    figures = json.loads(out.read_text())
+    assert figures["records"][KIND] == 40
+    assert figures["disk_references"] == {"plugin": "diskmap", "settings": {"scan": True}}
+
+
 def test_swap_then_restore_then_disk_write_keeps_every_page(tmp_path):
     """Pages dropped under pressure, then replaced by a restore, then their blocks written: the
     restored pages are kept, nothing is read back over them."""
