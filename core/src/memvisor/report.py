@@ -103,7 +103,7 @@ class Report:
             "host": {"backend": host.backend.describe(), "memory_pages": host.config.memory_pages,
                      "numa_nodes": host.config.numa_nodes, "tick_interval": host.tick_interval},
             "plugins": sorted(scenario.plugins),
-            "time": {"virtual_seconds": host.now, "real_seconds": real_seconds},
+            "time": _time(host, real_seconds),
             "vms": {
                 name: {"pages": vm.pages, "home_node": vm.home_node, "large_pages": vm.large_pages,
                        **metrics["vms"].get(name, {})}
@@ -142,6 +142,25 @@ class Report:
         page = out / "report.html"
         _atomic_write(page, _html(self))
         return page
+
+
+def _time(host, real_seconds: float) -> dict[str, Any]:
+    """The run's time: ``clock`` says whether the backend's clock is virtual or real;
+    ``clock_seconds`` is that clock at the end (events and series are stamped with it);
+    ``virtual_seconds`` only on a virtual clock; ``real_seconds`` is the run's wall time."""
+    from memvisor.backend import Capability
+
+    if Capability.VIRTUAL_TIME in host.backend.capabilities:
+        return {"clock": "virtual", "clock_seconds": host.now, "virtual_seconds": host.now,
+                "real_seconds": real_seconds}
+    return {"clock": "real", "clock_seconds": host.now, "real_seconds": real_seconds}
+
+
+def time_summary(time: Mapping[str, Any]) -> str:
+    """The run's time in words: virtual and real seconds, or real seconds only."""
+    if time["clock"] == "virtual":
+        return f"{time['virtual_seconds']:.3f} s virtual, {time['real_seconds']:.1f} s real"
+    return f"{time['real_seconds']:.1f} s real (real clock)"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -266,8 +285,7 @@ def _html(report: Report) -> str:
         ("machine memory", f"{d['host']['memory_pages'] * 4096 / 2**30:.2f} GiB"),
         ("NUMA nodes", d["host"]["numa_nodes"]),
         ("plugins", ", ".join(d["plugins"]) or "none"),
-        ("virtual time", f"{d['time']['virtual_seconds']:.4f} s"),
-        ("real time", f"{d['time']['real_seconds']:.2f} s"),
+        ("time", time_summary(d["time"])),
         ("seed", d["scenario"]["seed"]),
     ]
     parts.append("<section id='host'><h2>Host and VMs</h2>" + _table(host_rows))
