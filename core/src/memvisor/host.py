@@ -385,6 +385,7 @@ class Host:
 
     def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
         """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""
+        self.metrics.add_traps(vm.name, "faults", len(fault.gpps))
         try:
             self.hook.memvisor_page_fault(host=self, vm=vm, fault=fault)
         except Exception as exc:  # no safe fallback: the failing plugin may own these pages
@@ -395,11 +396,13 @@ class Host:
 
     def deliver_accesses(self, vm: VM, access: AccessBatch) -> None:
         """Called by the backend: tell plugins which traced pages were touched (now untraced)."""
+        self.metrics.add_traps(vm.name, "traced", len(access.gpps))
         self.hook.memvisor_page_accessed(host=self, vm=vm, access=access)
 
     def deliver_writes(self, vm: VM, write: WriteBatch) -> None:
         """Called by the backend: let plugins see writes to shared or protected pages, then make
         the pages writable (private copy for shared ones, protection cleared)."""
+        self.metrics.add_traps(vm.name, "write_traps", len(write.gpps))
         try:
             self.hook.memvisor_page_write(host=self, vm=vm, write=write)
         except Exception as exc:  # no safe fallback: the plugin may need to act before the write

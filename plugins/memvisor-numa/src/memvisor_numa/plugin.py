@@ -438,12 +438,17 @@ class NumaPlugin:
         plots = []
         if series:
             plots.append(Plot("numa-local-fraction", f"Local accesses over time ({self.settings.heuristic})",
-                              "time (s)", "local fraction", series))
+                              "time (s)", "local fraction", series,
+                              shows="The fraction of each moved VM's accesses since the previous sample that "
+                                    "were local (a sample at every tick and at each move); t90_s and t99_s "
+                                    "are when it first reached 0.9 and 0.99 after the move."))
         return ReportSection(
             plugin="numa", title="NUMA migration", metrics=metrics, plots=plots,
             text=("After a VM's virtual CPUs move, its pages are migrated to the new node "
                   f"({self.settings.heuristic} order, at most {self.settings.pages_per_tick} pages per tick). "
-                  "t90_s / t99_s: virtual seconds from the move until 90% / 99% of a tick's accesses are local; "
-                  "wasted_pages: migrated pages the guest did not touch afterwards."),
+                  "t90_s / t99_s: seconds from the move until 90% / 99% of a tick's accesses are local "
+                  "(null: not reached); wasted_pages: migrated pages the guest did not touch afterwards; "
+                  "heat_source: where the mrc heuristic's order came from (null: not asked); "
+                  "mean_local_fraction_after_move: null for a VM that did not move."),
         )
 
