@@ -254,9 +254,13 @@ def test_scenario_end_to_end_with_pagecache_swap_error_snapshot_and_migration():
     assert core["memory_error_repaired"] + core["memory_error_lost"] == 32 and core["memory_error_repaired"] > 0
 
 
-def test_migrate_command_with_an_image_sends_disk_references(tmp_path):
-    """`memvisor migrate --image --disk --plugin diskmap --set diskmap.scan=true` finds the
-    image's pages that are disk blocks by content and sends them as references."""
+@pytest.mark.parametrize("options", [["--plugin", "diskmap", "--set", "diskmap.scan=true"], []],
+                         ids=["diskmap-named", "disk-alone"])
+def test_migrate_command_with_an_image_sends_disk_references(tmp_path, options):
+    """`memvisor migrate --image M --disk D` finds the image's pages that are disk blocks by
+    content and sends them as references, and says so: with diskmap named, and with the disk
+    alone (diskmap, scanning, is enabled because the disk was named; it once sent none unless
+    `--plugin diskmap --set diskmap.scan=true` was given too)."""
     disk = ContentSpec.parse("text", "d").fill(256, 5, np.arange(256))
     mem = ContentSpec.parse({"zero": 0.5, "random": 0.5}, "m").fill(128, 6, np.arange(128))
     mem[:40] = disk[100:140]
@@ -264,24 +268,8 @@ def test_migrate_command_with_an_image_sends_disk_references(tmp_path):
     (tmp_path / "m.img").write_bytes(mem.tobytes())
     out = tmp_path / "o.json"
     done = subprocess.run([sys.executable, "-m", "memvisor", "migrate", "--image", str(tmp_path / "m.img"),
-                           "--disk", str(tmp_path / "d.img"), "--plugin", "diskmap", "--set", "diskmap.scan=true",
-                           "--json", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(out.read_text())["records"][KIND] == 40
-
-
-def test_migrate_command_uses_diskmap_when_a_disk_is_named(tmp_path):
-    """`memvisor migrate --image M --disk D` alone sends disk references (diskmap, scanning by
-    content, is enabled because the disk was named) and says so; it once sent none unless
-    `--plugin diskmap --set diskmap.scan=true` was given too."""
-    disk = ContentSpec.parse("text", "d").fill(256, 5, np.arange(256))
-    mem = ContentSpec.parse({"zero": 0.5, "random": 0.5}, "m").fill(128, 6, np.arange(128))
-    mem[:40] = disk[100:140]
-    (tmp_path / "d.img").write_bytes(disk.tobytes())
-    (tmp_path / "m.img").write_bytes(mem.tobytes())
-    out = tmp_path / "o.json"
-    done = subprocess.run([sys.executable, "-m", "memvisor", "migrate", "--image", str(tmp_path / "m.img"),
-                           "--disk", str(tmp_path / "d.img"), "--json", str(out)], capture_output=True, text=True)
+                           "--disk", str(tmp_path / "d.img"), *options, "--json", str(out)],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"disk references to {tmp_path / 'd.img'}: plugin diskmap (scan = true)")
     figures = json.loads(out.read_text())
