@@ -215,7 +215,7 @@ def compare_command(vm_gib, workload, seed, pre, post, json_out, plot_out):
         table.add_column(column, justify="left" if column == "heuristic" else "right")
 
     def seconds(value):
-        return "never" if value is None else f"{value:.3f}"
+        return "not reached" if value is None else f"{value:.3f}"
 
     for name, row in rows.items():
         table.add_row(name, seconds(row["t90_s"]), seconds(row["t99_s"]), f"{row['migrated_pages']:,}",
