@@ -98,3 +98,22 @@ def test_t90_and_t99_are_when_the_plotted_series_first_reaches_the_level():
         # A heuristic moving 512 of 16,384 pages a tick needs ticks, not a rounding error.
         assert row["t90_s"] is not None and row["t90_s"] >= 0.01, name
     assert rows["scan"]["t90_s"] < rows["address"]["t90_s"]
+
+
+def test_the_bench_measures_what_numa_compare_prints_on_its_defaults(monkeypatch):
+    """`memvisor bench numa`'s t90 cases run `numa compare`'s default scenario: their values
+    are the command's t90s (they once differed: the bench ran 3 s of history, the command
+    0.5 s, and printed 0.000). Scaled down here to a 64 MiB VM and 0.1 s of history."""
+    from memvisor_numa import bench, compare
+
+    monkeypatch.setattr(compare, "DEFAULT_VM_GIB", 1 / 16)
+    monkeypatch.setattr(compare, "DEFAULT_PRE", 0.1)
+    bench.t90.cache_clear()
+    try:
+        rows, _ = compare.compare(compare.vm_pages_of(compare.DEFAULT_VM_GIB), parse_workload("zipf:0.99"),
+                                  ("scan", "address"), seed=bench.SEED)
+        cases = {case.name: case for case in bench.cases()}
+        assert cases["t90-scan"].measure(None) == rows["scan"]["t90_s"] > 0
+        assert cases["t90-scan"].baseline.measure(None) == rows["address"]["t90_s"] > rows["scan"]["t90_s"]
+    finally:
+        bench.t90.cache_clear()

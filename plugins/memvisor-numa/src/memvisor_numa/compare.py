@@ -81,14 +81,16 @@ def heat_plugin_installed() -> bool:
 
 
 def compare_scenario(heuristic: str | None, vm_pages: int, workload: dict[str, Any], *, seed: int = 1,
-                     pre: float = DEFAULT_PRE, post: float | None = None, settings: dict | None = None) -> dict:
+                     pre: float | None = None, post: float | None = None, settings: dict | None = None) -> dict:
     """The scenario (as a dict for :func:`memvisor.scenario.parse_scenario`) of one run.
 
     :param heuristic: the numa plugin's heuristic, or None for a run without the plugin.
+    :param pre: seconds before the move (default :data:`DEFAULT_PRE`).
     :param post: seconds after the move (default: :data:`POST_FACTOR` times what address order
         needs, at least 0.2).
     """
     budget = bandwidth_pages(DEFAULT_NUMA_GIB_PER_S, TICK)
+    pre = DEFAULT_PRE if pre is None else pre
     if post is None:
         post = max(0.2, round(POST_FACTOR * vm_pages / budget * TICK, 2))
     # Each node holds the VM and then some, so that migration never waits for memory.
