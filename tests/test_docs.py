@@ -4,6 +4,7 @@ Every hook must have a heading in docs/hooks.md with its exact signature, and a 
 test_hook_<name> somewhere in the repository's tests.
 """
 
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -49,6 +50,26 @@ def test_docs_hooks_md_lists_no_stale_hook():
     docs = (ROOT / "docs" / "hooks.md").read_text()
     documented = {h.split("(")[0] for h in re.findall(r"^### `(.+)`$", docs, flags=re.M)}
     assert documented == set(HOOKS)
+
+
+def test_generated_docs_are_current():
+    """docs/hooks.md and every plugin's settings table in the docs are what tools/gen_docs.py
+    writes from the code now."""
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "tools" / "gen_docs.py")
+    gen_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_docs)
+    stale = [str(path.relative_to(ROOT)) for path, text in gen_docs.generated().items() if path.read_text() != text]
+    assert not stale, f"stale (run python tools/gen_docs.py): {', '.join(stale)}"
+
+
+def test_every_installed_plugin_with_settings_has_them_in_its_docs():
+    """A plugin of this repository that declares settings has its generated table in the docs."""
+    from memvisor.settings import installed
+
+    docs = "".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
+    blocks = set(re.findall(r"<!-- settings: ([\w-]+) ", docs))
+    in_repo = {name for name in installed() if name != "stats"}  # stats has none to show
+    assert in_repo <= blocks, f"no settings table for {sorted(in_repo - blocks)}"
 
 
 def test_writing_a_plugin_example_works(tmp_path, monkeypatch):

@@ -129,6 +129,14 @@ class Backend(ABC):
         reference model of guest memory mirrors).
         """
 
+    def work_seconds(self, kind: str, nbytes: int, ops: int = 1) -> float | None:
+        """How long hypervisor work of ``kind`` (those of :meth:`account`, and ``"numa_copy"``:
+        migrating pages between NUMA nodes, ``"zero_fill"``) on ``nbytes`` in ``ops`` calls
+        takes in this backend's cost model, without charging it; ``None`` on a backend without
+        a cost model (real time). A policy that plans by cost (a migration budget per tick)
+        asks this."""
+        return None
+
     def trapping(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> np.ndarray | None:
         """Per access of a batch, whether it would trap if the batch ran now (a fault, a traced
         page, a write to a protected or shared page), without running it; ``None`` when the

@@ -368,6 +368,22 @@ def memvisor_register_backends(register: Registry) -> None:
 
 
 @hookspec
+def memvisor_register_settings(register: Registry) -> None:
+    """Observer. Declare your plugin's settings: ``register(NAME, cls)``.
+
+    ``NAME`` is the plugin's entry-point name (its ``[plugins.NAME]`` table); ``cls`` is a
+    frozen attrs class whose every field is made with :func:`memvisor.settings.setting` (type
+    from the annotation; default, bounds or choices, one-line doc). The core checks the table
+    when the scenario is loaded (one line naming the file and the dotted key), fills the
+    defaults and hands the plugin an instance of ``cls`` from ``host.plugin_settings(NAME)``.
+    A plugin without settings registers a class without fields, so that a misspelt key in its
+    table is refused too.
+
+    :param register: the settings registry.
+    """
+
+
+@hookspec
 def memvisor_register_workloads(register: Registry) -> None:
     """Observer. Register workload kinds: ``register(kind, factory)``.
 
@@ -383,7 +399,13 @@ def memvisor_register_actions(register: Registry) -> None:
     """Observer. Register scenario timeline actions: ``register(name, function)``.
 
     ``function(run, step)`` receives the running scenario (:class:`memvisor.runner.ScenarioRun`)
-    and the step's table from the scenario file, and performs the step.
+    and the step (:class:`memvisor.runner.Step`: the step's table with checked access, every
+    error naming the file and the dotted key), and performs the step. A function that also takes
+    ``plugin`` (``function(run, step, plugin)``) gets the running host's instance of the plugin
+    that registered it, or None when the scenario does not enable that plugin (refuse with
+    ``raise step.error("do", "...needs the NAME plugin...")``). Register functions, not bound
+    methods: registration hooks are called on a catalog of every installed plugin, not on the
+    host's plugins.
 
     :param register: the action registry.
     """

@@ -35,7 +35,7 @@ from memvisor.events import (
 )
 from memvisor.metrics import Metrics
 from memvisor.plugins import new_plugin_manager
-from memvisor.registry import Registry, fill
+from memvisor.registry import Registry, SettingsRegistry, fill
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.contents import ContentSpec
@@ -113,14 +113,24 @@ def _disk_seed(vm_seed: int, index: int) -> int:
     return (int(vm_seed) % 2**64) * 2**20 + 0xD15C0 + index
 
 
-def registries(pm: pluggy.PluginManager) -> dict[str, Registry]:
-    """Fill the backend, workload and action registries from every plugin in ``pm``."""
-    h = pm.hook
-    return {
-        "backend": fill(h.memvisor_register_backends, Registry("backend"), pm),
-        "workload": fill(h.memvisor_register_workloads, Registry("workload"), pm),
-        "action": fill(h.memvisor_register_actions, Registry("action"), pm),
-    }
+def registries(pm: pluggy.PluginManager, extra: tuple[pluggy.PluginManager, Iterable[object]] | None = None,
+               ) -> dict[str, Registry]:
+    """Fill the backend, workload, action and settings registries from every plugin in ``pm``,
+    and from the plugin objects of ``extra`` (a plugin manager and the objects registered in
+    it as they are) whose class is not one of ``pm``'s plugins already."""
+    out: dict[str, Registry] = {}
+    installed = {type(p) for p in pm.get_plugins()}
+    for kind, hook, registry in (("backend", "memvisor_register_backends", Registry("backend")),
+                                 ("workload", "memvisor_register_workloads", Registry("workload")),
+                                 ("action", "memvisor_register_actions", Registry("action")),
+                                 ("settings", "memvisor_register_settings", SettingsRegistry())):
+        out[kind] = fill(getattr(pm.hook, hook), registry, pm)
+        if extra is not None:
+            extra_pm, objects = extra
+            objects = [o for o in objects if type(o) not in installed]
+            if objects:
+                fill(getattr(extra_pm.hook, hook), registry, extra_pm, only=objects)
+    return out
 
 
 class Host:
@@ -142,9 +152,11 @@ class Host:
         catalog: pluggy.PluginManager | None = None,
     ):
         self.config = config
+        extra_plugins = list(extra_plugins)
         self.pm = new_plugin_manager(list(plugins), extra=extra_plugins)
         self.hook = self.pm.hook
-        self.registries = registries(catalog or new_plugin_manager(None, strict=False))
+        self.registries = registries(catalog or new_plugin_manager(None, strict=False), (self.pm, extra_plugins))
+        self._settings = self._checked_settings()
         self.backend: Backend = self.registries["backend"][config.backend](config)
         self.backend.attach(self)
         self.vms: dict[str, VM] = {}
@@ -175,8 +187,24 @@ class Host:
 
     # -- configuration ------------------------------------------------------------------------
 
-    def plugin_settings(self, name: str) -> Mapping[str, Any]:
-        """Settings of plugin ``name`` from the scenario (empty when it has none)."""
+    def _checked_settings(self) -> dict[str, Any]:
+        """Each plugin's settings object (:func:`memvisor_register_settings`): its table from
+        the configuration checked, defaults filled (one line naming the dotted key otherwise)."""
+        from memvisor.settings import load
+
+        declared = self.registries["settings"]
+        out = {}
+        for name in declared:
+            table = self.config.plugin_settings.get(name, {})
+            out[name] = load(declared[name], table, f"plugins.{name}")
+        return out
+
+    def plugin_settings(self, name: str) -> Any:
+        """The settings of plugin ``name``: an instance of the class it declared
+        (:func:`memvisor_register_settings`), checked, defaults filled. For a plugin that
+        declares none, its table from the scenario as it is (empty when it has none)."""
+        if name in self._settings:
+            return self._settings[name]
         return self.config.plugin_settings.get(name, {})
 
     def require(self, plugin: str, *capabilities: str) -> None:

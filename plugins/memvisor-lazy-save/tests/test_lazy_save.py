@@ -170,5 +170,5 @@ def test_lazy_save_in_a_scenario_and_bad_settings():
     assert [j["method"] for j in jobs] == ["lazy", "eager"]
     (save,) = report.metric("lazy-save", "saves")
     assert save["pages"] == 4096 and save["stop_s"] < save["total_s"]
-    with pytest.raises(UserError, match="plugins.lazy-save: unknown setting 'nope'"):
+    with pytest.raises(UserError, match="plugins.lazy-save.nope: unknown setting"):
         small_host(plugins=["lazy-save"], settings={"lazy-save": {"nope": 1}})

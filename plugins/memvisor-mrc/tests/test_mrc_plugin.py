@@ -14,7 +14,7 @@ from memvisor.workloads import make_workload
 from memvisor_mrc.cli import compute
 from memvisor_mrc.curve import Curve
 from memvisor_mrc.online import VMTracker
-from memvisor_mrc.plugin import MRCPlugin, MRCSettings
+from memvisor_mrc.plugin import MRCPlugin
 from memvisor_mrc.stack_distance import exact_mrc
 from memvisor_mrc.summary import giveable_pages, recommended_pages, working_sets
 
@@ -159,14 +159,16 @@ def test_giveable_pages_of_a_known_curve():
 
 
 def test_settings_are_checked_in_one_line():
-    """A mistake in [plugins.mrc] is one line naming the key."""
+    """A mistake in [plugins.mrc] is one line naming the key; the fixed-rate mode's rate is
+    0.01 unless given, the fixed-size mode has no rate."""
     for bad, key in (({"rate": 0}, "rate"), ({"estimator": "magic"}, "estimator"), ({"rat": 0.1}, "rat"),
-                     ({"refresh": "-1s"}, "refresh"), ({"miss_ratios": [2]}, "miss_ratios")):
+                     ({"refresh": "-1s"}, "refresh"), ({"miss_ratios": [2]}, r"miss_ratios\[0\]")):
         with pytest.raises(UserError, match=f"plugins.mrc.{key}") as info:
-            MRCSettings.parse(bad)
+            small_host(plugins=["mrc"], settings={"mrc": bad})
         assert "\n" not in str(info.value)
-    assert MRCSettings.parse({}).rate == 0.01
-    assert MRCSettings.parse({"sample_size": 10}).rate is None
+    assert small_host(plugins=["mrc"]).pm.get_plugin("mrc").settings.rate == 0.01
+    fixed_size = small_host(plugins=["mrc"], settings={"mrc": {"sample_size": 10}})
+    assert fixed_size.pm.get_plugin("mrc").settings.rate is None
 
 
 def test_tracker_ignores_pages_outside_the_sample():

@@ -127,10 +127,15 @@ class BalloonPlugin:
     # -- lifecycle ----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.balloon]``."""
+        register(NAME, BalloonSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host: Host) -> None:
         """Read ``[plugins.balloon]`` and check the backend can share pages and map the zero
         page."""
-        self.settings = BalloonSettings.parse(host.plugin_settings(NAME))
+        self.settings = host.plugin_settings(NAME)
         host.require(NAME, Capability.SHARE, Capability.ZERO_PAGE)
         self.host = host
 

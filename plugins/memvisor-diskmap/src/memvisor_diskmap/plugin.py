@@ -29,13 +29,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+import attrs
 import numpy as np
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
-from memvisor.errors import BackendError, UserError
+from memvisor.errors import BackendError
 from memvisor.events import PageRecords
 from memvisor.report import ReportSection
+from memvisor.settings import setting
 from memvisor_diskmap.index import DiskIndex, nonzero_pages, page_hashes
 
 KIND = "disk-ref"
@@ -43,7 +45,18 @@ KIND = "disk-ref"
 uint64 (24 bytes), the disk slot being the disk's position among the VM's disks."""
 
 PAYLOAD_BYTES = 24
-SETTINGS = {"swap": True, "scan": False, "protect": True}
+
+
+@attrs.frozen
+class DiskmapSettings:
+    """What ``[plugins.diskmap]`` may set (docs/migration.md)."""
+
+    swap: bool = setting(True, doc="Under memory pressure, drop mapped pages that still equal their blocks "
+                                   "(a touch faults them back from the disk); needs the fault capability.")
+    scan: bool = setting(False, doc="Also find pages equal to disk blocks by content (a scan of the VM's pages), "
+                                    "not only through the guest's disk reads.")
+    protect: bool = setting(True, doc="Write-protect mapped pages, so that a guest write drops the mapping at "
+                                      "once; needs the write_protect capability.")
 
 
 def _fields(payloads, count: int, vm) -> np.ndarray:
@@ -89,7 +102,7 @@ class DiskmapPlugin:
 
     def __init__(self) -> None:
         self.host = None
-        self.settings = dict(SETTINGS)
+        self.settings = DiskmapSettings()
         self.maps: dict[str, _Map] = {}
         self.counts: Counter = Counter()
         self._indexes: dict[int, tuple[int, DiskIndex]] = {}
@@ -98,17 +111,17 @@ class DiskmapPlugin:
     # -- lifecycle ----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.diskmap]``."""
+        register("diskmap", DiskmapSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host):
         """Read the settings; swap needs page faults, protection needs write protection."""
         self.host = host
-        for key, value in host.plugin_settings("diskmap").items():
-            if key not in SETTINGS:
-                raise UserError(f"plugins.diskmap.{key}: unknown setting (known: {', '.join(SETTINGS)})")
-            if not isinstance(value, bool):
-                raise UserError(f"plugins.diskmap.{key}: must be true or false, got {value!r}")
-            self.settings[key] = value
-        needs = [Capability.FAULT] if self.settings["swap"] else []
-        if self.settings["protect"]:
+        self.settings = host.plugin_settings("diskmap")
+        needs = [Capability.FAULT] if self.settings.swap else []
+        if self.settings.protect:
             needs.append(Capability.WRITE_PROTECT)
         host.require("diskmap", *needs)
 
@@ -146,7 +159,7 @@ class DiskmapPlugin:
         m.disk[gpps], m.block[gpps] = slot, blocks
         m.version[gpps], m.hash[gpps] = disk.versions[blocks], hashes
         m.verified(self.host, vm, gpps)
-        if self.settings["protect"] and len(gpps):
+        if self.settings.protect and len(gpps):
             self.host.backend.protect(vm, gpps)
         self.counts["mapped"] += len(gpps)
 
@@ -287,7 +300,7 @@ class DiskmapPlugin:
     def memvisor_describe_pages(self, host, vm, gpps, purpose):
         """``disk-ref`` records for mapped pages whose bytes still hash as they did."""
         gpps = np.asarray(gpps, dtype=np.int64)
-        if self.settings["scan"] and len(gpps):
+        if self.settings.scan and len(gpps):
             self.scan(vm, gpps)
         valid = self._valid(vm, gpps)
         if not valid.any():
@@ -351,7 +364,7 @@ class DiskmapPlugin:
     @hookimpl
     def memvisor_memory_pressure(self, host, pressure):
         """Drop mapped pages that still equal their blocks, without writing anything."""
-        if not self.settings["swap"]:
+        if not self.settings.swap:
             return None
         backend, freed = host.backend, 0
         for vm in list(host.vms.values()):
@@ -448,7 +461,7 @@ class DiskmapPlugin:
         if len(pages):
             host.backend.account("disk_read", len(pages) * PAGE_SIZE, 1)
             host.backend.write(vm, pages, data)
-            if self.settings["protect"]:
+            if self.settings.protect:
                 host.backend.protect(vm, pages)
         self.counts["repaired"] += len(pages)
         return pages

@@ -17,7 +17,7 @@ from memvisor.errors import CapabilityError
 from memvisor.report import Plot, ReportSection
 from memvisor_numa.heuristics import AGE_DTYPE, HEURISTIC_CLASSES, Heuristic
 from memvisor_numa.locality import time_to_reach
-from memvisor_numa.settings import DEFAULT_NUMA_GIB_PER_S, HOT_FIRST, NumaSettings, parse_settings
+from memvisor_numa.settings import DEFAULT_NUMA_GIB_PER_S, HOT_FIRST, NumaSettings, bandwidth_pages, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.host import VM, Host
@@ -92,6 +92,7 @@ class NumaPlugin:
 
     def __init__(self) -> None:
         self.settings = NumaSettings()
+        self.bandwidth_pages = 0  # the most the interconnect carries per tick (set when the host starts)
         self.heuristic: Heuristic = HEURISTIC_CLASSES["scan"]()
         self.vms: dict[str, VmNuma] = {}
         self.budget_left = 0
@@ -103,17 +104,23 @@ class NumaPlugin:
     # -- lifecycle ------------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.numa]``."""
+        register("numa", NumaSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host):
         """Read the settings; refuse a host with one NUMA node (there is nowhere to migrate)."""
         if Capability.NUMA not in host.backend.capabilities or host.backend.numa_nodes < 2:
             raise CapabilityError(
                 f"plugin 'numa' cannot migrate: backend {host.backend.name!r} has "
                 f"{host.backend.numa_nodes} NUMA node(s) (set host.numa_nodes = 2 or more)")
-        costs = getattr(host.backend, "costs", None)
-        gib_per_s = getattr(costs, "numa_gib_per_s", DEFAULT_NUMA_GIB_PER_S)
-        self.settings = parse_settings(host.plugin_settings("numa"), tick_seconds=host.tick_interval,
-                                       gib_per_s=gib_per_s, seed=host.config.seed,
-                                       low_watermark=host.config.low_watermark)
+        page_seconds = host.backend.work_seconds("numa_copy", PAGE_SIZE)
+        # No cost model (a real clock): the emulator's default bandwidth bounds the budget.
+        gib_per_s = DEFAULT_NUMA_GIB_PER_S if not page_seconds else PAGE_SIZE / page_seconds / 2**30
+        self.bandwidth_pages = bandwidth_pages(gib_per_s, host.tick_interval)
+        self.settings = resolve(host.plugin_settings("numa"), limit=self.bandwidth_pages, seed=host.config.seed,
+                                low_watermark=host.config.low_watermark)
         self.heuristic = HEURISTIC_CLASSES[self.settings.heuristic]()
         needs = [Capability.ACCESSED]
         if self.heuristic.traps:
@@ -424,7 +431,7 @@ class NumaPlugin:
             "heuristic": self.settings.heuristic,
             "hot_first": self.settings.heuristic in HOT_FIRST,
             "pages_per_tick": self.settings.pages_per_tick,
-            "bandwidth_pages_per_tick": self.settings.bandwidth_pages_per_tick,
+            "bandwidth_pages_per_tick": self.bandwidth_pages,
             "t90_s": first["t90_s"] if first else None,
             "t99_s": first["t99_s"] if first else None,
             "migrated_pages": sum(m["migrated_pages"] for m in per_vm.values()),

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+import attrs
+
 from memvisor import hookimpl
 from memvisor.report import Plot, ReportSection
 
 EVENT_KINDS = ("faults", "traced_accesses", "write_traps", "ticks", "pressure_events", "vcpu_moves")
+
+
+@attrs.frozen
+class StatsSettings:
+    """``[plugins.stats]`` has no settings: an empty table enables the plugin (and a misspelt
+    key in it is refused)."""
 
 
 class StatsPlugin:
@@ -27,6 +35,11 @@ class StatsPlugin:
         self.pages[vm.name][kind] += pages
         self.calls[kind] += 1
         self._window += pages
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare the (empty) settings of ``[plugins.stats]``."""
+        register("stats", StatsSettings)
 
     @hookimpl
     def memvisor_page_fault(self, vm, fault):
