@@ -14,17 +14,35 @@ import pytest
 from memvisor import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOKS = hookspecs.HOOK_NAMES
+
+
+def _offered() -> tuple[str, ...]:
+    from memvisor.plugins import new_plugin_manager, offered_hooks
+
+    return tuple(sorted(offered_hooks(new_plugin_manager(None, strict=False))))
+
+
+OFFERED = _offered()
+"""Hooks the installed plugins offer each other (memvisor_register_hookspecs)."""
+HOOKS = hookspecs.HOOK_NAMES + OFFERED
 
 
 def signature(name: str) -> str:
     """The signature as docs/hooks.md must show it: name(arg: type, ...) -> return."""
-    return f"{name}{inspect.signature(getattr(hookspecs, name))}".replace("'", "")
+    if name in OFFERED:
+        from memvisor.plugins import new_plugin_manager, offered_hooks
+
+        function = offered_hooks(new_plugin_manager(None, strict=False))[name].spec
+    else:
+        function = getattr(hookspecs, name)
+    sig = inspect.signature(function)
+    sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "self"])
+    return f"{name}{sig}".replace("'", "")
 
 
 def test_every_hook_is_in_hookspecs():
     """The spec module lists the hooks that the core is built around."""
-    for name in ("memvisor_page_fault", "memvisor_page_accessed", "memvisor_page_write", "memvisor_memory_pressure",
+    for name in ("memvisor_page_fault", "memvisor_traced_access", "memvisor_write_trap", "memvisor_memory_pressure",
                  "memvisor_tick", "memvisor_report"):
         assert name in HOOKS
 
@@ -50,6 +68,12 @@ def test_docs_hooks_md_lists_no_stale_hook():
     docs = (ROOT / "docs" / "hooks.md").read_text()
     documented = {h.split("(")[0] for h in re.findall(r"^### `(.+)`$", docs, flags=re.M)}
     assert documented == set(HOOKS)
+
+
+def test_the_plugins_of_this_repository_offer_page_heat_and_giveable_pages():
+    """The two hooks the core used to specify are declared by the plugins that ask them."""
+    assert {"memvisor_page_heat", "memvisor_giveable_pages"} <= set(OFFERED)
+    assert not {"memvisor_page_heat", "memvisor_giveable_pages"} & set(hookspecs.HOOK_NAMES)
 
 
 def test_generated_docs_are_current():

@@ -22,7 +22,7 @@ from memvisor.migration import Link, LiveMigration, MigrationAborted, MigrationO
 from memvisor.testing import small_host
 from memvisor.testing.integration import PLUGINS, IntegrationModel
 
-FAULTY_HOOKS = ("memvisor_tick", "memvisor_page_accessed", "memvisor_memory_pressure", "memvisor_memory_error",
+FAULTY_HOOKS = ("memvisor_tick", "memvisor_traced_access", "memvisor_memory_pressure", "memvisor_memory_error",
                 "memvisor_disk_io", "memvisor_vcpus_moved")
 
 
@@ -41,7 +41,7 @@ class Faulty:
         self._boom()
 
     @hookimpl
-    def memvisor_page_accessed(self, host, vm, access):
+    def memvisor_traced_access(self, host, vm, access):
         self._boom()
 
     @hookimpl(tryfirst=True)
@@ -111,7 +111,7 @@ class FaultyFault:
 
 class FaultyWrite:
     @hookimpl(tryfirst=True)
-    def memvisor_page_write(self, host, vm, write):
+    def memvisor_write_trap(self, host, vm, write):
         raise RuntimeError("write handler bug")
 
 

@@ -20,6 +20,11 @@ LARGE_PAGE_PAGES = 512
 """Small pages in one 2 MiB large page."""
 
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-"""Marker for hook implementations: ``@memvisor.hookimpl``."""
+"""Marker for hook implementations: ``@memvisor.hookimpl`` (``tryfirst``, ``trylast``,
+``optionalhook`` for a hook another plugin may declare, ``wrapper``)."""
 
-__all__ = ["LARGE_PAGE_PAGES", "PAGE_SIZE", "PROJECT_NAME", "__version__", "hookimpl"]
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+"""Marker for hook specifications: the core's (:mod:`memvisor.hookspecs`) and those a plugin
+offers other plugins (:func:`memvisor.hookspecs.memvisor_register_hookspecs`)."""
+
+__all__ = ["LARGE_PAGE_PAGES", "PAGE_SIZE", "PROJECT_NAME", "__version__", "hookimpl", "hookspec"]

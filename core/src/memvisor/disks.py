@@ -7,7 +7,7 @@ charges the backend's disk costs and calls :func:`memvisor_disk_io`.
 
 A read lands in guest memory as a DMA write by the guest's device: it goes through
 ``backend.guest_write``, so it traps like a guest write (a write-protected page is seen by
-:func:`memvisor_page_write` first) and sets the dirty bits that live migration reads.
+:func:`memvisor_write_trap` first) and sets the dirty bits that live migration reads.
 A write reads the pages through ``backend.guest_read``.
 
 Every block has a version, bumped whenever the block is written, so that a holder of a

@@ -163,6 +163,20 @@ class RestoreRequest:
 
 
 @attrs.frozen(eq=False)
+class RestoreStart:
+    """A restore of one VM passed its checks and is about to replace every page of its memory.
+
+    :ivar request: the :class:`RestoreRequest`.
+    :ivar record_pages: the pages the checkpoint stores as plugin records, by record kind
+        (``{"disk-ref": gpps}``): their records were resolved by the check, and each of these
+        pages will hold exactly the bytes its record resolved to.
+    """
+
+    request: RestoreRequest
+    record_pages: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen(eq=False)
 class PageRecords:
     """Pages that a plugin describes more cheaply than by their bytes (a checkpoint or a
     migration stream stores the record instead of the data).

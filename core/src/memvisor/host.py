@@ -28,6 +28,7 @@ from memvisor.events import (
     MemoryErrorEvent,
     MemoryPressure,
     RestoreRequest,
+    RestoreStart,
     SaveRequest,
     Tick,
     VcpuMove,
@@ -182,8 +183,12 @@ class Host:
         from memvisor.isolation import isolate
         from memvisor.plugins import BUILTIN_MODULES
 
-        self.hook.memvisor_host_started(host=self)
+        # Plugins still implementing a hook under its old name (one release): called too.
+        self._legacy_traced = bool(self.hook.memvisor_page_accessed.get_hookimpls())
+        self._legacy_write = bool(self.hook.memvisor_page_write.get_hookimpls())
+        self.faults_served_by: dict[str, int] = {}
         isolate(self, BUILTIN_MODULES)
+        self.hook.memvisor_host_started(host=self)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -422,17 +427,31 @@ class Host:
         if not self.backend.present(vm, fault.gpps).all():
             raise BackendError(f"VM {vm.name!r}: page faults left unserved")
 
+    def served_faults(self, vm: VM, plugin: str, gpps) -> None:
+        """What a :func:`memvisor_page_fault` implementation of ``plugin`` returned: the pages it
+        served, which must be present now (else :class:`BackendError`, and the VM stops as
+        when the plugin raised); counted in :attr:`faults_served_by`."""
+        gpps = np.asarray(gpps, dtype=np.int64).reshape(-1)
+        if len(gpps) and not self.backend.present(vm, gpps).all():
+            missing = gpps[~self.backend.present(vm, gpps)]
+            raise BackendError(f"returned {len(missing)} pages it did not make present (first: {int(missing[0])})")
+        self.faults_served_by[plugin] = self.faults_served_by.get(plugin, 0) + len(gpps)
+
     def deliver_accesses(self, vm: VM, access: AccessBatch) -> None:
         """Called by the backend: tell plugins which traced pages were touched (now untraced)."""
         self.metrics.add_traps(vm.name, "traced", len(access.gpps))
-        self.hook.memvisor_page_accessed(host=self, vm=vm, access=access)
+        self.hook.memvisor_traced_access(host=self, vm=vm, access=access)
+        if self._legacy_traced:
+            self.hook.memvisor_page_accessed(host=self, vm=vm, access=access)
 
     def deliver_writes(self, vm: VM, write: WriteBatch) -> None:
         """Called by the backend: let plugins see writes to shared or protected pages, then make
         the pages writable (private copy for shared ones, protection cleared)."""
         self.metrics.add_traps(vm.name, "write_traps", len(write.gpps))
         try:
-            self.hook.memvisor_page_write(host=self, vm=vm, write=write)
+            self.hook.memvisor_write_trap(host=self, vm=vm, write=write)
+            if self._legacy_write:
+                self.hook.memvisor_page_write(host=self, vm=vm, write=write)
         except Exception as exc:  # no safe fallback: the plugin may need to act before the write
             self._fatal(vm, "handling a write trap", exc)
             raise
@@ -621,12 +640,23 @@ class Host:
         return job
 
     def restore_checkpoint(self, vm: VM, request: RestoreRequest):
-        """Replace ``vm``'s memory with a checkpoint's (:func:`memvisor_checkpoint_restore`),
-        then measure the time until the guest's first access is served: one read of page 0
-        (the first page a booting guest touches).
+        """Replace ``vm``'s memory with a checkpoint's, then measure the time until the guest's
+        first access is served: one read of page 0 (the first page a booting guest touches).
 
-        Restores check first that they can finish (:func:`memvisor.checkpoint.vm.check_restorable`)
-        and refuse with nothing of the VM's memory changed."""
+        A save of the VM still running finishes first (its job's ``flush``: the file holds the
+        memory the save began with). Then the restore is checked
+        (:func:`memvisor.checkpoint.vm.check_restorable`: the file opens and holds every page,
+        its records still resolve) and refused with nothing of the VM changed; then
+        :func:`memvisor_restore_starting` tells every plugin, and
+        :func:`memvisor_checkpoint_restore` decides who restores (a lazy restore, or the core's
+        eager one)."""
+        from memvisor.checkpoint.vm import check_restorable
+
+        for job in self.checkpoint_jobs:
+            if job.vm == vm.name and getattr(job, "flush", None) is not None and not job.done:
+                job.flush()  # a save of the VM still running (lazy)
+        record_pages = check_restorable(self, vm, request)
+        self.hook.memvisor_restore_starting(host=self, vm=vm, restore=RestoreStart(request, record_pages))
         job = self.hook.memvisor_checkpoint_restore(host=self, vm=vm, request=request)
         probe = self.access(vm, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool))
         self.advance(probe.seconds)

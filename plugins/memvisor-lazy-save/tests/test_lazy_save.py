@@ -23,7 +23,7 @@ def test_lazy_save_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
     row = listed_plugin("lazy-save")
     assert row["distribution"] == "memvisor-lazy-save"
-    for hook in ("memvisor_checkpoint_save", "memvisor_page_write", "memvisor_tick", "memvisor_report",
+    for hook in ("memvisor_checkpoint_save", "memvisor_write_trap", "memvisor_tick", "memvisor_report",
                  "memvisor_register_benchmarks"):
         assert hook in row["hooks"]
 

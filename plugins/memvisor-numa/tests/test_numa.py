@@ -18,7 +18,7 @@ def test_numa_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
     row = listed_plugin("numa")
     assert row["distribution"] == "memvisor-numa" and row["error"] is None
-    for hook in ("memvisor_vcpus_moved", "memvisor_tick", "memvisor_page_accessed", "memvisor_report",
+    for hook in ("memvisor_vcpus_moved", "memvisor_tick", "memvisor_traced_access", "memvisor_report",
                  "memvisor_register_commands", "memvisor_register_benchmarks"):
         assert hook in row["hooks"]
 

@@ -13,6 +13,7 @@ and writing (or reading and decompressing) cost what the cost model says.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -47,6 +48,9 @@ class SaveJob:
         write_calls, ...), filled in when done.
     :ivar error: one line saying why a save that runs on its own (lazy) failed (disk full):
         the file at :attr:`path` is then the previous one, untouched; None otherwise.
+    :ivar flush: for a save that runs on its own, a function that finishes it now; the core
+        calls it before the VM's memory is replaced (``host.restore_checkpoint``), so that the
+        file holds the memory the save began with. None for a save that is done when returned.
     """
 
     vm: str
@@ -57,6 +61,7 @@ class SaveJob:
     finished: float | None = None
     stats: dict[str, Any] = attrs.field(factory=dict)
     error: str | None = None
+    flush: Callable[[], None] | None = attrs.field(default=None, repr=False)
 
     @property
     def done(self) -> bool:
@@ -263,12 +268,12 @@ def load_pages(host: Host, vm: VM, reader: CheckpointReader, gpps: np.ndarray) -
 
 
 def eager_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob:
-    """Stop the VM, replace every page with the checkpoint's, resume: the baseline restore."""
+    """Stop the VM, replace every page with the checkpoint's, resume: the baseline restore
+    (``host.restore_checkpoint`` has checked it with :func:`check_restorable` already)."""
     started, real = host.now, time.perf_counter()
     with CheckpointReader(request.path, key=request.key) as reader:
         if reader.vm_pages != vm.pages:
             raise BackendError(f"{request.path}: checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
-        check_restorable(host, vm, request)
         backend = host.backend
         backend.unmap(vm, np.arange(vm.pages))
         for start in range(0, vm.pages, CHUNK_PAGES):
@@ -297,7 +302,7 @@ class RestoreRefused(CheckpointError, BackendError):
     :class:`BackendError`, which is what resolving such records raised before the check."""
 
 
-def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> None:
+def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> dict[str, np.ndarray]:
     """Refuse, before anything of ``vm`` changes, a restore that could not finish: a file that
     does not open (structure, MAC), a checkpoint of another size, a page it does not hold, or
     plugin records that no longer resolve (a ``disk-ref`` to a block written since the save).
@@ -312,7 +317,9 @@ def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> None:
     A refused restore leaves a restore still under way untouched, its records kept: a restore
     under way ends only once the next one passed this check (ending it first orphaned its
     pages, which the core then zero-filled — found by ``memvisor selftest``: a lazy restore,
-    the disk written, a second restore of the same file refused)."""
+    the disk written, a second restore of the same file refused).
+
+    Returns the pages the checkpoint stores as plugin records, by record kind."""
     with CheckpointReader(request.path, key=request.key) as reader:
         if reader.vm_pages != vm.pages:
             raise CheckpointError(reader.path, f"checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
@@ -329,3 +336,4 @@ def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> None:
         host.restore_records.pop(vm.name, None)
         if resolved:  # kept for the restore itself (resolve() serves them from here)
             host.restore_records[vm.name] = (str(reader.path), resolved)
+    return {kind: pages for kind, (pages, _) in resolved.items()}

@@ -5,7 +5,7 @@
   ``hold_page``, copy-on-write) and so frees their machine pages. A read of a balloon page reads
   zeros from that page.
 - **Detect a reset.** A guest write to the balloon page traps before it lands
-  (:func:`memvisor_page_write`). Because the balloon page is the plugin's own, the machine page
+  (:func:`memvisor_write_trap`). Because the balloon page is the plugin's own, the machine page
   number alone tells a write to it from writes to the zero page or to pages that a sharing
   plugin merged. Such a write means the guest forgot its balloon (a reboot, a driver reload):
   every balloon page of that VM is reset and the driver is told to start over.
@@ -125,6 +125,13 @@ class BalloonPlugin:
         self.sizes: dict[str, list[int]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    @hookimpl
+    def memvisor_register_hookspecs(self, register):
+        """Declare ``memvisor_giveable_pages``, which the MRC-guided policy asks."""
+        from memvisor_balloon import hookspecs
+
+        register(hookspecs)
 
     @hookimpl
     def memvisor_register_settings(self, register):
@@ -303,17 +310,17 @@ class BalloonPlugin:
             st.mpn = -1
         return len(gpps)
 
-    @hookimpl(tryfirst=True)
-    def memvisor_checkpoint_restore(self, host: Host, vm: VM, request) -> None:
+    @hookimpl
+    def memvisor_restore_starting(self, host: Host, vm: VM) -> None:
         """A restore replaces every page of the VM, balloon pages included: the balloon ends
         without touching memory (the restore owns every page now), its page is released and
-        the guest's driver starts over, as after a reboot. Returns None: others restore.
+        the guest's driver starts over, as after a reboot.
 
         Without this the balloon's record would name pages that the restore remapped (found by
         the all-techniques integration test)."""
         st = self.vms.get(vm.name)
         if st is None:
-            return None
+            return
         st.in_balloon[:] = False
         st.backed[:] = False
         st.order = np.empty(0, dtype=np.int64)
@@ -324,7 +331,6 @@ class BalloonPlugin:
         if st.driver.size:
             st.driver.reset(self._now())
         self._record(host)
-        return None
 
     @hookimpl
     def memvisor_memory_error(self, host: Host, vm: VM, error) -> np.ndarray | None:
@@ -354,7 +360,7 @@ class BalloonPlugin:
     # -- detecting a reset --------------------------------------------------------------------
 
     @hookimpl
-    def memvisor_page_write(self, host: Host, vm: VM, write: WriteBatch) -> None:
+    def memvisor_write_trap(self, host: Host, vm: VM, write: WriteBatch) -> None:
         """A write to the VM's balloon page means the guest forgot its balloon: reset it.
 
         Writes to the zero page or to pages shared by other plugins are not the balloon's

@@ -4,7 +4,7 @@ A mapping is made when a page is filled from a block (:func:`memvisor_disk_io`, 
 a page is written back to a block (a write: the two are equal afterwards), or, with
 ``scan = true``, when a page is found identical to a block by content (the disk index, verified
 byte for byte). Mapped pages are write-protected; a guest write to one drops its mapping
-(:func:`memvisor_page_write`), and so does a write to its disk block; a checkpoint restore
+(:func:`memvisor_write_trap`), and so does a write to its disk block; a checkpoint restore
 drops them all (the memory is replaced). Each mapping keeps the
 block's version and a 64-bit hash of the bytes at the time it was made, and every use checks
 them, so a block changed since, or a page changed behind the guest's back, is never used.
@@ -290,7 +290,7 @@ class DiskmapPlugin:
             self.counts["mapped_by_io"] += int(same.sum())
 
     @hookimpl
-    def memvisor_page_write(self, vm, write):
+    def memvisor_write_trap(self, vm, write):
         """The guest writes mapped pages: they no longer equal their blocks."""
         self._drop(vm, write.gpps, "guest_write")
 
@@ -346,17 +346,18 @@ class DiskmapPlugin:
         self.counts["refs_resolved"] += len(records.gpps)
         return out
 
-    @hookimpl(tryfirst=True)
-    def memvisor_checkpoint_restore(self, vm):
-        """The VM's memory is about to be replaced: every mapping is void (the restore's own
-        disk references map their pages again). Dropped pages come back first: the restore may
-        yet be refused, and the VM then runs on with them. Takes no part in the restore."""
+    @hookimpl
+    def memvisor_restore_starting(self, vm, restore):
+        """The VM's memory is about to be replaced: every mapping is void but those of the
+        restore's own disk references (mapped when the core's check resolved them), and the
+        pages dropped under pressure are the restore's to fill, with every other page. (A
+        refused restore does not get here: the VM then runs on with its mappings, dropped
+        pages included.)"""
         m = self._map_of(vm)
-        swapped = np.flatnonzero(m.swapped & ~self.host.backend.present(vm))
-        if len(swapped):
-            self._swap_in(vm, swapped)
-        self.counts["dropped_restore"] += int(np.count_nonzero(m.disk >= 0))
-        m.disk[:] = -1
+        keep = np.zeros(vm.pages, dtype=bool)
+        keep[restore.record_pages.get(KIND, np.zeros(0, dtype=np.int64))] = True
+        self.counts["dropped_restore"] += int(np.count_nonzero((m.disk >= 0) & ~keep))
+        m.disk[~keep] = -1
         m.swapped[:] = False
 
     # -- swap -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import structlog
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
 from memvisor.checkpoint import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointError, CheckpointReader
-from memvisor.checkpoint.vm import RestoreJob, check_restorable, load_pages
+from memvisor.checkpoint.vm import RestoreJob, load_pages
 from memvisor.errors import UserError
 from memvisor.report import Plot, ReportSection
 from memvisor.settings import setting
@@ -76,10 +76,7 @@ class LazyRestore:
             if np.any(self.kinds == KIND_MISSING):
                 first = int(np.flatnonzero(self.kinds == KIND_MISSING)[0])
                 raise CheckpointError(reader.path, f"page {first} is not in the checkpoint")
-            self.pb_of_page = reader.locate_many(every)
-            # Records that no longer resolve (a disk block written since) refuse the restore
-            # now, before the VM's memory goes: not at a fault, with the old memory gone.
-            check_restorable(host, vm, request)
+            self.pb_of_page = reader.locate_many(every)  # (records were resolved by the core's check)
             sb_of_pb = np.fromiter((reader.storage_block_of(p) for p in range(reader.page_blocks)), np.int64,
                                    count=reader.page_blocks)
         except BaseException:
@@ -347,20 +344,18 @@ class LazyRestorePlugin:
             self.finished.append(restore)
 
     @hookimpl
-    def memvisor_checkpoint_restore(self, host, vm, request):
-        """Take the restore unless an eager one is asked for (``request.lazy is False``).
+    def memvisor_restore_starting(self, vm) -> None:
+        """A restore of the VM passed its checks: one in progress ends, whoever takes the new
+        one (its pages would otherwise be served over the new contents). A refused restore
+        does not get here: the one in progress keeps serving its pages."""
+        self._end(vm)
 
-        A restore in progress of the same VM ends, whoever takes the new one (its pages would
-        otherwise be served over the new contents) — but only once the new one passed its
-        checks: a refused restore leaves it serving its pages.
-        """
+    @hookimpl
+    def memvisor_checkpoint_restore(self, host, vm, request):
+        """Take the restore unless an eager one is asked for (``request.lazy is False``)."""
         if request.lazy is False:
-            if vm.name in self.restores:
-                check_restorable(host, vm, request)  # the core's eager restore checks again
-            self._end(vm)
             return None
         restore = LazyRestore(self, host, vm, request)
-        self._end(vm)
         restore.start()
         self.restores[vm.name] = restore
         return restore.job

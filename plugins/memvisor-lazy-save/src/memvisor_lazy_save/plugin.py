@@ -10,7 +10,7 @@ staging buffer, which writes one storage block per full buffer). Windows are sav
   saver is not busy: each batch of windows keeps it busy for the cost model's time of
   compressing and writing it, so the save runs at the modelled disk and compression speed;
 - at once when the guest is about to write a page of an unsaved window
-  (:func:`memvisor_page_write` arrives before the write lands): copy before write. The window's
+  (:func:`memvisor_write_trap` arrives before the write lands): copy before write. The window's
   pages are copied into a bounded side buffer (the guest waits for a memory copy) that the
   background saver compresses first; when the side buffer is full the window is compressed in
   the trap (the guest waits for the compression).
@@ -337,6 +337,13 @@ class LazySavePlugin:
         self.settings = LazySaveSettings()
 
     @hookimpl
+    def memvisor_register_hookspecs(self, register):
+        """Declare ``memvisor_page_heat``, which the access-order sidecar is made from."""
+        from memvisor_lazy_save import hookspecs
+
+        register(hookspecs)
+
+    @hookimpl
     def memvisor_register_settings(self, register):
         """Declare ``[plugins.lazy-save]``."""
         register(NAME, LazySaveSettings)
@@ -362,10 +369,18 @@ class LazySavePlugin:
         if self.settings.page_at_a_time:
             save.job.method = "page-at-a-time"
         self.saves[vm.name] = save
+        save.job.flush = lambda: self._flush(vm.name)  # the core calls it before a restore of the VM
         return save.job
 
+    def _flush(self, name: str) -> None:
+        """Finish the save of VM ``name`` now, if it still runs."""
+        save = self.saves.pop(name, None)
+        if save is not None:
+            save.flush()
+            self.finished.append(save)
+
     @hookimpl
-    def memvisor_page_write(self, vm, write) -> None:
+    def memvisor_write_trap(self, vm, write) -> None:
         """Copy before write: save the windows of written pages that are not saved yet."""
         save = self.saves.get(vm.name)
         if save is not None and not save.closed:
@@ -389,22 +404,11 @@ class LazySavePlugin:
                 save.finish()
                 self.finished.append(self.saves.pop(name))
 
-    @hookimpl(tryfirst=True)
-    def memvisor_checkpoint_restore(self, host, vm, request):
-        """A restore replaces the VM's memory: finish its save first (then let others restore)."""
-        save = self.saves.pop(vm.name, None)
-        if save is not None:
-            save.flush()
-            self.finished.append(save)
-        return None
 
     @hookimpl
     def memvisor_vm_destroyed(self, host, vm) -> None:
         """The VM's memory is still mapped: finish its save."""
-        save = self.saves.pop(vm.name, None)
-        if save is not None:
-            save.flush()
-            self.finished.append(save)
+        self._flush(vm.name)
 
     @hookimpl
     def memvisor_host_stopping(self, host) -> None:

@@ -2,12 +2,14 @@
 miss-rate curve up to date while the VM runs.
 
 - ``memvisor_vm_created``: trace the sampled pages (spatial hash, :mod:`memvisor_mrc.online`).
-- ``memvisor_page_accessed``: the sampled pages' traps (one batch, in first-touch order) go to
+- ``memvisor_traced_access``: the sampled pages' traps (one batch, in first-touch order) go to
   the VM's online LRU and trap log; each page stays untraced for ``untrace_period``.
 - ``memvisor_tick``: retrace the pages whose period ended; every ``refresh`` seconds compute a
   snapshot of the curve (the curve over time in the report).
 - ``memvisor_page_heat`` and ``memvisor_giveable_pages``: answers for NUMA migration, lazy
-  restore and the balloon policy, from the LRU and the latest curve.
+  save and the balloon policy, from the LRU and the latest curve. Those plugins declare the
+  hooks (``memvisor_register_hookspecs``); this one answers them where they are (hooks marked
+  ``optionalhook``).
 - ``memvisor_report``: the final curve, working sets, recommended size, traps; plots.
 """
 
@@ -127,7 +129,7 @@ class MRCPlugin:
     # -- traps and ticks -----------------------------------------------------------------------
 
     @hookimpl
-    def memvisor_page_accessed(self, host, vm, access):
+    def memvisor_traced_access(self, host, vm, access):
         """Feed the sampled pages' traps to the VM's online LRU and trap log (one batch)."""
         state = self.vms.get(vm.name)
         if state is None or state.tracker is None:
@@ -158,7 +160,7 @@ class MRCPlugin:
 
     # -- answers to other plugins --------------------------------------------------------------
 
-    @hookimpl
+    @hookimpl(optionalhook=True)
     def memvisor_page_heat(self, vm, gpps):
         """Recency of each page in the VM's LRU (1.0 most recent); 0 for unknown pages."""
         state = self.vms.get(vm.name)
@@ -166,7 +168,7 @@ class MRCPlugin:
             return None
         return state.tracker.heat(gpps)
 
-    @hookimpl
+    @hookimpl(optionalhook=True)
     def memvisor_giveable_pages(self, host, vm, miss_ratio_increase):
         """Pages the VM can be without for at most ``miss_ratio_increase`` more misses,
         counted from its whole memory, the baseline being its current allocation (its pages

@@ -104,6 +104,13 @@ class NumaPlugin:
     # -- lifecycle ------------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_register_hookspecs(self, register):
+        """Declare ``memvisor_page_heat``, which the ``mrc`` heuristic asks."""
+        from memvisor_numa import hookspecs
+
+        register(hookspecs)
+
+    @hookimpl
     def memvisor_register_settings(self, register):
         """Declare ``[plugins.numa]``."""
         register("numa", NumaSettings)
@@ -163,7 +170,7 @@ class NumaPlugin:
         self.real_seconds += time.perf_counter() - started
 
     @hookimpl
-    def memvisor_page_accessed(self, host, vm, access):
+    def memvisor_traced_access(self, host, vm, access):
         """Traps of pages this plugin traced: hand them to the heuristic."""
         st = self.vms.get(vm.name)
         if st is None or st.armed is None:

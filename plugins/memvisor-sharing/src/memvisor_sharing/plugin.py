@@ -147,7 +147,7 @@ class SharingPlugin:
         self._sample(tick.now, table)
 
     @hookimpl
-    def memvisor_page_write(self, vm, write):
+    def memvisor_write_trap(self, vm, write):
         """The guest writes shared (or protected) pages: their fingerprints are void; the core
         gives shared ones a private copy right after this call (nothing is re-shared here)."""
         scan = self.vms.get(vm.name)

@@ -47,12 +47,12 @@ class StatsPlugin:
         self._count(vm, "faults", len(fault.gpps))
 
     @hookimpl
-    def memvisor_page_accessed(self, vm, access):
+    def memvisor_traced_access(self, vm, access):
         """Count traced pages touched."""
         self._count(vm, "traced_accesses", len(access.gpps))
 
     @hookimpl
-    def memvisor_page_write(self, vm, write):
+    def memvisor_write_trap(self, vm, write):
         """Count writes to shared or write-protected pages."""
         self._count(vm, "write_traps", len(write.gpps))
 
