@@ -99,14 +99,6 @@ def test_usage_errors_and_environment_are_one_line():
         assert proc.stderr.startswith("memvisor: error: ") and message in proc.stderr, (args, proc.stderr)
 
 
-def test_a_plugin_command_that_is_missing_names_its_distribution():
-    """`memvisor sharing` when the plugin is blocked (or not installed) says where it comes
-    from, not "No such command"."""
-    proc = memvisor("sharing", "estimate", env={"MEMVISOR_DISABLE_PLUGINS": "sharing"})
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "'sharing' comes from" in proc.stderr and "memvisor-sharing" in proc.stderr
-
-
 def test_an_allow_list_without_the_backend_says_so(tmp_path):
     """MEMVISOR_PLUGINS=stats leaves the emulator out: the line says so, not 'unknown backend'."""
     path = tmp_path / "s.toml"

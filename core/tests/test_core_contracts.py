@@ -290,3 +290,39 @@ def test_an_answer_to_a_formerly_core_hook_still_loads_with_a_warning():
 
     with pytest.warns(DeprecationWarning, match=r"mark it @hookimpl\(optionalhook=True\)"):
         small_host(extra_plugins=[OldHeat()])
+
+
+def test_hook_memvisor_selftest():
+    """A plugin's contributions to the all-techniques machine are collected under its name;
+    a step may not take a core step's name or another plugin's."""
+    from memvisor.plugins import new_plugin_manager
+    from memvisor.testing.integration import contributions
+
+    def poke(plugin, host, vm, count):
+        plugin.poked += count
+
+    class Contributor:
+        poked = 0
+
+        @hookimpl
+        def memvisor_selftest(self, selftest):
+            selftest.settings({"every": 8})
+            selftest.step("poke", poke, count=(1, 5), during_migration=(0, 3))
+            selftest.check(lambda plugin, host: None)
+            selftest.command("poke", {"out": "{out}/poke.json"})
+
+    pm = new_plugin_manager([], extra=[Contributor()])
+    offered = contributions(pm)
+    name = next(iter(offered.tables))
+    assert offered.tables[name] == {"every": 8} and offered.commands == {"poke": {"out": "{out}/poke.json"}}
+    step = offered.steps["poke"]
+    assert step.plugin == name and step.arguments == {"count": (1, 5)} and step.during_migration == (0, 3)
+    assert len(offered.checks) == 1
+
+    class Clash:
+        @hookimpl
+        def memvisor_selftest(self, selftest):
+            selftest.step("migrate", poke, count=(1, 2))
+
+    with pytest.raises(ValueError, match="selftest step 'migrate' is the core's already"):
+        contributions(new_plugin_manager([], extra=[Clash()]))

@@ -267,18 +267,18 @@ def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort()
 
 
 def test_migrate_command_says_when_a_named_disk_cannot_be_used(tmp_path):
-    """`memvisor migrate --image IMAGE --disk DISK` without the plugin that sends disk
-    references says so in one line (the migration still runs, every page as data) rather than
-    silently sending plain compression."""
+    """`memvisor migrate --image IMAGE --disk DISK` without a plugin that describes pages (one
+    that could send disk references) says so in one line (the migration still runs, every page
+    as data) rather than silently sending plain compression."""
     image, disk, out = tmp_path / "mem.img", tmp_path / "disk.img", tmp_path / "out.json"
     pages = ContentSpec.parse("random", "t").fill(16, 3, np.arange(16))
     image.write_bytes(pages.tobytes())
     disk.write_bytes(pages.tobytes())
     done = subprocess.run([sys.executable, "-m", "memvisor", "migrate", "--image", str(image), "--disk", str(disk),
                            "--json", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "MEMVISOR_DISABLE_PLUGINS": "diskmap"})
+                          env={**os.environ, "MEMVISOR_PLUGINS": "emulator"})
     assert done.returncode == 0, done.stderr
-    assert done.stderr == (f"memvisor migrate: --disk {disk}: no disk references without the diskmap plugin "
-                           "(pip install memvisor-diskmap); every page was sent as data\n")
+    assert done.stderr == (f"memvisor migrate: --disk {disk}: no installed plugin describes pages (memvisor plugins "
+                           "--hook memvisor_describe_pages lists them); every page was sent as data\n")
     figures = json.loads(out.read_text())
-    assert figures["records"] == {"page": 16} and figures["disk_references"] is None
+    assert figures["records"] == {"page": 16} and figures["describers"] == []

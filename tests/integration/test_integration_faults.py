@@ -20,7 +20,10 @@ from memvisor.errors import UserError, VMStoppedError
 from memvisor.events import RestoreRequest, SaveRequest
 from memvisor.migration import Link, LiveMigration, MigrationAborted, MigrationOptions
 from memvisor.testing import small_host
-from memvisor.testing.integration import PLUGINS, IntegrationModel
+from memvisor.testing.integration import IntegrationModel, machine_plugins
+
+PLUGINS = machine_plugins()
+"""Every installed plugin, as the all-techniques machine enables them."""
 
 FAULTY_HOOKS = ("memvisor_tick", "memvisor_traced_access", "memvisor_memory_pressure", "memvisor_memory_error",
                 "memvisor_disk_io", "memvisor_vcpus_moved")

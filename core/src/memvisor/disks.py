@@ -61,6 +61,12 @@ class Disk:
         return len(self.data)
 
     @property
+    def read_only(self) -> bool:
+        """Whether the image is attached read-only (``memvisor migrate --image --disk``): its
+        blocks are what the guest's pages may equal, not what the guest reads or writes."""
+        return not self.data.flags.writeable
+
+    @property
     def version(self) -> int:
         """Sum of every block's version: changes whenever any block is written."""
         return int(self.versions.sum())

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from memvisor.host import VM, Host
     from memvisor.registry import Registry
     from memvisor.report import ReportSection
+    from memvisor.testing.integration import Selftest
 
 hookspec = memvisor.hookspec
 
@@ -456,6 +457,34 @@ def memvisor_report(host: Host) -> ReportSection | list[ReportSection] | None:
 
     :param host: the host, after :func:`memvisor_host_stopping`.
     :returns: report sections, or ``None``.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# self-test
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_selftest(selftest: Selftest) -> None:
+    """Observer. Take part in ``memvisor selftest``: the all-techniques state machine
+    (:mod:`memvisor.testing.integration`) that drives one host with every installed plugin
+    through random interleavings of guest activity, pressure, checkpoints, restores, live
+    migrations and memory errors, and checks every guest page against the reference model
+    after each step.
+
+    Every installed plugin takes part, with its default settings, without this hook. With it,
+    a plugin adds what only it knows, through ``selftest``
+    (:class:`memvisor.testing.integration.Selftest`): ``selftest.settings({...})`` (its table
+    on the machine's hosts), ``selftest.step(name, function, **ranges)`` (a step of its own:
+    ``function(plugin, host, vm=VM, **arguments)``), ``selftest.check(function)`` (its own
+    invariant after every step: ``function(plugin, host)`` raises ``AssertionError``, returns
+    the machine pages it holds outside page tables), ``selftest.guest_view(function)`` (pages
+    the guest gave up to its driver and what they read), ``selftest.command(path, arguments)``
+    (a valid invocation of its command for the CLI matrix). Every function gets the machine
+    host's instance of the plugin first.
+
+    :param selftest: what the machine collects from each plugin in turn.
     """
 
 

@@ -59,7 +59,7 @@ class InstalledPlugin:
     """A plugin found through an entry point, loaded or not.
 
     :ivar name: the entry-point name, used to select, block and configure the plugin.
-    :ivar distribution: the distribution that provides it, e.g. ``memvisor-stats``.
+    :ivar distribution: the distribution that provides it, e.g. ``memvisor-hotcount``.
     :ivar version: that distribution's version.
     :ivar target: the loaded module or class, or None when loading failed.
     :ivar error: one line saying why loading failed, or None.

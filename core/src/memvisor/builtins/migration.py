@@ -132,38 +132,29 @@ def _table(rows: list[dict]) -> None:
     Console().print(table)
 
 
-DISK_REFERENCES = "diskmap"
-"""The plugin that sends pages equal to disk blocks as references (memvisor-diskmap). The
-command enables it by name when a disk is named; the core never imports it."""
+def describing_plugins() -> list[str]:
+    """Installed plugins that describe pages more cheaply than by their bytes
+    (:func:`memvisor_describe_pages`): those that can send an image's pages as references to
+    its disk."""
+    from memvisor.plugins import hooks_of, installed_plugins, new_plugin_manager
 
-
-def disk_reference_plugins(plugins: list[str], settings: dict) -> tuple[list[str], dict, str | None]:
-    """The plugins and settings of ``migrate --image --disk``: a memory image's pages were
-    never read from its disk, so only a plugin that finds disk blocks by content can send
-    references; naming the disk asks for them. Returns (plugins, settings, the plugin that
-    sends them or None when it is not installed)."""
-    from memvisor.plugins import installed_plugins
-
-    if not any(p.name == DISK_REFERENCES and p.error is None for p in installed_plugins()):
-        return plugins, settings, None
-    settings = {**settings, DISK_REFERENCES: {"scan": True, **settings.get(DISK_REFERENCES, {})}}
-    return (plugins if DISK_REFERENCES in plugins else [*plugins, DISK_REFERENCES]), settings, DISK_REFERENCES
+    pm = new_plugin_manager(None, strict=False)
+    return [p.name for p in installed_plugins() if p.error is None and pm.get_plugin(p.name) is not None
+            and "memvisor_describe_pages" in hooks_of(pm, pm.get_plugin(p.name))]
 
 
 def migrate_image(image: str, disk: str | None, plugins: list[str], settings: dict, options) -> dict:
-    """Migrate a raw memory image (a VM that does not run) with its raw disk image attached;
-    returns the migration's figures, with ``disk_references``: the plugin that could send
-    pages as references to ``disk`` and its settings (None without a disk or when it is not
-    installed)."""
+    """Migrate a raw memory image (a VM that does not run) with its raw disk image attached
+    read-only; returns the migration's figures, with ``describers``: the plugins enabled because
+    they describe pages (:func:`describing_plugins`: naming a disk asks for references to it)."""
     from memvisor.errors import UserError
     from memvisor.files import image_pages
     from memvisor.host import Host, HostConfig
     from memvisor.limits import format_bytes, machine_memory
     from memvisor.migration import LiveMigration
 
-    referrer = None
-    if disk and options.records:
-        plugins, settings, referrer = disk_reference_plugins(plugins, settings)
+    describers = [name for name in describing_plugins() if name not in plugins] if disk and options.records else []
+    plugins = [*plugins, *describers]
     path = Path(image)
     pages = image_pages(path)
     host_bytes = (pages + 1024) * PAGE_SIZE
@@ -186,8 +177,7 @@ def migrate_image(image: str, disk: str | None, plugins: list[str], settings: di
     migration.run()
     if options.postcopy:
         migration.finish_postcopy()
-    by = None if referrer is None else {"plugin": referrer, "settings": dict(settings[referrer])}
-    return {**migration.result.to_json(), "disk_references": by}
+    return {**migration.result.to_json(), "describers": describers}
 
 
 def _settings(pairs: tuple[str, ...]) -> dict:
@@ -231,13 +221,12 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
     if image is not None:
         options = MigrationOptions(postcopy=postcopy, records=not no_records)
         figures = migrate_image(image, disk, list(plugins), _settings(settings), options)
-        if disk and not no_records and figures["disk_references"] is None:
-            click.echo(f"memvisor migrate: --disk {disk}: no disk references without the {DISK_REFERENCES} "
-                       f"plugin (pip install memvisor-{DISK_REFERENCES}); every page was sent as data", err=True)
-        elif disk:
-            by = figures["disk_references"]
-            chosen = ", ".join(f"{key} = {json.dumps(value)}" for key, value in by["settings"].items())
-            click.echo(f"disk references to {disk}: plugin {by['plugin']} ({chosen}); records by kind below")
+        if disk and not no_records and not figures["describers"] and not plugins:
+            click.echo(f"memvisor migrate: --disk {disk}: no installed plugin describes pages (memvisor plugins "
+                       f"--hook memvisor_describe_pages lists them); every page was sent as data", err=True)
+        elif disk and figures["describers"]:
+            click.echo(f"pages that may equal blocks of {disk}: described by plugin(s) "
+                       f"{', '.join(figures['describers'])}; records by kind below")
         if json_out:
             atomic_write(json_out, json.dumps(figures, indent=2) + "\n")
         _table([figures])

@@ -1,7 +1,7 @@
 """Every subcommand on every kind of bad argument.
 
 The matrix walks the ``memvisor`` command tree as installed (the core's commands and every
-plugin's), and for each command runs a valid invocation (:data:`BASELINES`) with one parameter
+plugin's), and for each command runs a valid invocation (:func:`baselines`) with one parameter
 made bad in each way its type can be — a missing, folder, FIFO, device or over-long file; an
 output that is one of the inputs, directly or through a link; an output folder under /proc, or
 a file; NaN, infinite, huge and non-numeric numbers; sizes in decimal units, zero or absurd;
@@ -55,14 +55,20 @@ BASELINES: dict[str, dict[str, object]] = {
     "sweep": {"sweep_file": "{scenario}", "varies": ["seed=1,2"], "serial": True, "out_dir": "{out}/sweep",
               "quiet": True},
     "selftest": {"examples": "1", "steps": "1", "fuzz": False, "json_out": "{out}/selftest.json"},
-    "mrc": {"trace": "{trace}", "json_out": "{out}/mrc.json", "plot_out": "{out}/mrc.png", "quiet": True},
-    "sharing estimate": {"images": ["{image}"], "json_out": "{out}/sharing.json"},
-    "numa compare": {"vm_gib": "0.004", "pre": "0.001", "post": "0.001", "json_out": "{out}/numa.json"},
-    "diskmap scan": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/scan.json"},
 }
-"""A valid invocation of each command, by parameter name (values may name the sandbox's
-files): the matrix makes one parameter bad at a time. A command without an entry is run with
-no arguments but the bad one."""
+"""A valid invocation of each of the core's commands, by parameter name (values may name the
+sandbox's files): the matrix makes one parameter bad at a time. Plugins give theirs through
+:func:`memvisor_selftest` (``selftest.command``); :func:`baselines` has both. A command without
+an entry is run with no arguments but the bad one."""
+
+
+@functools.cache
+def baselines() -> dict[str, dict[str, object]]:
+    """A valid invocation of every installed command that has one: the core's
+    (:data:`BASELINES`) and the plugins' (``selftest.command``)."""
+    from memvisor.testing.integration import contributions
+
+    return {**contributions().commands, **BASELINES}
 
 
 @attrs.frozen
@@ -244,7 +250,7 @@ def cases(sandbox: Sandbox) -> Iterator[Case]:
             yield Case(path, "-", "no subcommand", ())
             yield Case(path, "-", "unknown subcommand", ("nosuch",))
             continue
-        base = dict(BASELINES.get(path, {}))
+        base = dict(baselines().get(path, {}))
         inputs = [sandbox.fill(str(v)) for p in command.params if isinstance(p.type, InputFile) and p.name in base
                   for v in (base[p.name] if isinstance(base[p.name], list) else [base[p.name]])]
         yield Case(path, "-", "unknown option", tuple(_argv(command, base, sandbox) + ["--no-such-option"]))
@@ -294,7 +300,7 @@ def _names(case: Case) -> list[str]:
     command = commands(cli)[case.command]
     param = next(p for p in command.params if p.name == case.param)
     names = [o for o in param.opts if o.startswith("-")] + [param.name.upper(), param.name.replace("_", "-")]
-    bad = [a for a in case.args if a not in _argv(command, BASELINES.get(case.command, {}), _SANDBOX[0])]
+    bad = [a for a in case.args if a not in _argv(command, baselines().get(case.command, {}), _SANDBOX[0])]
     return names + [b[:30] for b in bad if b.strip()] + [repr(b)[1:31] for b in bad if b.strip()]
 
 

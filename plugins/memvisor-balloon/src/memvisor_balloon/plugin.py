@@ -134,6 +134,13 @@ class BalloonPlugin:
         register(hookspecs)
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """Inflate, deflate and driver resets as steps; balloon pages read zeros."""
+        from memvisor_balloon.selftest import contribute
+
+        contribute(selftest)
+
+    @hookimpl
     def memvisor_register_settings(self, register):
         """Declare ``[plugins.balloon]``."""
         register(NAME, BalloonSettings)

@@ -53,8 +53,11 @@ class DiskmapSettings:
 
     swap: bool = setting(True, doc="Under memory pressure, drop mapped pages that still equal their blocks "
                                    "(a touch faults them back from the disk); needs the fault capability.")
-    scan: bool = setting(False, doc="Also find pages equal to disk blocks by content (a scan of the VM's pages), "
-                                    "not only through the guest's disk reads.")
+    scan: bool | None = setting(None, doc="Also find pages equal to disk blocks by content (a scan of the VM's "
+                                          "pages), not only through the guest's disk reads.",
+                                host_dependent="default: true for a VM whose disks are all attached read-only (a "
+                                               "memory image with its disk: memvisor migrate --image --disk, whose "
+                                               "pages were never read from the disk), else false.")
     protect: bool = setting(True, doc="Write-protect mapped pages, so that a guest write drops the mapping at "
                                       "once; needs the write_protect capability.")
 
@@ -109,6 +112,13 @@ class DiskmapPlugin:
         self._watched: set[int] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    @hookimpl
+    def memvisor_selftest(self, selftest):
+        """A scan step and the check that trusted mappings hold."""
+        from memvisor_diskmap.selftest import contribute
+
+        contribute(selftest)
 
     @hookimpl
     def memvisor_register_settings(self, register):
@@ -168,6 +178,14 @@ class DiskmapPlugin:
         gpps = gpps[m.disk[gpps] >= 0]
         m.disk[gpps] = -1
         self.counts[f"dropped_{reason}"] += len(gpps)
+
+    def _scans(self, vm) -> bool:
+        """Whether pages of ``vm`` are found by content (``scan``; by default, only for a VM whose
+        disks are all read-only images: its pages were never read through its disks)."""
+        if self.settings.scan is not None:
+            return self.settings.scan
+        disks = self._disks(vm)
+        return bool(disks) and all(d.read_only for d in disks)
 
     def _valid(self, vm, gpps) -> np.ndarray:
         """Per page, whether it is mapped and its block has not been written since."""
@@ -300,7 +318,7 @@ class DiskmapPlugin:
     def memvisor_describe_pages(self, host, vm, gpps, purpose):
         """``disk-ref`` records for mapped pages whose bytes still hash as they did."""
         gpps = np.asarray(gpps, dtype=np.int64)
-        if self.settings.scan and len(gpps):
+        if len(gpps) and self._scans(vm):
             self.scan(vm, gpps)
         valid = self._valid(vm, gpps)
         if not valid.any():

@@ -85,6 +85,13 @@ class MRCPlugin:
     # -- lifecycle -----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """A tenth of the pages traced on the machine's hosts, and `memvisor mrc` of a trace."""
+        selftest.settings({"rate": 0.1})
+        selftest.command("mrc", {"trace": "{trace}", "json_out": "{out}/mrc.json", "plot_out": "{out}/mrc.png",
+                                 "quiet": True})
+
+    @hookimpl
     def memvisor_register_settings(self, register):
         """Declare ``[plugins.mrc]``."""
         register(NAME, MRCSettings)

@@ -104,6 +104,13 @@ class NumaPlugin:
     # -- lifecycle ------------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """Accessed-bit scanning on the machine's hosts, and a tiny `memvisor numa compare`."""
+        selftest.settings({"heuristic": "scan"})
+        selftest.command("numa compare", {"vm_gib": "0.004", "pre": "0.001", "post": "0.001",
+                                          "json_out": "{out}/numa.json"})
+
+    @hookimpl
     def memvisor_register_hookspecs(self, register):
         """Declare ``memvisor_page_heat``, which the ``mrc`` heuristic asks."""
         from memvisor_numa import hookspecs

@@ -106,6 +106,14 @@ class SharingPlugin:
     # -- lifecycle ----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """A small scan budget per tick, a scan step, and `memvisor sharing estimate`."""
+        selftest.settings({"pages_per_tick": 512})
+        selftest.step("sharing_scan", lambda plugin, host, budget: plugin.scan(host, budget), vm=False,
+                      budget=(64, 4096))
+        selftest.command("sharing estimate", {"images": ["{image}"], "json_out": "{out}/sharing.json"})
+
+    @hookimpl
     def memvisor_register_settings(self, register):
         """Declare ``[plugins.sharing]``."""
         register(NAME, SharingSettings)
