@@ -46,6 +46,7 @@ class Capability:
     """Time is virtual and deterministic under a seed (the emulator)."""
 
     ALL = (FAULT, TRACE, WRITE_PROTECT, ACCESSED, DIRTY, SHARE, ZERO_PAGE, LARGE_PAGES, NUMA, VIRTUAL_TIME)
+    """Every capability name."""
 
 
 @attrs.frozen
@@ -82,7 +83,9 @@ class Backend(ABC):
     """
 
     name: str = "?"
+    """The name the backend is registered under (``[host] backend``)."""
     capabilities: frozenset[str] = frozenset()
+    """The :class:`Capability` names this backend offers (``host.require`` checks them)."""
     stops_guests: bool = False
     """True when the backend itself stops a guest whose fault or write trap a plugin failed to
     handle (the host then leaves the stop to it); otherwise the host stops the VM."""

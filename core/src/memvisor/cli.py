@@ -164,6 +164,7 @@ class InputFile(_File):
         super().__init__(what, allow_dash)
 
     def check(self, value: str) -> None:
+        """:class:`UserError` unless ``value`` is a regular file that exists."""
         from memvisor.files import check_regular
 
         check_regular(value, self.what)
@@ -174,11 +175,14 @@ class OutputFile(_File):
     and it must not be one of the command's input files."""
 
     kind = "out"
+    """What the command does with the file: writes it."""
 
     def __init__(self, what: str = "output file", allow_dash: bool = False):
         super().__init__(what, allow_dash)
 
     def check(self, value: str) -> None:
+        """:class:`UserError` unless ``value`` can be written (its folder exists, it is absent or
+        a regular file)."""
         from memvisor.files import check_output
 
         check_output(value, self.what)
@@ -188,6 +192,7 @@ class OutputDir(click.ParamType):
     """A folder the command writes into: checked writable before the command does any work."""
 
     name = "folder"
+    """How click names the type in messages."""
 
     def convert(self, value, param, ctx):
         from memvisor.files import check_out_dir
@@ -201,6 +206,7 @@ class Size(click.ParamType):
     """A size in bytes (``"4MiB"``, binary units) within ``[low, high]``."""
 
     name = "size"
+    """How click names the type in messages."""
 
     def __init__(self, low: int = 1, high: int | None = None):
         self.low, self.high = low, high
@@ -224,6 +230,7 @@ class Number(click.ParamType):
     """A finite number within ``[low, high]`` (int when ``integer``): never NaN or infinite."""
 
     name = "number"
+    """How click names the type in messages (``integer`` for whole numbers)."""
 
     def __init__(self, low: float | None = None, high: float | None = None, integer: bool = False):
         self.low, self.high, self.integer = low, high, integer

@@ -34,8 +34,11 @@ from memvisor import PROJECT_NAME, hookspecs
 from memvisor.errors import PluginError
 
 ENV_ALLOW = "MEMVISOR_PLUGINS"
+"""The environment variable of the allow-list of plugins."""
 ENV_BLOCK = "MEMVISOR_DISABLE_PLUGINS"
+"""The environment variable of the block-list of plugins."""
 ENV_TRACE = "MEMVISOR_TRACE_HOOKS"
+"""The environment variable that turns the hook trace on."""
 
 BUILTIN_MODULES = (
     "memvisor.builtins.defaults",
@@ -43,7 +46,6 @@ BUILTIN_MODULES = (
     "memvisor.builtins.actions",
     "memvisor.builtins.commands",
     "memvisor.builtins.checkpoints",
-    "memvisor.builtins.sweep",
     "memvisor.builtins.migration",
     "memvisor.builtins.selftest",
     "memvisor.builtins.budgets",

@@ -36,6 +36,7 @@ KIND_FIRST_RECORD = 3
 """Page kind code of the first record kind; record kind ``i`` is ``KIND_FIRST_RECORD + i``."""
 
 DEFAULT_MAX_METADATA_BYTES = 1 << 30
+"""The most bytes of metadata (page map, records) a reader accepts unless told otherwise."""
 
 META_MEMORY_FACTOR = 8
 """Bytes of memory opening a checkpoint may take per byte of its metadata (the page map and

@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from memvisor.events import RestoreRequest, SaveRequest
     from memvisor.host import VM, Host
 
-CHUNK_PAGES = 16384  # pages read from guest memory at a time (64 MiB)
+CHUNK_PAGES = 16384
+"""Pages read from or loaded into guest memory at a time (64 MiB)."""
 
 
 @attrs.define

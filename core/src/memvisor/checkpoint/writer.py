@@ -29,9 +29,11 @@ from memvisor.files import temp_file
 DEFAULT_LEVEL = 1
 """zstd level of a new checkpoint (measured: level 3 gains about 3% of size for 10-30% more time)."""
 DEFAULT_BLOCK_PAGES = 64
+"""Pages per page block unless told otherwise (the unit of compression and of lazy restore)."""
 MIN_LEVEL = -7
 """Fastest zstd level accepted (negative levels trade ratio for speed)."""
 DEFAULT_BUFFER_BYTES = 4 << 20
+"""The staging buffer unless told otherwise: one storage block is written per full buffer."""
 INFLIGHT_BYTES = 32 << 20
 """Page-block bytes queued for compression at most (more: add_pages waits)."""
 

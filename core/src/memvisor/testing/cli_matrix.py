@@ -52,8 +52,6 @@ BASELINES: dict[str, dict[str, object]] = {
     "checkpoint inspect": {"ckpt": "{ckpt}", "as_json": True},
     "checkpoint verify": {"ckpt": "{ckpt}", "key_file": "{key}"},
     "migrate": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/migrate.json"},
-    "sweep": {"sweep_file": "{scenario}", "varies": ["seed=1,2"], "serial": True, "out_dir": "{out}/sweep",
-              "quiet": True},
     "selftest": {"examples": "1", "steps": "1", "fuzz": False, "json_out": "{out}/selftest.json"},
 }
 """A valid invocation of each of the core's commands, by parameter name (values may name the

@@ -43,7 +43,9 @@ VM_PAGES = 1024
 """Pages of each VM (two 2 MiB large pages: a technique can split and collapse them)."""
 
 VMS = 3
+"""VMs on the machine's host (VM 1 has a tight trap budget; VM 0 a disk)."""
 DISK_BLOCKS = 256
+"""Blocks of VM 0's disk (the last 128 pages of VM 0 are page cache of it)."""
 
 CORE_STEPS = ("setup", "guest_accesses", "guest_writes_pages", "disk_io", "transfer", "time_passes", "pressure",
               "move_vcpus", "checkpoint_save", "checkpoint_restore", "migrate", "memory_error", "teardown")

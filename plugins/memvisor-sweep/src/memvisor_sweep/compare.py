@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from memvisor.sweep.spec import SweepSpec, is_finite_number, label
-from memvisor.sweep.table import FIXED_COLUMNS, WALL_CLOCK_COLUMNS
+from memvisor_sweep.spec import SweepSpec, is_finite_number, label
+from memvisor_sweep.table import FIXED_COLUMNS, WALL_CLOCK_COLUMNS
 
 MAX_METRICS = 12
 """Metrics plotted when the sweep does not name them: the page stays readable."""

@@ -11,11 +11,12 @@ import tomllib
 import pytest
 
 from memvisor.errors import UserError
-from memvisor.sweep import Axis, load_sweep, parse_vary, read_table, run_sweep, sweep_from_scenario
-from memvisor.sweep.driver import SerialExecutor
-from memvisor.sweep.run import RunTask, run_one, to_toml
-from memvisor.sweep.spec import apply_setting, parse_values
-from memvisor.sweep.table import WALL_CLOCK_COLUMNS, flatten_report, write_table
+from memvisor.testing import build_plugin, plugins_at
+from memvisor_sweep import load_sweep, parse_vary, read_table, run_sweep, sweep_from_scenario
+from memvisor_sweep.driver import SerialExecutor
+from memvisor_sweep.run import RunTask, run_one, to_toml
+from memvisor_sweep.spec import apply_setting, parse_values
+from memvisor_sweep.table import WALL_CLOCK_COLUMNS, flatten_report, write_table
 
 TINY = """
 name = "tiny"
@@ -24,7 +25,7 @@ seed = 1
 memory = "16MiB"
 tick = "1ms"
 batch = 1024
-[plugins.stats]
+[plugins.counter]
 [[vm]]
 name = "web"
 memory = "1MiB"
@@ -38,6 +39,34 @@ workload = { kind = "uniform" }
 do = "run"
 for = "2ms"
 """
+
+COUNTER = """
+from memvisor import hookimpl
+from memvisor.report import ReportSection
+
+
+class Counter:
+    def __init__(self):
+        self.ticks = 0
+
+    @hookimpl
+    def memvisor_tick(self):
+        self.ticks += 1
+
+    @hookimpl
+    def memvisor_report(self):
+        return ReportSection("counter", "Ticks", {"ticks": self.ticks})
+"""
+"""A plugin with a report section, installed for these tests: the sweep's own tests need no
+other distribution of this repository."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counter_plugin(tmp_path_factory):
+    """The ``counter`` plugin, installed for this module's runs (and their subprocesses)."""
+    site = build_plugin(tmp_path_factory.mktemp("counter"), "counter", COUNTER, target="Counter")
+    with plugins_at(site):
+        yield
 
 MISSING_TRACE = '{kind="trace", path="/nonexistent/memvisor-sweep-test.npy"}'
 
@@ -83,7 +112,7 @@ def test_paths_address_vms_plugins_seed_and_arrays():
     assert data["vm"][0]["workload"] == {"kind": "zipf", "alpha": 0.99}
     assert [v["memory"] for v in data["vm"]] == ["2MiB", "2MiB"]
     assert data["seed"] == 5 and data["timeline"][0]["for"] == "3ms" and data["host"]["costs"]["dram_remote_ns"] == 200
-    assert data["plugins"] == {"stats": {}, "sharing": {"pages_per_tick": 10}}
+    assert data["plugins"] == {"counter": {}, "sharing": {"pages_per_tick": 10}}
     apply_setting(data, "plugins", "sharing")  # the set of plugins keeps the named ones' settings
     assert data["plugins"] == {"sharing": {"pages_per_tick": 10}}
     apply_setting(data, "plugins", "none")
@@ -104,11 +133,11 @@ def test_bad_axes_are_one_line_naming_the_axis(tiny):
         ("vm.nosuch.memory=1MiB", "axis vm.nosuch.memory=1MiB: vm.nosuch.memory: no VM named 'nosuch'"),
         ("vm.web.memory=1MiB,lots", "axis vm.web.memory=lots: "),
         ("host.nosuch=1", "axis host.nosuch=1: "),
-        ("plugins=stats,nosuchplugin", "axis plugins=nosuchplugin: unknown plugin 'nosuchplugin'"),
+        ("plugins=counter,nosuchplugin", "axis plugins=nosuchplugin: unknown plugin 'nosuchplugin'"),
     ]:
         spec = sweep_from_scenario(tiny, [parse_vary(option)])
         with pytest.raises(UserError) as info:
-            spec.check({"stats"})
+            spec.check({"counter"})
         message = str(info.value)
         assert message.startswith(f"{tiny}: {expected}") and "\n" not in message, message
 
@@ -128,11 +157,11 @@ def test_sweep_file_with_vary_variants_and_compare(tmp_path, tiny):
     sweep.write_text('scenario = "tiny.toml"\n'
                      '[vary]\nvm.web.workload.alpha = [0.8, 0.99]\n"seed" = [1, 2]\n'
                      '[variants.policy.plain]\n"plugins" = "none"\n'
-                     '[variants.policy.counted]\n"plugins.stats" = {}\n"host.tick" = "2ms"\n'
+                     '[variants.policy.counted]\n"plugins.counter" = {}\n"host.tick" = "2ms"\n'
                      '[compare]\npolicy = "policy"\nworkload = "vm.web.workload.alpha"\n')
     spec = load_sweep(sweep)
     assert [a.name for a in spec.axes] == ["vm.web.workload.alpha", "seed", "policy"]
-    plan = spec.check({"stats"})
+    plan = spec.check({"counter"})
     assert len(plan) == 8 and plan[-1].axes == {"vm.web.workload.alpha": 0.99, "seed": 2, "policy": "counted"}
     assert plan[-1].data["host"]["tick"] == "2ms" and plan[0].data["plugins"] == {}
     sweep.write_text('scenario = "tiny.toml"\n[compare]\npolicy = "nope"\n[vary]\nseed = [1]\n')
@@ -142,7 +171,7 @@ def test_sweep_file_with_vary_variants_and_compare(tmp_path, tiny):
     sweep.write_text('[vary]\n"vm.*.memory" = ["1MiB", "2MiB"]\n[scenario]\n' + inline_tables)
     inline = load_sweep(sweep)  # the base scenario inline, as a [scenario] table
     assert inline.base_path == sweep
-    assert [r.data["vm"][1]["memory"] for r in inline.check({"stats"})] == ["1MiB", "2MiB"]
+    assert [r.data["vm"][1]["memory"] for r in inline.check({"counter"})] == ["1MiB", "2MiB"]
     sweep.write_text('scenario = "tiny.toml"\nvary = 3\n')
     with pytest.raises(UserError, match=r"s\.toml: vary: must be a table"):
         load_sweep(sweep)
@@ -177,15 +206,15 @@ def test_serial_sweep_writes_reports_table_and_index(tmp_path, tiny):
     """Every combination has a row, a report.json and a scenario.toml; a failing run is recorded
     with its message and the others finish."""
     spec = sweep_from_scenario(tiny, [parse_vary(f"vm.web.workload=zipf,uniform,{MISSING_TRACE}"),
-                                      parse_vary("plugins=none,stats")])
+                                      parse_vary("plugins=none,counter")])
     summary = run_sweep(spec, tmp_path / "out", SerialExecutor())
     assert (summary.runs, summary.ok, summary.failed) == (6, 4, 2)
     (message,) = summary.errors
     assert "memvisor-sweep-test.npy" in message and summary.errors[message] == 2
     rows = read_table(summary.table)
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "ok", "error", "error"]
-    assert rows[0]["vm.web.workload"] == "zipf" and rows[1]["plugins"] == "stats"
-    assert rows[0]["total.accesses"] > 0 and rows[1]["stats.hook_calls.ticks"] >= 1
+    assert rows[0]["vm.web.workload"] == "zipf" and rows[1]["plugins"] == "counter"
+    assert rows[0]["total.accesses"] > 0 and rows[1]["counter.ticks"] >= 1
     assert rows[4]["error"] == message and rows[4]["total.accesses"] is None
     for row in rows:
         run_dir = summary.out_dir / "runs" / row["key"]
@@ -251,7 +280,7 @@ def memvisor(*args, code=None, cwd=None):
     """Run the memvisor command (or ``python -c code``) in a subprocess."""
     argv = ["-c", code, *args] if code else ["-m", "memvisor", *args]
     # Only the plugins these tests use: others installed beside them must not change the outcome.
-    env = dict(os.environ, MEMVISOR_PLUGINS="emulator,stats")
+    env = dict(os.environ, MEMVISOR_PLUGINS="emulator,counter,sweep")
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=cwd, timeout=120, env=env)
 
 
@@ -280,13 +309,4 @@ def test_command_errors_are_one_line_exit_2(tmp_path, tiny):
     proc = memvisor("sweep", str(tiny), "--vary", "seed=1,2", "--out", str(tmp_path / "o2"), code=no_dask)
     assert proc.returncode == 2
     assert proc.stderr == ("memvisor: error: memvisor sweep needs dask[distributed]: "
-                           "pip install 'memvisor[sweep]'\n")
-
-
-def test_example_sweep_file_is_valid():
-    """examples/sweep.toml loads and its whole plan checks."""
-    from pathlib import Path
-
-    example = Path(__file__).resolve().parents[1] / "examples" / "sweep.toml"
-    spec = load_sweep(example)
-    assert len(spec.check()) >= 8 and all(isinstance(a, Axis) for a in spec.axes)
+                           "pip install 'memvisor-sweep[dask]'\n")

@@ -29,15 +29,15 @@ from typing import Any
 import attrs
 
 from memvisor.errors import UserError
-from memvisor.sweep.run import RunOutcome, RunTask, one_line, run_one, to_toml
-from memvisor.sweep.spec import PlannedRun, SweepSpec
-from memvisor.sweep.table import make_row, write_table
+from memvisor_sweep.run import RunOutcome, RunTask, one_line, run_one, to_toml
+from memvisor_sweep.spec import PlannedRun, SweepSpec
+from memvisor_sweep.table import make_row, write_table
 
-DASK_MISSING = "memvisor sweep needs dask[distributed]: pip install 'memvisor[sweep]'"
+DASK_MISSING = "memvisor sweep needs dask[distributed]: pip install 'memvisor-sweep[dask]'"
 """The one line shown when a sweep needs Dask and it is not installed."""
 
 RunFunction = Callable[[RunTask], RunOutcome]
-"""What executes one run: :func:`memvisor.sweep.run.run_one` unless a test or benchmark says."""
+"""What executes one run: :func:`memvisor_sweep.run.run_one` unless a test or benchmark says."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Any = None, *, res
     table = write_table(rows, out, table_format)
     index = out / "index.html"
     if write_index:
-        from memvisor.sweep.compare import write_index as write_html
+        from memvisor_sweep.compare import write_index as write_html
 
         write_html(spec, rows, out, table)
     errors = collections.Counter(flat[k]["error"] for k in tasks if flat[k]["status"] != "ok")

@@ -1,8 +1,8 @@
-"""The core's ``memvisor sweep`` command and ``memvisor bench sweep`` cases, registered as a
-plugin like every built-in.
+"""The ``sweep`` plugin: the ``memvisor sweep`` command and the ``memvisor bench sweep``
+cases, registered through the hooks like any plugin's.
 
-Every host imports the built-ins, so this module imports only click: the sweep machinery, Dask
-and pyarrow load when the command runs.
+Every ``memvisor`` command loads installed plugins, so this module imports only click: the sweep
+machinery, Dask and pyarrow load when the command runs.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
     import attrs
     from rich.console import Console
 
-    from memvisor.sweep import driver
-    from memvisor.sweep.spec import load_sweep, parse_vary
+    from memvisor_sweep import driver
+    from memvisor_sweep.spec import load_sweep, parse_vary
 
     if serial and scheduler:
         raise UserError("--serial and --scheduler: choose one")
@@ -143,8 +143,8 @@ def _progress(console, quiet: bool):
 
 
 def _summary(console, spec, summary) -> None:
-    from memvisor.sweep.compare import best_per_workload
-    from memvisor.sweep.table import read_table
+    from memvisor_sweep.compare import best_per_workload
+    from memvisor_sweep.table import read_table
 
     parts = [f"{summary.ok} ok", f"[red]{summary.failed} failed[/red]" if summary.failed else "0 failed"]
     if summary.resumed:
@@ -163,7 +163,8 @@ def _summary(console, spec, summary) -> None:
 
 
 class SweepPlugin:
-    """Registers ``memvisor sweep`` and the ``memvisor bench sweep`` cases."""
+    """Registers ``memvisor sweep``, the ``memvisor bench sweep`` cases, and the command's
+    baseline for the CLI matrix."""
 
     @hookimpl
     def memvisor_register_commands(self, cli):
@@ -174,10 +175,13 @@ class SweepPlugin:
     def memvisor_register_benchmarks(self, register):
         """``memvisor bench sweep``: a 2-worker LocalCluster against serial, and the per-run
         overhead of the machinery."""
-        from memvisor.sweep.bench import cases
+        from memvisor_sweep.bench import cases
 
         for case in cases():
             register("sweep", case)
 
-
-PLUGIN = SweepPlugin
+    @hookimpl
+    def memvisor_selftest(self, selftest):
+        """A valid `memvisor sweep` (two seeds, serial) for the CLI matrix."""
+        selftest.command("sweep", {"sweep_file": "{scenario}", "varies": ["seed=1,2"], "serial": True,
+                                   "out_dir": "{out}/sweep", "quiet": True})

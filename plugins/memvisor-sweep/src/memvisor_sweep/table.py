@@ -140,7 +140,7 @@ def _cell(value: Any, kind: str) -> Any:
     if kind == "float":
         return float(value)
     if kind == "str" and not isinstance(value, str):
-        from memvisor.sweep.spec import label
+        from memvisor_sweep.spec import label
 
         return label(value)
     return value

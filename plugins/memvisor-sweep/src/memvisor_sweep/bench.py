@@ -40,7 +40,7 @@ def _scenario(milliseconds: int, vm_memory: str, batch: int) -> dict:
 
 def bench_spec(milliseconds: int, vm_memory: str = "8MiB", batch: int = 8192, runs: int = 64):
     """A sweep of ``runs`` runs (seeds 1..runs) of a small two-VM scenario."""
-    from memvisor.sweep.spec import Axis, SweepSpec
+    from memvisor_sweep.spec import Axis, SweepSpec
 
     base = _scenario(milliseconds, vm_memory, batch)
     return SweepSpec(name="bench", description="", source=Path("<bench>"), base_path=Path("bench.toml"), base=base,
@@ -48,7 +48,7 @@ def bench_spec(milliseconds: int, vm_memory: str = "8MiB", batch: int = 8192, ru
 
 
 def _timed_sweep(spec, executor) -> float:
-    from memvisor.sweep.driver import run_sweep
+    from memvisor_sweep.driver import run_sweep
 
     out = Path(tempfile.mkdtemp(prefix="memvisor-bench-sweep-"))
     try:
@@ -61,20 +61,20 @@ def _timed_sweep(spec, executor) -> float:
 
 def _prime(executor) -> None:
     """Make every worker import the runner and run one tiny scenario, untimed."""
-    from memvisor.sweep.run import RunTask, run_one
+    from memvisor_sweep.run import RunTask, run_one
 
     tiny = RunTask("prime", _scenario(1, "1MiB", 1024), "prime.toml")
     executor.client.run(run_one, tiny)
 
 
 def _serial(spec) -> float:
-    from memvisor.sweep.driver import SerialExecutor
+    from memvisor_sweep.driver import SerialExecutor
 
     return _timed_sweep(spec, SerialExecutor())
 
 
 def _cluster_cold(spec) -> float:
-    from memvisor.sweep.driver import DaskExecutor
+    from memvisor_sweep.driver import DaskExecutor
 
     started = time.perf_counter()
     with DaskExecutor(workers=2, dashboard=False) as executor:
@@ -83,7 +83,7 @@ def _cluster_cold(spec) -> float:
 
 
 def _cluster_warm(spec, workers: int = 2) -> float:
-    from memvisor.sweep.driver import DaskExecutor
+    from memvisor_sweep.driver import DaskExecutor
 
     with DaskExecutor(workers=workers, dashboard=False) as executor:
         _prime(executor)
@@ -91,7 +91,7 @@ def _cluster_warm(spec, workers: int = 2) -> float:
 
 
 def _setup_short():
-    from memvisor.sweep.run import RunTask, run_one
+    from memvisor_sweep.run import RunTask, run_one
 
     spec = bench_spec(200)
     run_one(RunTask("warm", dict(spec.base), "bench.toml"))  # this process's imports, untimed
@@ -102,7 +102,7 @@ def _plain_processes(tasks, processes: int) -> float:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from memvisor.sweep.run import run_one
+    from memvisor_sweep.run import run_one
 
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(run_one, tasks[:processes]))  # imports and first runs, untimed
@@ -113,13 +113,13 @@ def _plain_processes(tasks, processes: int) -> float:
 
 def _setup_control():
     spec = _setup_short()
-    from memvisor.sweep.run import RunTask
+    from memvisor_sweep.run import RunTask
 
     return [RunTask(r.key, r.data, "bench.toml") for r in spec.plan()]
 
 
 def _setup_trivial():
-    from memvisor.sweep.run import RunTask, run_one
+    from memvisor_sweep.run import RunTask, run_one
 
     spec = bench_spec(1, vm_memory="1MiB", batch=1024)
     tasks = [RunTask(r.key, r.data, "bench.toml") for r in spec.plan()]
@@ -128,7 +128,7 @@ def _setup_trivial():
 
 
 def _direct_ms(context) -> float:
-    from memvisor.sweep.run import run_one
+    from memvisor_sweep.run import run_one
 
     _, tasks = context
     started = time.perf_counter()

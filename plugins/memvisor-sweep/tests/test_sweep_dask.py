@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from memvisor.sweep import parse_vary, read_table, run_sweep, sweep_from_scenario  # noqa: E402
-from memvisor.sweep.driver import DaskExecutor, SerialExecutor  # noqa: E402
-from memvisor.sweep.table import WALL_CLOCK_COLUMNS  # noqa: E402
+from memvisor.testing import build_plugin, plugins_at
+from memvisor_sweep import parse_vary, read_table, run_sweep, sweep_from_scenario  # noqa: E402
+from memvisor_sweep.driver import DaskExecutor, SerialExecutor  # noqa: E402
+from memvisor_sweep.table import WALL_CLOCK_COLUMNS  # noqa: E402
 
 TINY = """
 name = "tiny"
@@ -21,7 +22,7 @@ seed = 1
 memory = "16MiB"
 tick = "1ms"
 batch = 1024
-[plugins.stats]
+[plugins.counter]
 [[vm]]
 name = "web"
 memory = "1MiB"
@@ -34,6 +35,34 @@ workload = { kind = "uniform" }
 do = "run"
 for = "2ms"
 """
+
+COUNTER = """
+from memvisor import hookimpl
+from memvisor.report import ReportSection
+
+
+class Counter:
+    def __init__(self):
+        self.ticks = 0
+
+    @hookimpl
+    def memvisor_tick(self):
+        self.ticks += 1
+
+    @hookimpl
+    def memvisor_report(self):
+        return ReportSection("counter", "Ticks", {"ticks": self.ticks})
+"""
+"""A plugin with a report section, installed for these tests: the sweep's own tests need no
+other distribution of this repository."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counter_plugin(tmp_path_factory):
+    """The ``counter`` plugin, installed for this module's runs (and their subprocesses)."""
+    site = build_plugin(tmp_path_factory.mktemp("counter"), "counter", COUNTER, target="Counter")
+    with plugins_at(site):
+        yield
 
 
 def deterministic(rows):
@@ -77,7 +106,7 @@ def test_cluster_gives_the_serial_table_and_records_failures(tmp_path, tiny, clu
 def _flaky_run_function(markers: str):
     """A run function whose first attempt at run 'die' kills its worker process and whose first
     attempt at run 'raise' raises outside the run function; every other attempt runs normally."""
-    from memvisor.sweep.run import RunOutcome, run_one
+    from memvisor_sweep.run import RunOutcome, run_one
 
     def run(task):
         """Fail once per flaky key, as the docstring above says."""
@@ -99,7 +128,7 @@ def test_lost_worker_and_failed_task_are_retried(tmp_path, cluster):
     function is retried (Dask's retries=); both end up finished."""
     import cloudpickle
 
-    from memvisor.sweep.run import RunTask
+    from memvisor_sweep.run import RunTask
 
     # The workers cannot import this test module: ship the flaky function by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

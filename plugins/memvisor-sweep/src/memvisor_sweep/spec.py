@@ -440,7 +440,7 @@ class SweepSpec:
     def _check_goal(self, plan: Sequence[PlannedRun]) -> None:
         """The goal must be a column some run can have: a core column exactly, or a metric of a
         plugin some run enables (its own keys are known only from its report)."""
-        from memvisor.sweep.table import column_problem
+        from memvisor_sweep.table import column_problem
 
         vm_names = {str(vm.get("name", f"vm{i}")) for run in plan for i, vm in enumerate(run.data.get("vm", []))}
         plugins = {name for run in plan for name in run.data.get("plugins", {})}
