@@ -5,6 +5,8 @@ specification, a public name of memvisor or a plugin's settings):
     python tools/gen_docs.py --check    # exit 1 naming each file that is stale
 
 - docs/hooks.md from memvisor/hookspecs.py (and the hooks plugins offer each other);
+- docs/api.md, the API reference: every public name a plugin may use (tools/api_reference.py
+  says which modules and which names);
 - each installed plugin's settings table, between ``<!-- settings: NAME ... -->`` and
   ``<!-- /settings -->`` in the docs.
 
@@ -19,6 +21,9 @@ import sys
 from pathlib import Path
 
 from memvisor import hookspecs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import api_reference  # noqa: E402  (beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +128,7 @@ def with_settings(text: str) -> str:
 
 def generated() -> dict[Path, str]:
     """Every generated file with the text it must hold."""
-    out = {ROOT / "docs" / "hooks.md": hooks_md()}
+    out = {ROOT / "docs" / "hooks.md": hooks_md(), ROOT / "docs" / "api.md": api_reference.api_md()}
     for path in sorted((ROOT / "docs").rglob("*.md")):
         text = out.get(path, path.read_text())
         if SETTINGS_BLOCK.search(text):
@@ -134,7 +139,7 @@ def generated() -> dict[Path, str]:
 def main(argv: list[str]) -> int:
     stale = []
     for path, text in generated().items():
-        if path.read_text() != text:
+        if not path.exists() or path.read_text() != text:
             stale.append(path)
             if "--check" not in argv:
                 path.write_text(text)

@@ -326,3 +326,42 @@ def test_hook_memvisor_selftest():
 
     with pytest.raises(ValueError, match="selftest step 'migrate' is the core's already"):
         contributions(new_plugin_manager([], extra=[Clash()]))
+
+
+def test_host_counters_and_events_are_what_the_report_shows():
+    """host.counters(vm) is zeros before the VM's first batch, then the counters report.json
+    shows for it (a copy: changing it changes nothing); host.record_event lands in report.json's
+    events, stamped with the time."""
+    from memvisor import hookimpl
+    from memvisor.metrics import COUNTERS
+    from memvisor.report import ReportSection
+    from memvisor.runner import ScenarioRun
+    from memvisor.scenario import parse_scenario
+
+    seen = {}
+
+    class P:
+        @hookimpl
+        def memvisor_vm_created(self, host, vm):
+            seen["before"] = host.counters(vm)
+
+        @hookimpl
+        def memvisor_report(self, host):
+            vm = host.vms["a"]
+            counts = host.counters(vm)
+            counts["accesses"] = -1
+            host.record_event("custom", vm="a", pages=3)
+            seen["time"] = host.now
+            return ReportSection("p", "Mine", {"counters": host.counters(vm)})
+
+    scenario = parse_scenario({
+        "name": "t", "host": {"memory": "64MiB", "tick": "1ms", "batch": 4096},
+        "vm": [{"name": "a", "memory": "8MiB", "workload": {"kind": "uniform", "write_fraction": 0.5}}],
+        "timeline": [{"do": "run", "for": "5ms"}]})
+    report = ScenarioRun(scenario, extra_plugins=[P()]).run()
+    assert seen["before"] == dict.fromkeys(COUNTERS, 0)
+    counters = report.metric("p", "counters")
+    assert counters["accesses"] > 0
+    assert counters == {k: report.data["vms"]["a"][k] for k in COUNTERS}
+    event = report.data["core"]["events"][-1]
+    assert event == {"time": seen["time"], "kind": "custom", "vm": "a", "pages": 3}

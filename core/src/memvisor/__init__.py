@@ -9,6 +9,7 @@ entry-point group.
 import pluggy
 
 __version__ = "0.1.0"
+"""The version of the memvisor distribution."""
 
 PROJECT_NAME = "memvisor"
 """The pluggy project name and the entry-point group of every plugin and backend."""

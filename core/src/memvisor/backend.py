@@ -294,6 +294,13 @@ class Backend(ABC):
     def total_pages(self, node: int | None = None) -> int:
         """Machine pages (on one node, or all)."""
 
+    def check_invariants(self) -> int | None:
+        """Recount every machine page's references from the page tables and compare (slow:
+        for tests and ``memvisor selftest``). Raises :class:`memvisor.errors.BackendError` on a
+        leaked, double-mapped or miscounted page; returns the number of machine pages held
+        outside page tables (:meth:`hold_page`), or None on a backend that cannot recount."""
+        return None
+
     def describe(self) -> dict:
         """A JSON-able description for reports: name, capabilities, sizes."""
         return {

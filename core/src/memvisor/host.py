@@ -34,7 +34,7 @@ from memvisor.events import (
     VcpuMove,
     WriteBatch,
 )
-from memvisor.metrics import Metrics
+from memvisor.metrics import COUNTERS, Metrics
 from memvisor.plugins import new_plugin_manager
 from memvisor.registry import Registry, SettingsRegistry, fill
 
@@ -135,13 +135,31 @@ def registries(pm: pluggy.PluginManager, extra: tuple[pluggy.PluginManager, Iter
 
 
 class Host:
-    """A hypervisor host.
+    """A hypervisor host: what every hook receives as ``host``.
 
     :param config: the host's configuration.
     :param plugins: names of installed plugins to enable (entry-point names).
     :param extra_plugins: plugin objects to register as they are (tests, embedding programs).
     :param catalog: a plugin manager with every installed plugin, for the registries of
         backends, workloads and actions (a new one is made when None).
+
+    :ivar config: the :class:`HostConfig` it was built from.
+    :ivar backend: the :class:`memvisor.backend.Backend` every technique acts through.
+    :ivar vms: the VMs by name.
+    :ivar hook: the hook caller of the host's plugin manager, to call a hook plugins offer
+        each other (``host.hook.memvisor_page_heat(host=host, vm=vm, gpps=gpps)``).
+    :ivar pm: the host's plugin manager (``host.pm.get_plugin(NAME)``: a plugin's instance).
+    :ivar tick_interval: seconds between two :func:`memvisor_tick` calls.
+    :ivar disks: each VM's disks, by VM name and disk name (:class:`memvisor.disks.Disk`).
+    :ivar budgets: the VMs' budgets and their use (:class:`memvisor.budgets.Budgets`):
+        a content scanner asks ``host.budgets.take_scan(vm, pages, host.now)``.
+    :ivar checkpoint_jobs: every checkpoint save and restore of the run, in order.
+    :ivar migrations: the figures of every live migration from this host.
+    :ivar memory_errors: every memory error and what became of its pages.
+    :ivar plugin_failures: every failure of a plugin inside a hook (:mod:`memvisor.isolation`).
+    :ivar reclaimed_by: machine pages each plugin reclaimed under memory pressure.
+    :ivar faults_served_by: faulting pages each plugin served (``zero-fill``: the core's default).
+    :ivar stopped: whether the run ended (:meth:`stop`).
     """
 
     def __init__(
@@ -226,6 +244,20 @@ class Host:
         """Current time in seconds (virtual on the emulator)."""
         return self.backend.now()
 
+    # -- the core's measurements --------------------------------------------------------------
+
+    def counters(self, vm: VM) -> dict[str, int]:
+        """The core's counters of ``vm`` so far (:data:`memvisor.metrics.COUNTERS`: its guest's
+        accesses and remote accesses, the faults, traced accesses and write traps delivered,
+        its guest's own traps); zeros before its first batch. A copy."""
+        counts = self.metrics.counters.get(vm.name)
+        return dict(counts) if counts is not None else dict.fromkeys(COUNTERS, 0)
+
+    def record_event(self, kind: str, **fields: Any) -> None:
+        """Add an event of ``kind`` (with JSON-able ``fields``) to the run's report, stamped
+        with the time now: ``report.json``'s ``events`` and the sweep's ``events.KIND`` counts."""
+        self.metrics.event(self.now, kind, **fields)
+
     # -- VMs ----------------------------------------------------------------------------------
 
     def create_vm(
@@ -275,7 +307,7 @@ class Host:
             self.metrics.event(self.now, "vm_stopped", vm=vm.name, reason=reason)
 
     def record_plugin_failure(self, plugin: str, hook: str, error: str, *, handled: bool) -> None:
-        """A plugin raised inside a hook (see :mod:`memvisor.isolation`): log it with the
+        """Internal (:mod:`memvisor.isolation`): a plugin raised inside a hook; log it with the
         plugin's name and keep it in :attr:`plugin_failures`."""
         entry = {"plugin": plugin, "hook": hook, "error": error, "time": self.now, "handled": handled}
         self.plugin_failures.append(entry)
@@ -428,7 +460,8 @@ class Host:
             raise BackendError(f"VM {vm.name!r}: page faults left unserved")
 
     def served_faults(self, vm: VM, plugin: str, gpps) -> None:
-        """What a :func:`memvisor_page_fault` implementation of ``plugin`` returned: the pages it
+        """Internal (:mod:`memvisor.isolation`). What a :func:`memvisor_page_fault`
+        implementation of ``plugin`` returned: the pages it
         served, which must be present now (else :class:`BackendError`, and the VM stops as
         when the plugin raised); counted in :attr:`faults_served_by`."""
         gpps = np.asarray(gpps, dtype=np.int64).reshape(-1)

@@ -259,7 +259,7 @@ class BalloonPlugin:
         self.resets += 1
         log.info("balloon reset", vm=vm.name, pages=pages, written_pages=written, mode=self.settings.reset,
                  time=self._now())
-        self.host.metrics.event(self._now(), "balloon_reset", vm=vm.name, pages=pages)
+        self.host.record_event("balloon_reset", vm=vm.name, pages=pages)
         self._record(self.host)
         return pages
 

@@ -314,8 +314,7 @@ def _overall_trap_rate(per_vm: Mapping[str, dict]) -> float:
 
 def _accesses(host, vm) -> int:
     """The VM's access clock: accesses of every batch finished so far."""
-    counters = host.metrics.counters
-    return int(counters[vm.name]["accesses"]) if vm.name in counters else 0
+    return int(host.counters(vm)["accesses"])
 
 
 def _pages_or_nan(pages: int | None) -> float:

@@ -275,8 +275,8 @@ class NumaPlugin:
 
         Read from the core's counters, which the core keeps per VM for its own report.
         """
-        counters = host.metrics.counters.get(st.vm.name)
-        if counters is None:
+        counters = host.counters(st.vm)
+        if not any(counters.values()):  # the VM has not run a batch yet
             return float("nan")
         counts = (counters["accesses"], counters["remote"])
         accesses, remote = counts[0] - st.last_counts[0], counts[1] - st.last_counts[1]
