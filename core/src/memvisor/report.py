@@ -131,8 +131,8 @@ class Report:
     def build(cls, run: ScenarioRun, real_seconds: float) -> Report:
         """Collect the core's metrics and every plugin's sections after the run."""
         host, scenario = run.host, run.scenario
+        sections = host.report_sections()  # first: a section's hook may still record an event
         metrics = host.metrics.to_json()
-        sections = host.report_sections()
         core_plots = _core_plots(metrics)
         data = {
             "memvisor": memvisor.__version__,
