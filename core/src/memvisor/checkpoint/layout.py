@@ -76,6 +76,11 @@ MAX_BUFFER_BYTES = 256 << 20
 """Largest staging buffer a writer accepts."""
 MAX_KIND_NAME = 64
 
+MAX_OPTIONAL_SECTION = 256 << 20
+"""Largest optional section a writer writes (readers bound the whole metadata)."""
+OPTIONAL_TAG_RE = re.compile(rb"[a-z][A-Za-z0-9_]{3}\Z")
+"""Tag of an optional section: 4 ASCII characters, the first a lowercase letter."""
+
 RESERVED_KINDS = ("missing", "zero", "data")
 """Page-kind names of the core; record kinds may not use them."""
 
