@@ -1,0 +1,96 @@
+"""``memvisor qemu``: save, restore and migrate QEMU VMs through their migration stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _key(key_file):
+    if key_file is None:
+        return None
+    from memvisor.checkpoint import load_key
+
+    return load_key(key_file)
+
+
+def _disk(disk):
+    if disk is not None and not Path(disk).is_file():
+        from memvisor.errors import UserError
+
+        raise UserError(f"--disk: {disk}: no such disk image")
+    return disk
+
+
+def _write_json(path, figures) -> None:
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def _progress(label: str):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    progress = Progress(console=console, transient=True, disable=not console.is_terminal)
+    task = progress.add_task(label, total=None)
+    return progress, lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@click.group("qemu")
+def qemu():
+    """Checkpoints, lazy restore and migration of real QEMU VMs (QEMU 7.2; docs/qemu.md)."""
+
+
+@qemu.command("save")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--qmp", required=True, type=click.Path(dir_okay=False), help="QMP socket of the running QEMU.")
+@click.option("--disk", default=None, type=click.Path(dir_okay=False),
+              help="The VM's disk image (read-only): pages equal to its blocks become disk references.")
+@click.option("--live", is_flag=True, help="Keep the VM running while it is saved (pre-copy rounds).")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Add a keyed MAC (BLAKE2b).")
+@click.option("--level", type=click.IntRange(-7, 22), default=1, show_default=True, help="zstd level.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
+def save_command(out, qmp, disk, live, key_file, level, json_out):
+    """Save the VM of the QEMU at --qmp as memvisor checkpoint OUT."""
+    from memvisor_qemu.save import save
+
+    result = save(qmp, out, disk=_disk(disk), live=live, key=_key(key_file), level=level)
+    _write_json(json_out, result.to_json())
+    c = result.checkpoint
+    click.echo(f"{out}: {result.pages:,} pages ({c['zero_pages']:,} zero, {c['record_pages']:,} disk references) "
+               f"from QEMU {result.qemu} {result.machine}; stream {result.stream_bytes / 2**20:.1f} MiB -> "
+               f"checkpoint {c['bytes_out'] / 2**20:.1f} MiB in {result.seconds:.2f} s"
+               + (f"; {result.pages_resent:,} pages written during the save" if live else ""))
+
+
+@qemu.command("restore")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--qmp", required=True, type=click.Path(dir_okay=False),
+              help="QMP socket of a QEMU started with -incoming defer.")
+@click.option("--lazy", is_flag=True,
+              help="Post-copy: the VM runs at once, pages come on request and in the background.")
+@click.option("--disk", default=None, type=click.Path(dir_okay=False),
+              help="The disk image the checkpoint's disk references name.")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Refuse a checkpoint without this MAC.")
+@click.option("--prefetch", type=click.Choice(["hot", "file"]), default="hot", show_default=True,
+              help="Background order of a lazy restore: hottest first (the order sidecar) or file order.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
+def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, json_out):
+    """Restore CHECKPOINT into the QEMU at --qmp (eager, or --lazy)."""
+    from memvisor_qemu.restore import restore
+
+    progress, update = _progress("restoring")
+    with progress:
+        result = restore(checkpoint, qmp, lazy=lazy, disk=_disk(disk), key=_key(key_file), prefetch=prefetch,
+                         progress=update)
+    figures = result.to_json()
+    _write_json(json_out, figures)
+    service = figures["request_service_ms"]
+    click.echo(f"{checkpoint}: {result.method} restore of {result.pages:,} pages "
+               f"({result.zero_pages_sent:,} zero) in {result.seconds:.2f} s, VM running after "
+               f"{result.resumed_s * 1000:.0f} ms"
+               + (f"; {result.requests:,} page requests, service p50 {service['p50']:.2f} ms, "
+                  f"p99 {service['p99']:.2f} ms" if service else ""))
