@@ -38,6 +38,10 @@ class GuestLayout:
         its pages are 4 KiB blocks of the image), or 0 for no copy.
     :ivar disk_sectors: sectors copied (a multiple of 256).
     :ivar disk_dest: memory address the copy goes to (page aligned, outside the counted range).
+    :ivar fill_start: first byte of a range the guest fills with pseudo-random words (xorshift32)
+        before it starts counting: data that does not compress, without the time a disk read
+        takes under TCG; 0 for none.
+    :ivar fill_end: end of that range (exclusive).
     """
 
     loop_start: int = 1 << 20
@@ -45,6 +49,8 @@ class GuestLayout:
     disk_lba: int = 0
     disk_sectors: int = 0
     disk_dest: int = 0
+    fill_start: int = 0
+    fill_end: int = 0
 
     @property
     def pages(self) -> range:
@@ -119,6 +125,8 @@ def boot_sector(layout: GuestLayout = GuestLayout()) -> bytes:
     a.emit(b"\xbc", _u32(LOAD_ADDRESS))  # mov esp, 0x7c00
     if layout.disk_sectors:
         _disk_copy(a, layout)
+    if layout.fill_end > layout.fill_start:
+        _fill(a, layout)
     a.emit(b"\x66\xba", _u16(COM1), b"\xb0", MARKER_START, 0xEE)  # mov dx, COM1; mov al,'A'; out dx, al
     a.label("outer")
     a.emit(b"\xb8", _u32(layout.loop_start))  # mov eax, start
@@ -174,6 +182,18 @@ def _disk_copy(a: _Asm, layout: GuestLayout) -> None:
     a.emit(b"\x81\xc3", _u32(256))  # add ebx, 256
     a.emit(b"\x81\xfb", _u32(layout.disk_lba + layout.disk_sectors))  # cmp ebx, end
     a.rel32(b"\x0f\x82", "command")
+
+
+def _fill(a: _Asm, layout: GuestLayout) -> None:
+    """Fill ``[fill_start, fill_end)`` with xorshift32 words (eax the state, edx scratch)."""
+    a.emit(0xFC, b"\xbf", _u32(layout.fill_start), b"\xb8", _u32(0x2545F491))  # cld; edi; eax = seed
+    a.label("fill")
+    a.emit(b"\x89\xc2", b"\xc1\xe2\x0d", b"\x31\xd0")  # x ^= x << 13
+    a.emit(b"\x89\xc2", b"\xc1\xea\x11", b"\x31\xd0")  # x ^= x >> 17
+    a.emit(b"\x89\xc2", b"\xc1\xe2\x05", b"\x31\xd0")  # x ^= x << 5
+    a.emit(0xAB)  # stosd
+    a.emit(b"\x81\xff", _u32(layout.fill_end))  # cmp edi, end
+    a.rel32(b"\x0f\x82", "fill")
 
 
 def disk_image(layout: GuestLayout, data: bytes = b"", size: int | None = None) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -39,17 +40,31 @@ class Monitor:
     :param timeout: seconds a command may take.
     """
 
-    def __init__(self, path, timeout: float = 30.0):
+    def __init__(self, path, timeout: float = 10.0):
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         self.path = str(path)
         if not Path(self.path).exists():
             raise QemuError(f"{self.path}: no such QMP socket")
         self._qmp = QEMUMonitorProtocol(self.path)
-        try:
-            self._qmp.connect()
-        except Exception as exc:  # qemu.qmp raises its own and OS errors
-            raise QemuError(f"{self.path}: cannot connect to QEMU's monitor: {_one_line(exc)}") from None
+        outcome: list = []
+
+        def connect():
+            try:
+                outcome.append(self._qmp.connect())
+            except Exception as exc:  # qemu.qmp raises its own and OS errors
+                outcome.append(exc)
+
+        # QEMU serves one client per QMP socket: a socket another client holds never greets,
+        # and the client library would wait for ever.
+        worker = threading.Thread(target=connect, daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if not outcome:
+            raise QemuError(f"{self.path}: QEMU's monitor did not answer within {timeout:.0f} s (another client "
+                            "holds this QMP socket? give memvisor a -qmp socket of its own)")
+        if isinstance(outcome[0], Exception):
+            raise QemuError(f"{self.path}: cannot connect to QEMU's monitor: {_one_line(outcome[0])}")
         self._qmp.settimeout(timeout)
 
     def close(self) -> None:
