@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from memvisor.checkpoint import CheckpointReader, CheckpointWriter
+from memvisor.checkpoint import CheckpointReader
 from memvisor_qemu.guest import PAGE, GuestLayout
 from memvisor_qemu.state import TAG, QemuState
 from memvisor_qemu.testing import QemuVM, consistent, counters, unavailable_reason, write_disk

@@ -74,8 +74,8 @@ class QemuVM:
             args += ["-incoming", "defer"]
         if paused:
             args.append("-S")
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.errors, "wb"),
-                                     start_new_session=True)
+        with open(self.errors, "wb") as errors:  # QEMU keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
         limit = time.monotonic() + 30
         while not (self.qmp_path.exists() and self.test_qmp.exists()):
             if self.proc.poll() is not None or time.monotonic() > limit:
