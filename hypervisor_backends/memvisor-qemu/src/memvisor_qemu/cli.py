@@ -45,7 +45,7 @@ def qemu():
 
 
 @qemu.command("save")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path())
 @click.option("--qmp", required=True, type=click.Path(dir_okay=False), help="QMP socket of the running QEMU.")
 @click.option("--disk", default=None, type=click.Path(dir_okay=False),
               help="The VM's disk image (read-only): pages equal to its blocks become disk references.")
