@@ -94,3 +94,23 @@ def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, json_out):
                f"{result.resumed_s * 1000:.0f} ms"
                + (f"; {result.requests:,} page requests, service p50 {service['p50']:.2f} ms, "
                   f"p99 {service['p99']:.2f} ms" if service else ""))
+
+
+@qemu.command("migrate")
+@click.option("--from", "source", required=True, type=click.Path(dir_okay=False),
+              help="QMP socket of the QEMU whose VM moves.")
+@click.option("--to", "target", required=True, type=click.Path(dir_okay=False),
+              help="QMP socket of a QEMU started with -incoming defer.")
+@click.option("--disk", default=None, type=click.Path(dir_okay=False),
+              help="The disk both share: pages equal to its blocks cross as references.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
+def migrate_command(source, target, disk, json_out):
+    """Migrate the running VM of the QEMU at --from to the QEMU at --to through memvisor."""
+    from memvisor_qemu.migrate import migrate
+
+    result = migrate(source, target, disk=_disk(disk))
+    _write_json(json_out, result.to_json())
+    click.echo(f"{source} -> {target}: {result.pages:,} pages ({result.zero_pages:,} zero, {result.record_pages:,} "
+               f"disk references, {result.data_pages:,} data); QEMU's stream {result.qemu_stream_bytes / 2**20:.1f} "
+               f"MiB, memvisor's link {result.link_bytes / 2**20:.1f} MiB in {result.seconds:.2f} s, downtime "
+               f"{result.downtime_ms} ms")

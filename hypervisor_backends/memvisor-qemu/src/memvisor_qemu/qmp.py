@@ -21,7 +21,8 @@ from memvisor_qemu.stream import QemuError
 SUPPORTED = (7, 2)
 """The QEMU version memvisor speaks the migration stream of (Debian 12's qemu-system-x86)."""
 
-_RAMBLOCK = re.compile(r"^\s*(\S+)\s+\d+\s+\S+\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)", re.M)
+_RAMBLOCK = re.compile(r"^\s*(\S+)\s+\d+ \S+\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)", re.M)
+"""A line of ``info ramblock``: name, page size, offset, used, total."""
 
 
 @attrs.frozen
@@ -115,7 +116,7 @@ class Monitor:
     def ram_blocks(self) -> list[BlockInfo]:
         """The VM's RAM blocks (``info ramblock``)."""
         text = self.execute("human-monitor-command", **{"command-line": "info ramblock"})
-        return [BlockInfo(m[1], int(m[2], 16), int(m[3], 16)) for m in _RAMBLOCK.finditer(text)]
+        return [BlockInfo(m[1], int(m[3], 16), int(m[4], 16)) for m in _RAMBLOCK.finditer(text)]
 
     def status(self) -> str:
         """The run state (``running``, ``paused``, ``inmigrate``, ``postmigrate`` …)."""

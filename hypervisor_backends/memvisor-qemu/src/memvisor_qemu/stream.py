@@ -212,6 +212,17 @@ class StreamReader:
         except UnicodeDecodeError:
             raise self.error(f"name {raw!r} is not ASCII") from None
 
+    def rest_chunk(self) -> bytes:
+        """The bytes buffered, or else the next bytes that arrive (empty once the other side
+        closed): for passing the rest of a stream on as it comes."""
+        if self.pos < len(self.buf):
+            out = bytes(self.buf[self.pos :])
+        else:
+            out = self.source.recv(1 << 20) if isinstance(self.source, socket.socket) else self.source.read(1 << 20)
+        self.offset += self.pos + len(out) if self.pos < len(self.buf) else len(out)
+        self.buf, self.pos = bytearray(), 0
+        return out
+
     def rest(self, limit: int) -> bytes:
         """Every byte until the other side closes (at most ``limit``)."""
         out = bytearray(self.buf[self.pos :])
@@ -313,14 +324,14 @@ class RamReceiver:
         self.index, self.flat, self.received = index, memory.reshape(-1), received
         self.block: RamBlock | None = None
 
-    def read_section(self, r: StreamReader) -> int:
-        """The records of one section until EOS; returns the pages read."""
-        count = 0
+    def read_section(self, r: StreamReader) -> np.ndarray:
+        """The records of one section until EOS; returns the pages read, in stream order."""
+        pages: list[int] = []
         while True:
             head = r.u64()
             flags, offset = head & (PAGE_SIZE - 1), head & ~(PAGE_SIZE - 1)
             if flags == RAM_EOS:
-                return count
+                return np.array(pages, dtype=np.int64)
             if flags & ~(RAM_ZERO | RAM_PAGE | RAM_CONTINUE) or not flags & (RAM_ZERO | RAM_PAGE):
                 bad = [name for bit, name in RAM_FLAG_NAMES.items() if flags & bit]
                 raise r.error(f"RAM record with flags {flags:#x}"
@@ -342,7 +353,7 @@ class RamReceiver:
             else:
                 self.flat[start : start + PAGE_SIZE] = r.u8()
             self.received[gpp] += 1
-            count += 1
+            pages.append(gpp)
 
 
 def split_tail(tail: bytes, name: str) -> tuple[bytes, bytes]:
