@@ -13,7 +13,7 @@ import pytest
 from memvisor.checkpoint import CheckpointReader, CheckpointWriter
 from memvisor_qemu.guest import GuestLayout
 from memvisor_qemu.state import TAG, QemuState
-from memvisor_qemu.testing import QemuVM, unavailable_reason, write_disk
+from memvisor_qemu.testing import QemuVM, needs, unavailable_reason, write_disk
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -58,6 +58,7 @@ def small(folder):
     return disk, folder / "small.ckpt"
 
 
+@needs("lazy-restore")
 def test_qemu_killed_during_a_lazy_restore_is_one_line(folder):
     """QEMU killed while memvisor serves its pages: memvisor says so in one line, and does not hang."""
     disk = write_disk(folder / "big.img", BIG)
@@ -79,7 +80,7 @@ def test_another_machine_type_is_refused_before_qemu_sees_a_byte(folder, small):
     """A checkpoint of machine pc restored into a q35 QEMU: one line naming both, QEMU still waiting."""
     disk, ckpt = small
     with QemuVM(folder, "q35", disk, machine="q35", incoming=True) as dst:
-        refused(finish(memvisor("qemu", "restore", ckpt, "--qmp", dst.qmp_path, "--lazy")),
+        refused(finish(memvisor("qemu", "restore", ckpt, "--qmp", dst.qmp_path)),
                 "machine type pc-i440fx-7.2", "pc-q35-7.2")
         assert dst.monitor.status() == "inmigrate" and dst.monitor.migration() == {}
 
@@ -130,7 +131,7 @@ def test_corrupted_device_state_is_refused_by_its_checksum(folder, small, keyed)
     bad.write_bytes(raw)
     with QemuVM(folder, f"bad-{keyed}", disk, incoming=True) as dst:
         args = ["--key-file", folder / "vm.key"] if keyed else []
-        refused(finish(memvisor("qemu", "restore", bad, "--qmp", dst.qmp_path, "--lazy", *args)),
+        refused(finish(memvisor("qemu", "restore", bad, "--qmp", dst.qmp_path, *args)),
                 "metadata checksum mismatch")
         assert dst.monitor.status() == "inmigrate" and dst.monitor.migration() == {}
 
@@ -138,18 +139,24 @@ def test_corrupted_device_state_is_refused_by_its_checksum(folder, small, keyed)
 def test_bad_input_is_one_line(folder, small):
     """Every command's bad input: one line naming it, exit status 2."""
     disk, ckpt = small
-    with QemuVM(folder, "running", disk) as vm, QemuVM(folder, "waiting", disk, incoming=True) as dst:
+    with QemuVM(folder, "running", disk) as vm, QemuVM(folder, "waiting", disk, incoming=True) as dst, \
+            QemuVM(folder, "bigger", disk, memory_mib=64, incoming=True) as bigger:
         vm.wait_markers(1)
         cases = [
             (("qemu", "restore", folder / "none.ckpt", "--qmp", dst.qmp_path), "no such checkpoint"),
             (("qemu", "restore", ckpt, "--qmp", folder / "none.qmp"), "no such QMP socket"),
             (("qemu", "restore", ckpt, "--qmp", vm.qmp_path), "-incoming defer"),
             (("qemu", "restore", disk, "--qmp", dst.qmp_path), "not a checkpoint"),
+            (("qemu", "restore", ckpt, "--qmp", bigger.qmp_path), "RAM block 'pc.ram'"),
+            (("qemu", "migrate", "--from", vm.qmp_path, "--to", bigger.qmp_path), "RAM block 'pc.ram'"),
+            (("qemu", "migrate", "--from", dst.qmp_path, "--to", bigger.qmp_path), "inmigrate"),
             (("qemu", "restore", ckpt, "--qmp", dst.qmp_path, "--disk", folder / "none.img"), "no such disk"),
             (("qemu", "save", folder / "x.ckpt", "--qmp", dst.qmp_path), "inmigrate"),
             (("qemu", "save", folder, "--qmp", vm.qmp_path), "not a file"),
             (("qemu", "save", folder / "x.ckpt", "--qmp", vm.qmp_path, "--key-file", folder / "none.key"), "key"),
         ]
-        for args, word in cases:
-            refused(finish(memvisor(*args)), word)
+        running = [(memvisor(*args), word) for args, word in cases]  # at once: each starts a Python
+        for proc, word in running:
+            refused(finish(proc), word)
         assert vm.monitor.status() == "running" and dst.monitor.status() == "inmigrate"
+        assert bigger.monitor.status() == "inmigrate"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from memvisor_qemu.guest import PAGE, GuestLayout
-from memvisor_qemu.testing import QemuVM, consistent, counters, unavailable_reason, write_disk
+from memvisor_qemu.testing import QemuVM, consistent, counters, needs, unavailable_reason, write_disk
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -25,6 +25,7 @@ def memvisor(*args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@needs("diskmap")
 def test_migrated_vm_runs_on_and_disk_pages_cross_as_references(tmp_path):
     """The VM moves while it runs: its markers continue on the destination, its counters are consistent,
     every other page is the source's at switch-over, and the pages copied from the shared disk crossed

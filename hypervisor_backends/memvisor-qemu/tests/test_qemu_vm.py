@@ -15,7 +15,7 @@ import pytest
 from memvisor.checkpoint import CheckpointReader
 from memvisor_qemu.guest import PAGE, GuestLayout
 from memvisor_qemu.state import TAG, QemuState
-from memvisor_qemu.testing import QemuVM, consistent, counters, unavailable_reason, write_disk
+from memvisor_qemu.testing import QemuVM, consistent, counters, needs, unavailable_reason, write_disk
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -56,24 +56,37 @@ def disk(folder):
     return write_disk(folder / "disk.img", LAYOUT, data)
 
 
-@pytest.fixture(scope="module")
-def saved(folder, disk):
+def save_stopped(folder, disk, name: str, *options) -> tuple:
     """A stop-the-world save of a running guest, and the guest's memory at that moment."""
-    with QemuVM(folder, "src", disk) as src:
+    with QemuVM(folder, name, disk) as src:
         src.wait_markers(3)
         src.stop()
         reference = src.ram(folder)
-        ckpt = folder / "vm.ckpt"
-        out = ok(memvisor("qemu", "save", ckpt, "--qmp", src.qmp_path, "--disk", disk)).stdout
-        assert "1,024 disk references" in out
+        ckpt = folder / f"{name}.ckpt"
+        out = ok(memvisor("qemu", "save", ckpt, "--qmp", src.qmp_path, *options)).stdout
         assert src.monitor.status() != "running"  # a paused VM stays paused
         assert (src.ram(folder) == reference).all()
+    return ckpt, reference, out
+
+
+@pytest.fixture(scope="module")
+def saved(folder, disk):
+    """A checkpoint without disk references (memvisor-qemu alone)."""
+    return save_stopped(folder, disk, "plain")[:2]
+
+
+@pytest.fixture(scope="module")
+def saved_with_disk(folder, disk):
+    """A checkpoint whose pages copied from the disk are disk references (with memvisor-diskmap)."""
+    ckpt, reference, out = save_stopped(folder, disk, "with-disk", "--disk", disk)
+    assert "1,024 disk references" in out
     return ckpt, reference
 
 
-def test_checkpoint_holds_the_disk_copy_as_references(saved):
+@needs("diskmap")
+def test_checkpoint_holds_the_disk_copy_as_references(saved_with_disk):
     """The pages the guest copied from its disk are disk references, exactly those."""
-    ckpt, reference = saved
+    ckpt, reference = saved_with_disk
     with CheckpointReader(ckpt) as r:
         refs = r.records("disk-ref").gpps
         state = QemuState.decode(r.section(TAG), ckpt)
@@ -94,13 +107,19 @@ def check_ran_on(reference: np.ndarray, got: np.ndarray) -> None:
     assert consistent(counters(got, LAYOUT))
 
 
-@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
-def test_restore_runs_on_from_where_it_stopped(folder, disk, saved, lazy):
-    """Restored (lazily through post-copy, or eagerly), the guest goes on: its markers continue and
-    every page is the saved one but for its counters, which moved on together."""
-    ckpt, reference = saved
+@pytest.mark.parametrize("lazy, with_disk", [
+    pytest.param(True, True, marks=needs("lazy-restore", "diskmap"), id="lazy-disk"),
+    pytest.param(True, False, marks=needs("lazy-restore"), id="lazy"),
+    pytest.param(False, True, marks=needs("diskmap"), id="eager-disk"),
+    pytest.param(False, False, id="eager"),
+])
+def test_restore_runs_on_from_where_it_stopped(request, folder, disk, lazy, with_disk):
+    """Restored (lazily through post-copy, or eagerly; disk references resolved from the disk), the guest
+    goes on: its markers continue and every page is the saved one but for its counters, which moved on
+    together."""
+    ckpt, reference = request.getfixturevalue("saved_with_disk" if with_disk else "saved")
     with QemuVM(folder, "dst", disk, incoming=True) as dst:
-        out = ok(memvisor("qemu", "restore", ckpt, "--qmp", dst.qmp_path, "--disk", disk,
+        out = ok(memvisor("qemu", "restore", ckpt, "--qmp", dst.qmp_path, *(["--disk", disk] if with_disk else []),
                           *(["--lazy"] if lazy else []), "--json", folder / "restore.json")).stdout
         assert ("lazy" if lazy else "eager") + " restore of" in out
         if not lazy:  # saved paused, restored paused (post-copy runs it: that is its point)
@@ -113,6 +132,7 @@ def test_restore_runs_on_from_where_it_stopped(folder, disk, saved, lazy):
         assert dst.monitor.migration()["status"] == "completed"
 
 
+@needs("lazy-restore", "diskmap")
 def test_live_save_records_the_pages_written_and_restores_them_first(folder, disk):
     """A live save lets the guest run (markers continue during it); the pages QEMU sent again are
     the counted ones, kept as heat, and the lazy restore prefetches hottest first."""

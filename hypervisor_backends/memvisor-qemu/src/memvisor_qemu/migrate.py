@@ -98,7 +98,7 @@ def migrate(src: str, dst: str, *, disk: str | None = None, timeout: float = 600
             raise S.QemuError(f"{src} runs machine type {smon.machine()}, {dst} {dmon.machine()}")
         theirs = {b.name: b for b in dmon.ram_blocks()}
         for block in smon.ram_blocks():
-            if block.name not in theirs or block.used > theirs[block.name].total:
+            if block.name not in theirs or not theirs[block.name].takes(block.used):
                 raise S.QemuError(f"{dst}: RAM block {block.name!r} of {block.used} bytes does not fit there "
                                   "(another memory size or device set)")
         on = [c for c, state in smon.capabilities().items() if state and c in UNSUPPORTED_CAPABILITIES]

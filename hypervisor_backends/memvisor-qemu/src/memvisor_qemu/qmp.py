@@ -33,6 +33,11 @@ class BlockInfo:
     used: int
     total: int
 
+    def takes(self, length: int) -> bool:
+        """Whether a block of ``length`` bytes loads into this one: the same size, or within
+        the reserve of a block QEMU resizes (ACPI tables)."""
+        return length == self.used or (self.used < self.total and length <= self.total)
+
 
 class Monitor:
     """A QMP connection to one QEMU.

@@ -92,8 +92,8 @@ def check_destination(mon: Monitor, state: QemuState, path) -> None:
     theirs = {b.name: b for b in mon.ram_blocks()}
     for block in state.blocks:
         have = theirs.get(block.name)
-        if have is None or block.length > have.total:
-            size = "no such block" if have is None else f"{have.total} bytes"
+        if have is None or not have.takes(block.length):
+            size = "no such block" if have is None else f"{have.used} bytes"
             raise S.QemuError(f"{path}: RAM block {block.name!r} of {block.length} bytes, the QEMU at "
                               f"{mon.path} has {size} (another memory size or device set)")
     extra = set(theirs) - {b.name for b in state.blocks}

@@ -19,6 +19,7 @@ import numpy as np
 
 from memvisor_qemu.guest import MARKER_PASS, PAGE, GuestLayout, disk_image
 from memvisor_qemu.qmp import SUPPORTED, Monitor
+from memvisor_qemu.stream import QemuError
 
 BINARY = "qemu-system-x86_64"
 
@@ -81,7 +82,14 @@ class QemuVM:
             if self.proc.poll() is not None or time.monotonic() > limit:
                 raise RuntimeError(f"QEMU did not start: {self.errors.read_text()}")
             time.sleep(0.02)
-        self.monitor = Monitor(self.test_qmp)
+        while True:  # the socket file appears when QEMU binds it, a moment before it listens
+            try:
+                self.monitor = Monitor(self.test_qmp)
+                break
+            except QemuError:
+                if self.proc.poll() is not None or time.monotonic() > limit:
+                    raise
+                time.sleep(0.02)
 
     def __enter__(self) -> QemuVM:
         return self
@@ -143,3 +151,21 @@ def consistent(values: np.ndarray) -> bool:
     were incremented once more than the pages after it (modulo 256)."""
     diff = (values[:-1].astype(np.int16) - values[1:].astype(np.int16)) % 256
     return bool(np.all(diff <= 1) and np.count_nonzero(diff) <= 1)
+
+
+def missing_plugins(*names: str) -> str | None:
+    """Why a test of memvisor-qemu together with other plugins cannot run (they are not
+    installed: the tox env ``qemu`` tests memvisor-qemu alone beside the core), or None."""
+    from memvisor.plugins import installed_plugins
+
+    have = {p.name for p in installed_plugins() if p.error is None}
+    missing = [n for n in names if n not in have]
+    return f"needs memvisor-{', memvisor-'.join(missing)} (installed in the all env)" if missing else None
+
+
+def needs(*names: str):
+    """A pytest mark: skip, with the reason, where plugins ``names`` are not installed."""
+    import pytest
+
+    reason = missing_plugins(*names)
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
