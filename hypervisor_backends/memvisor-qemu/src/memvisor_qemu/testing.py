@@ -7,6 +7,7 @@ in a file. Every VM is killed when its ``with`` block ends.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -53,10 +54,11 @@ class QemuVM:
     :param machine: the machine type.
     :param incoming: start with ``-incoming defer`` (a restore or migration destination).
     :param paused: start with ``-S``.
+    :param extra: more QEMU arguments (trace events).
     """
 
     def __init__(self, folder, name: str, disk, *, memory_mib: int = 32, machine: str = "pc",
-                 incoming: bool = False, paused: bool = False):
+                 incoming: bool = False, paused: bool = False, extra: list[str] = ()):
         folder = Path(folder)
         self.name = name
         self.qmp_path = folder / f"{name}.qmp"  # memvisor's
@@ -64,6 +66,7 @@ class QemuVM:
         self.serial = folder / f"{name}.serial"
         self.errors = folder / f"{name}.err"
         self.memory = memory_mib << 20
+        self.trace: Path | None = None
         for p in (self.qmp_path, self.test_qmp, self.serial):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -75,13 +78,16 @@ class QemuVM:
             args += ["-incoming", "defer"]
         if paused:
             args.append("-S")
+        args += list(extra)
         with open(self.errors, "wb") as errors:  # QEMU keeps its own copy of the descriptor
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
+        atexit.register(self.kill)  # QEMU runs in its own session: never leave it behind
         limit = time.monotonic() + 30
         while not (self.qmp_path.exists() and self.test_qmp.exists()):
             if self.proc.poll() is not None or time.monotonic() > limit:
                 raise RuntimeError(f"QEMU did not start: {self.errors.read_text()}")
             time.sleep(0.02)
+        self.monitor: Monitor | None = None
         while True:  # the socket file appears when QEMU binds it, a moment before it listens
             try:
                 self.monitor = Monitor(self.test_qmp)
@@ -99,7 +105,8 @@ class QemuVM:
 
     def kill(self) -> None:
         """Stop QEMU at once (SIGKILL), as a crash would."""
-        self.monitor.close()
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.close()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
