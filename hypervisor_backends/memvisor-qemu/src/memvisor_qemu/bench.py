@@ -20,9 +20,11 @@ need memvisor-diskmap and memvisor-lazy-restore.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -53,7 +55,10 @@ def _check(*plugins: str) -> None:
 
 @functools.cache
 def _folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="memvisor-bench-qemu-"))
+    """The benchmark's files (disk images, checkpoints, QEMU's files), removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="memvisor-bench-qemu-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @functools.cache

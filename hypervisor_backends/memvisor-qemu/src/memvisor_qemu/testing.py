@@ -82,18 +82,20 @@ class QemuVM:
         with open(self.errors, "wb") as errors:  # QEMU keeps its own copy of the descriptor
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
         atexit.register(self.kill)  # QEMU runs in its own session: never leave it behind
+        self.monitor: Monitor | None = None
         limit = time.monotonic() + 30
         while not (self.qmp_path.exists() and self.test_qmp.exists()):
             if self.proc.poll() is not None or time.monotonic() > limit:
+                self.kill()
                 raise RuntimeError(f"QEMU did not start: {self.errors.read_text()}")
             time.sleep(0.02)
-        self.monitor: Monitor | None = None
         while True:  # the socket file appears when QEMU binds it, a moment before it listens
             try:
                 self.monitor = Monitor(self.test_qmp)
                 break
             except QemuError:
                 if self.proc.poll() is not None or time.monotonic() > limit:
+                    self.kill()
                     raise
                 time.sleep(0.02)
 
