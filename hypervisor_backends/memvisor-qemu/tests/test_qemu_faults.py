@@ -13,7 +13,7 @@ import pytest
 from memvisor.checkpoint import CheckpointReader, CheckpointWriter
 from memvisor_qemu.guest import GuestLayout
 from memvisor_qemu.state import TAG, QemuState
-from memvisor_qemu.testing import QemuVM, needs, unavailable_reason, write_disk
+from memvisor_qemu.testing import QemuVM, needs, one_line_error, unavailable_reason, write_disk
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -33,13 +33,8 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]
 
 
 def refused(result, *words: str) -> str:
-    code, out, err = result
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("memvisor: error: "), err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
+    code, _, err = result
+    return one_line_error(code, err, *words)
 
 
 @pytest.fixture(scope="module")

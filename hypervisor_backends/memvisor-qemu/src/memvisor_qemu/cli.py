@@ -29,16 +29,6 @@ def _write_json(path, figures) -> None:
         Path(path).write_text(json.dumps(figures, indent=2) + "\n")
 
 
-def _progress(label: str):
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    progress = Progress(console=console, transient=True, disable=not console.is_terminal)
-    task = progress.add_task(label, total=None)
-    return progress, lambda done, total: progress.update(task, completed=done, total=total)
-
-
 @click.group("qemu")
 def qemu():
     """Checkpoints, lazy restore and migration of real QEMU VMs (QEMU 7.2; docs/qemu.md)."""
@@ -80,12 +70,17 @@ def save_command(out, qmp, disk, live, key_file, level, json_out):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
 def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, json_out):
     """Restore CHECKPOINT into the QEMU at --qmp (eager, or --lazy)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from memvisor_qemu.restore import restore
 
-    progress, update = _progress("restoring")
-    with progress:
+    console = Console(stderr=True)
+    columns = (TextColumn("pages sent to QEMU"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        sent = bar.add_task("restore")
         result = restore(checkpoint, qmp, lazy=lazy, disk=_disk(disk), key=_key(key_file), prefetch=prefetch,
-                         progress=update)
+                         progress=lambda done, total: bar.update(sent, completed=done, total=total))
     figures = result.to_json()
     _write_json(json_out, figures)
     service = figures["request_service_ms"]

@@ -178,3 +178,14 @@ def needs(*names: str):
 
     reason = missing_plugins(*names)
     return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+def one_line_error(returncode: int, stderr: str, *words: str) -> str:
+    """Check a refused command: exit status 2 and one line on standard error naming ``words``;
+    returns the line."""
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memvisor: error: "), stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
