@@ -20,6 +20,7 @@ destination's, the RAM blocks, and that its records resolve (disk references aga
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from pathlib import Path
@@ -35,9 +36,12 @@ from memvisor_qemu.qmp import SUPPORTED, Monitor
 from memvisor_qemu.session import Link, connect, make_host, socket_dir
 from memvisor_qemu.state import TAG, QemuState
 
-SECTION_PAGES = 512
-"""Pages per RAM section memvisor streams in the background (2 MiB: a page request waits at
-most for one such section to go out)."""
+SECTION_PAGES = 64
+"""Pages per RAM section memvisor streams in the background (256 KiB): QEMU reads one stream,
+so a requested page waits behind whatever background pages are already on their way."""
+SEND_BUFFER = 128 << 10
+"""The socket's send buffer on a lazy restore: bounds the background bytes queued ahead of a
+requested page (measured: with 2 MiB sections and the default buffer, p99 of 8.3 ms)."""
 
 
 @attrs.define
@@ -119,7 +123,10 @@ def restore(path, qmp: str, *, lazy: bool, disk: str | None = None, key: bytes |
         mon.set_capabilities(postcopy_ram=lazy)
         with socket_dir() as folder:
             mon.execute("migrate-incoming", uri=f"unix:{folder / 'restore.sock'}")
-            link = Link(connect(folder / "restore.sock", 30.0, qmp), f"restore of {path} into {qmp}")
+            sock = connect(folder / "restore.sock", 30.0, qmp)
+            if lazy:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            link = Link(sock, f"restore of {path} into {qmp}")
             try:
                 session = _Session(host, vm, state, link, progress, resume=state.running)
                 if lazy:
@@ -182,8 +189,8 @@ class _Session:
         self.preamble(postcopy=False)
         job = self.host.restore_checkpoint(self.vm, request)  # every page into memvisor's memory
         pages = self.backend.take_outbox(self.vm)
-        for start in range(0, len(pages), 4 * SECTION_PAGES):
-            self.send_pages(pages[start : start + 4 * SECTION_PAGES])
+        for start in range(0, len(pages), 32 * SECTION_PAGES):
+            self.send_pages(pages[start : start + 32 * SECTION_PAGES])
         self._check_all_sent()
         self.send_pages(np.zeros(0, dtype=np.int64), S.END)
         description = self.state.description
@@ -249,7 +256,7 @@ class _Session:
             background = self.backend.take_outbox(self.vm)
             if not len(background) and "complete_s" in job.stats:
                 # Everything that needed I/O is in; what is left (zero pages) comes in as faults.
-                left = np.flatnonzero(~self.backend.present(self.vm))[: 16 * SECTION_PAGES]
+                left = np.flatnonzero(~self.backend.present(self.vm))[: 128 * SECTION_PAGES]
                 if len(left):
                     self.backend.request(self.vm, left)
                 background = self.backend.take_outbox(self.vm)
