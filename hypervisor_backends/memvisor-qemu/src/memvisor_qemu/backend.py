@@ -40,6 +40,7 @@ class _Memory:
     def __init__(self, pages: int):
         self.data = np.zeros((pages, PAGE_SIZE), dtype=np.uint8)  # committed as it is written
         self.present = np.ones(pages, dtype=bool)
+        self.present_count = pages  # kept as pages come and go: the host asks at every tick
         self.outbox: list[np.ndarray] = []
         self.heat = np.zeros(pages, dtype=np.float64)
 
@@ -151,11 +152,13 @@ class QemuBackend(Backend):
             raise BackendError("backend 'qemu': populate of a page that is present")
         m.data[gpps] = 0 if data is None else np.asarray(data, dtype=np.uint8).reshape(len(gpps), PAGE_SIZE)
         m.present[gpps] = True
+        m.present_count += len(gpps)
         m.outbox.append(gpps.copy())
 
     def unmap(self, vm: VM, gpps: np.ndarray) -> None:
         m = self.vms[vm.name]
-        gpps = np.asarray(gpps, dtype=np.int64)
+        gpps = np.unique(np.asarray(gpps, dtype=np.int64))
+        m.present_count -= int(np.count_nonzero(m.present[gpps]))
         m.present[gpps] = False  # its bytes are stale now; populate writes every byte again
 
     # -- what QEMU keeps to itself --------------------------------------------------------------
@@ -234,7 +237,7 @@ class QemuBackend(Backend):
         return 0
 
     def free_pages(self, node=None):
-        return max(0, self.total_pages() - sum(int(m.present.sum()) for m in self.vms.values()))
+        return max(0, self.total_pages() - sum(m.present_count for m in self.vms.values()))
 
     def total_pages(self, node=None):
         return int(self.config.memory_pages)

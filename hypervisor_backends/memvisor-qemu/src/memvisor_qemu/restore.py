@@ -215,7 +215,9 @@ class _Session:
     def lazy(self, request: RestoreRequest, mon: Monitor, timeout: float) -> RestoreResult:
         self.preamble(postcopy=True)
         job = self.host.restore_checkpoint(self.vm, request)  # the plugin takes it: nothing present
-        self.send_pages(self.backend.take_outbox(self.vm))  # the core's probe of page 0, before LISTEN
+        # The core's probe of page 0 (and what a first tick prefetched) goes out after RUN: the
+        # VM runs as soon as QEMU has the device state.
+        background = self.backend.take_outbox(self.vm)
         package = S.command(S.CMD_POSTCOPY_LISTEN) + self.state.devices + S.command(S.CMD_POSTCOPY_RUN)
         if len(package) > S.MAX_PACKAGE:
             raise S.QemuError(f"{request.path}: device state of {len(package)} bytes exceeds QEMU's post-copy "
@@ -228,7 +230,6 @@ class _Session:
         rp = S.ReturnPath(self.link.sock, self.link.name)
         service: list[float] = []
         requests = 0
-        background = np.zeros(0, dtype=np.int64)
         limit = time.monotonic() + timeout
         while not self.sent.all():
             if time.monotonic() > limit:
