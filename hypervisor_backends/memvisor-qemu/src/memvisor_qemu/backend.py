@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from memvisor import PAGE_SIZE
+from memvisor.arrays import unique
 from memvisor.backend import AccessResult, Backend, Capability
 from memvisor.errors import BackendError, CapabilityError
 from memvisor.events import FaultBatch
@@ -104,7 +105,7 @@ class QemuBackend(Backend):
 
     def request(self, vm: VM, gpps: np.ndarray) -> int:
         """QEMU asked for ``gpps``: the ones not present go to the fault hook; returns how many."""
-        gpps = np.unique(np.asarray(gpps, dtype=np.int64))
+        gpps = unique(np.asarray(gpps, dtype=np.int64))
         missing = gpps[~self.vms[vm.name].present[gpps]]
         if len(missing):
             self.host.deliver_faults(vm, FaultBatch(missing, np.zeros(len(missing), bool), self.now()))
@@ -157,7 +158,7 @@ class QemuBackend(Backend):
 
     def unmap(self, vm: VM, gpps: np.ndarray) -> None:
         m = self.vms[vm.name]
-        gpps = np.unique(np.asarray(gpps, dtype=np.int64))
+        gpps = unique(np.asarray(gpps, dtype=np.int64))
         m.present_count -= int(np.count_nonzero(m.present[gpps]))
         m.present[gpps] = False  # its bytes are stale now; populate writes every byte again
 

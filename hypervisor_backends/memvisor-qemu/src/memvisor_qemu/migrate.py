@@ -33,6 +33,7 @@ import attrs
 import numpy as np
 import zstandard
 
+from memvisor.arrays import unique
 from memvisor.checkpoint.vm import describe
 from memvisor.errors import BackendError
 from memvisor.events import PageRecords
@@ -256,7 +257,7 @@ class _Sender:
         if not len(gpps):
             return
         memory = host.backend.memory(vm)
-        gpps = np.unique(gpps)  # a page sent twice in one section: its last bytes are in memory
+        gpps = unique(gpps)  # a page sent twice in one section: its last bytes are in memory
         zero = ~memory[gpps].view(np.uint64).any(axis=1)
         if zero.any():
             self.emit("zero", gpps[zero])

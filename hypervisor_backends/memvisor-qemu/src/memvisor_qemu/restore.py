@@ -28,6 +28,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from memvisor.arrays import first_occurrences
 from memvisor.checkpoint import CheckpointReader
 from memvisor.checkpoint.vm import check_restorable
 from memvisor.events import RestoreRequest
@@ -157,7 +158,7 @@ class _Session:
     def send_pages(self, gpps: np.ndarray, kind: int = S.PART) -> None:
         """One RAM section with the pages of ``gpps`` not sent yet (in the order given)."""
         gpps = gpps[~self.sent[gpps]]
-        gpps = gpps[np.sort(np.unique(gpps, return_index=True)[1])]  # each once, first occurrence first
+        gpps = first_occurrences(gpps)[0]  # each once, in order of first occurrence
         if not self.backend.present(self.vm, gpps).all():  # a page nobody made present has no bytes yet
             raise S.QemuError(f"{self.link.name}: a page to send is not loaded (a bug)")
         if not len(gpps) and kind == S.PART:
