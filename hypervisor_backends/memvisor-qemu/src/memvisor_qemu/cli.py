@@ -67,8 +67,10 @@ def save_command(out, qmp, disk, live, key_file, level, json_out):
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Refuse a checkpoint without this MAC.")
 @click.option("--prefetch", type=click.Choice(["hot", "file"]), default="hot", show_default=True,
               help="Background order of a lazy restore: hottest first (the order sidecar) or file order.")
+@click.option("--window-pages", type=click.IntRange(1, 1 << 16), default=512, show_default=True,
+              help="Pages a lazy restore sends around each page QEMU asks for.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
-def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, json_out):
+def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, window_pages, json_out):
     """Restore CHECKPOINT into the QEMU at --qmp (eager, or --lazy)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -80,6 +82,7 @@ def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, json_out):
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         sent = bar.add_task("restore")
         result = restore(checkpoint, qmp, lazy=lazy, disk=_disk(disk), key=_key(key_file), prefetch=prefetch,
+                         window_pages=window_pages,
                          progress=lambda done, total: bar.update(sent, completed=done, total=total))
     figures = result.to_json()
     _write_json(json_out, figures)
