@@ -91,7 +91,7 @@ class Budget:
                     value = parse_size(value.removesuffix("/s"))
                 except ValueError:
                     raise UserError(f"{where}.{key}: {value!r} is not a bandwidth (use e.g. \"100MiB/s\")") from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise UserError(f"{where}.{key}: must be a positive number, got {value!r}")
             if key == "handler_share" and value > 1:
                 raise UserError(f"{where}.{key}: a fraction of the handler's time, at most 1, got {value!r}")
@@ -197,7 +197,7 @@ class VMUse:
         """Budget and use, for the report."""
         return {
             "budget": self.budget.to_json(),
-            "traps": self.traps,
+            "guest_traps": self.traps,
             "peak_trap_rate": round(self.peak_trap_rate, 1),
             "throttled_batches": self.throttled_batches,
             "waited_s": round(self.waited_s, 6),

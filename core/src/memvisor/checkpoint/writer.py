@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import threading
 import weakref
 from collections import deque
@@ -25,6 +24,7 @@ import zstandard
 
 from memvisor import PAGE_SIZE
 from memvisor.checkpoint import layout as L
+from memvisor.files import temp_file
 
 DEFAULT_LEVEL = 1
 """zstd level of a new checkpoint (measured: level 3 gains about 3% of size for 10-30% more time)."""
@@ -221,7 +221,7 @@ class CheckpointWriter:
 
         directory = self.path.parent
         try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+            fd, tmp = temp_file(self.path)
         except OSError as e:
             self._shutdown()
             raise L.CheckpointError(self.path, f"cannot create a file in {directory}: {e.strerror or e}") from e

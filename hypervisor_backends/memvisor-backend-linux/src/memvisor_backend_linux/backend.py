@@ -33,7 +33,7 @@ import structlog
 
 from memvisor import PAGE_SIZE
 from memvisor.backend import AccessResult, Backend, Capability
-from memvisor.errors import BackendError, CapabilityError
+from memvisor.errors import BackendError, CapabilityError, GuestDied
 from memvisor.events import AccessBatch, FaultBatch, WriteBatch
 from memvisor_backend_linux import protocol
 from memvisor_backend_linux._native import cache_dir, load
@@ -162,6 +162,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _how(status: int | None) -> str:
+    """How a guest process ended, from its exit status (negative: the signal that killed it)."""
+    return f"killed by signal {-status}" if status is not None and status < 0 else f"exit status {status}"
+
+
 def _errno_text(code: int) -> str:
     return os.strerror(-code) if code < 0 else str(code)
 
@@ -260,7 +265,7 @@ class LinuxBackend(Backend):
     name = "linux"
     stops_guests = True
     """A hook that raises while a guest waits on its fault kills the guest process: the backend
-    stops it (its next batch raises a :class:`BackendError` saying it died), not the host."""
+    stops it (its next batch raises :class:`~memvisor.errors.GuestDied` saying it died), not the host."""
     capabilities: frozenset[str] = frozenset({Capability.FAULT, Capability.TRACE, Capability.WRITE_PROTECT,
                                               Capability.DIRTY, Capability.ACCESSED, Capability.ZERO_PAGE,
                                               Capability.SHARE, Capability.LARGE_PAGES})
@@ -280,7 +285,6 @@ class LinuxBackend(Backend):
         self._mpn_base: dict[int, int] = {}
         self._next_mpn = 1  # MPN 0 is the (notional) zero page
         self._start = time.monotonic()
-        self._mark = 0.0
         self._finalizer = weakref.finalize(self, _close_all, self._guests)
         self.features = kernel_features(self.lib, self.ffi)
         self.dirty_tracking = bool(config.backend_options.get("dirty", False))
@@ -319,13 +323,10 @@ class LinuxBackend(Backend):
         return time.monotonic() - self._start
 
     def advance(self, seconds: float) -> None:
-        """Sleep until ``seconds`` have passed since the previous advance ended: guest batches
-        take real time, so time they took already counts."""
-        target = self._mark + max(0.0, seconds)
-        delay = target - self.now()
-        if delay > 0:
-            time.sleep(delay)
-        self._mark = max(target, self.now())
+        """Sleep ``seconds``: time is real (the host counts the time work took already, see
+        :meth:`memvisor.host.Host.advance`)."""
+        if seconds > 0:
+            time.sleep(seconds)
 
     def account(self, kind: str, nbytes: int, ops: int = 1) -> float:
         """0: real work takes real time by itself."""
@@ -343,7 +344,7 @@ class LinuxBackend(Backend):
         except KeyError:
             raise BackendError(f"VM {vm.name!r} does not exist on backend 'linux'") from None
         if g.dead:
-            raise BackendError(f"VM {vm.name!r}: its guest process died (status {g.exit_status})")
+            raise GuestDied(f"VM {vm.name!r}: its guest process died ({_how(g.exit_status)})")
         return g
 
     def _pages(self, vm: VM, gpps) -> np.ndarray:
@@ -557,9 +558,7 @@ class LinuxBackend(Backend):
         g.busy = False
         g.close()
         g.dead = True
-        status = g.exit_status
-        how = f"killed by signal {-status}" if status is not None and status < 0 else f"exit status {status}"
-        raise BackendError(f"VM {vm.name!r}: its guest process died ({how})")
+        raise GuestDied(f"VM {vm.name!r}: its guest process died ({_how(g.exit_status)})")
 
     def _handle(self, vm: VM, g: _Guest, counts: list[int]) -> None:
         """Faults the compiled loop handed back: deliver them as batches, resolve them."""

@@ -435,6 +435,8 @@ class SharingPlugin:
         """The estimate with its history, what was reclaimed, and large pages broken and kept."""
         if self.vms:  # the figures as of now, all from one table
             self.refresh(host)
+            if not self.history or self.history[-1]["time"] != host.now:
+                self._sample(host.now, self.table)  # the plot ends where the table does
         plots = []
         if self.history:
             t = [h["time"] for h in self.history]
@@ -443,16 +445,21 @@ class SharingPlugin:
                               {"estimated": (t, [h["estimated_pages"] * mib for h in self.history]),
                                "saved now": (t, [h["saved_pages"] * mib for h in self.history]),
                                "left in large pages": (t, [h["in_large_pages"] * mib for h in self.history])},
-                              kind="step"))
+                              kind="step", scale=mib,
+                              ends_at={"estimated": ("estimated_reclaimable_pages",), "saved now": ("saved_pages",),
+                                       "left in large pages": ("remaining_in_large_pages",)}))
         if self.table is not None and len(self.table.large_reclaimable):
             r = np.sort(self.table.large_reclaimable)[::-1]
             plots.append(Plot("sharing-large-pages", "Reclaimable subpages per intact large page", "large pages (rank)",
-                              "pages", {"reclaimable": (np.arange(len(r)), r)}, kind="bar"))
+                              "pages", {"reclaimable": (np.arange(len(r)), r)}, kind="bar",
+                              shows="The intact large pages at the end, most reclaimable subpages first "
+                                    "(together: remaining_in_large_pages)."))
         return ReportSection(
             plugin=NAME, title="Page sharing in large pages", metrics=self.metrics(host), plots=plots,
             text="Machine pages that sharing could reclaim (estimate, by 4 KiB fingerprints verified byte for "
                  "byte before any share), what the plugin reclaimed, and the large pages it broke up under "
-                 "memory pressure, most reclaimable first.")
+                 "memory pressure, most reclaimable first (reclaimed_per_broken_large_page: null when none was "
+                 "broken; pages_hashed_per_s: null before the first hash).")
 
     # -- registration -------------------------------------------------------------------------
 
