@@ -172,34 +172,50 @@ class Destination:
     """The destination's end of a migration: it installs a record only when it is intact, the
     next in sequence and made of pages it is owed.
 
+    :param opaque: kinds of records that carry no pages and that the caller uses itself (a
+        transport's own bytes: memvisor-qemu's QEMU stream); :meth:`take` checks their place
+        in the sequence and hands them back.
     :ivar missing: per page, whether the destination VM still lacks it.
     :ivar owed: per page, whether the current round (or post-copy request) still owes it.
     """
 
-    def __init__(self, host: Host, vm: VM, compressed: bool):
+    def __init__(self, host: Host, vm: VM, compressed: bool, opaque: tuple[str, ...] = ()):
         self.host, self.vm = host, vm
         self.missing = np.ones(vm.pages, dtype=bool)
         self.owed = np.zeros(vm.pages, dtype=bool)
         self.next_seq = 0
         self.round = 0
         self.switched = False
+        self.opaque = frozenset(opaque) - set(stream.CONTROL) - {stream.PAGE, stream.ZERO}
         self._decompressor = zstandard.ZstdDecompressor() if compressed else None
 
     def receive(self, wire: bytes) -> str:
         """Take one record off the link: ``"ok"`` (installed, or a control record taken),
         ``"refused"`` (damaged: ask for it again) or ``"unresolved"`` (a plugin record no
-        plugin here resolves: its pages stay owed). Raises :class:`stream.StreamViolation` for
-        a record the destination was not owed."""
+        plugin here resolves: its pages stay owed); see :meth:`take`. Raises
+        :class:`stream.StreamViolation` for a record the destination was not owed."""
         try:
             record = stream.decode(wire, self.vm.pages)
         except stream.StreamViolation:
             raise
         except stream.StreamError:
             return "refused"
+        return self.take(record)
+
+    def take(self, record: stream.Record) -> str:
+        """Take one record that :func:`stream.decode` read with this VM's size (so its pages
+        are distinct pages of the VM, at most :data:`stream.MAX_RECORD_PAGES`): as
+        :meth:`receive`, and ``"opaque"`` for a record of one of the ``opaque`` kinds, next in
+        sequence and without pages, which is the caller's to use."""
         if record.seq != self.next_seq:
             how = "replayed or duplicated" if record.seq < self.next_seq else "out of order (records are missing)"
             raise stream.StreamViolation(f"record {record.seq} arrived where record {self.next_seq} was expected: "
                                          f"{how}")
+        if record.kind in self.opaque:
+            if len(record.gpps):
+                raise stream.StreamViolation(f"record {record.seq}: a {record.kind} record with pages")
+            self.next_seq += 1
+            return "opaque"
         if record.kind in stream.CONTROL:
             self._control(record)
             self.next_seq += 1
