@@ -494,15 +494,11 @@ class LiveMigration:
         for start in range(0, len(gpps), stream.MAX_RECORD_PAGES):
             part = gpps[start : start + stream.MAX_RECORD_PAGES]
             data = src.backend.read(self.vm, part)
-            zero = ~data.view(np.uint64).any(axis=1) if opts.zero_pages else np.zeros(len(part), bool)
+            zero, described, rows = sort_pages(src, self.vm, part, data, opts.zero_pages, opts.records)
             if zero.any():
                 nbytes += self._deliver(stream.ZERO, part[zero], b"")
-            rest = ~zero
-            if opts.records and rest.any():
-                for records in describe(src, self.vm, part[rest], "migration"):
-                    nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
-                    rest[np.searchsorted(part, records.gpps)] = False
-            rows = np.flatnonzero(rest)
+            for records in described:
+                nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
             for first in range(0, len(rows), opts.chunk_pages):
                 chunk = rows[first : first + opts.chunk_pages]
                 data_bytes += len(chunk) * PAGE_SIZE
@@ -582,6 +578,22 @@ class LiveMigration:
         self.result.fallbacks += 1
         data = self.source.backend.read(self.vm, gpps)
         return sent + self._deliver(stream.PAGE, gpps, stream.page_payload(data, self._compressor))
+
+
+def sort_pages(host: Host, vm: VM, gpps: np.ndarray, data: np.ndarray, zero_pages: bool = True,
+               records: bool = True) -> tuple[np.ndarray, list[PageRecords], np.ndarray]:
+    """How the stream carries a batch of pages (``gpps`` sorted and distinct, at most
+    :data:`stream.MAX_RECORD_PAGES`; ``data`` their bytes): the mask of the all-zero ones
+    (``zero`` records, when ``zero_pages``), the records plugins describe the others with
+    (``memvisor_describe_pages``, purpose ``"migration"``, when ``records``), and the rows
+    left to send as page data. The source of :class:`LiveMigration` and memvisor-qemu's link
+    sort pages alike."""
+    zero = ~data.view(np.uint64).any(axis=1) if zero_pages else np.zeros(len(gpps), bool)
+    rest = ~zero
+    described = describe(host, vm, gpps[rest], "migration") if records and rest.any() else []
+    for described_records in described:
+        rest[np.searchsorted(gpps, described_records.gpps)] = False
+    return zero, described, np.flatnonzero(rest)
 
 
 def _background(backend) -> float:
