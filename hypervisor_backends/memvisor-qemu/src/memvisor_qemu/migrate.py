@@ -2,28 +2,39 @@
 
 The source QEMU migrates to memvisor (pre-copy: the VM runs until QEMU's own switch-over), and
 a QEMU started with ``-incoming defer`` receives from memvisor. Between them, memvisor's two
-sides talk over a link of their own (a socket; both sides run in this process), in the typed
-records of :mod:`memvisor.migration.stream`:
+sides talk over a link of their own (a socket; both sides run in this process) in the records
+of memvisor's migration stream (:mod:`memvisor.migration.stream`, numbered from 0):
 
-- the **sending side** reads QEMU's stream into the qemu backend's memory; of each RAM section
-  it sends zero pages as ``zero`` records, pages that ``memvisor_describe_pages`` describes
-  (diskmap, with the shared ``disk``: pages equal to its blocks) as those records, the rest as
-  zstd-compressed ``page`` records; everything else (the stream's header, commands, the device
-  sections) travels verbatim in ``qemu`` records;
-- the **receiving side** resolves the records (``memvisor_resolve_records``: diskmap reads the
-  blocks from its copy of the disk and checks their hashes) into its own qemu backend memory and
-  writes QEMU's stream to the destination, each RAM section with the same pages.
+1. a ``qemu`` record: QEMU's stream from its first byte to the end of its RAM setup section
+   (header, configuration, the return path's commands, the RAM block list), verbatim;
+2. for each RAM section QEMU sends, a **round**: a ``round`` record owing the section's pages,
+   then those pages as ``zero`` records, as records that ``memvisor_describe_pages`` makes of
+   them (diskmap, with the shared ``disk``: pages equal to its blocks), and as zstd ``page``
+   records (:func:`memvisor.migration.live.sort_pages`, as the core's own source sorts them);
+3. once QEMU's last RAM section is across, the ``switch`` record (stop-and-copy);
+4. ``qemu`` records: the rest of QEMU's stream (device sections, EOF, description), verbatim.
+
+The **receiving side** is the core's :class:`~memvisor.migration.live.Destination`: it takes
+each record once and in sequence, only pages the current round owes, checks that each round
+delivered all it owed and, at the switch-over, that every page arrived; ``qemu`` records are
+its opaque records. It passes the first ``qemu`` record to the destination QEMU after reading
+the RAM blocks from it as from any QEMU stream, writes each round's pages (resolved by diskmap
+from its copy of the disk and checked by hash) as a RAM section of its own, and passes QEMU's
+device state on only after the switch-over was verified: the destination QEMU loads the device
+state and runs the VM only once every page is there. A record out of sequence, not owed, or
+damaged, a round left short, QEMU's bytes between the rounds: the migration aborts.
 
 The return path runs back the same way, verbatim: the source QEMU (its ``return-path``
 capability is set for the migration) completes only once the destination QEMU reported that
-it loaded everything; a failure anywhere (the destination killed, the link cut) closes every
-connection, the source's migration fails, and the source VM keeps running.
+it loaded everything; a failure anywhere (the destination killed, the link cut, a record
+refused) closes every connection, the source's migration fails, and the source VM keeps
+running.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import io
 import socket
 import struct
 import threading
@@ -34,36 +45,52 @@ import numpy as np
 import zstandard
 
 from memvisor.arrays import unique
-from memvisor.checkpoint.vm import describe
-from memvisor.errors import BackendError
-from memvisor.events import PageRecords
 from memvisor.migration import stream as wire
+from memvisor.migration.live import Destination, sort_pages
 from memvisor_qemu import stream as S
 from memvisor_qemu.qmp import Monitor
 from memvisor_qemu.save import UNSUPPORTED_CAPABILITIES
 from memvisor_qemu.session import accept, connect, listen, make_host, socket_dir
 
 RAW = "qemu"
-"""Record kind of bytes of QEMU's stream that travel verbatim."""
-BLOCKS = "qemu-ram"
-"""Record kind of the RAM block list (JSON), before the RAM setup section."""
+"""Record kind of QEMU's own bytes, passed on verbatim: the stream's start and its device state."""
 PAGE_RECORD = 256
 """Pages per ``page`` record (compressed together)."""
+MAX_RAW = 1 << 20
+"""Bytes of QEMU's stream per ``qemu`` record."""
+RETURN_PATH_COMMANDS = (S.CMD_OPEN_RETURN_PATH, S.CMD_PING)
+"""The commands QEMU sends before its RAM section when its ``return-path`` capability is on."""
+EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @attrs.define
 class MigrateResult:
-    """What a migration moved: bytes of QEMU's stream and bytes on memvisor's link."""
+    """What a migration moved: bytes of QEMU's stream and bytes on memvisor's link.
+
+    :ivar pages: pages of the VM.
+    :ivar qemu_stream_bytes: bytes of the source QEMU's stream.
+    :ivar link_bytes: bytes of the records on memvisor's link.
+    :ivar rounds: rounds on the link (one per RAM section QEMU sent).
+    :ivar pages_sent: pages the rounds carried (a page QEMU sent again, again).
+    :ivar zero_pages: pages of them sent as ``zero`` records.
+    :ivar record_pages: pages of them sent as plugin records (disk references).
+    :ivar data_pages: pages of them sent as ``page`` data.
+    :ivar pages_verified: pages the receiving side took, each owed by its round.
+    :ivar seconds: wall-clock time of the whole command.
+    :ivar downtime_ms: the downtime QEMU reports.
+    """
 
     pages: int
     qemu_stream_bytes: int
     link_bytes: int
+    rounds: int
     pages_sent: int
     zero_pages: int
     record_pages: int
     data_pages: int
-    seconds: float
-    downtime_ms: float | None
+    pages_verified: int
+    seconds: float = 0.0
+    downtime_ms: float | None = None
 
     def to_json(self) -> dict:
         return attrs.asdict(self)
@@ -140,7 +167,7 @@ def _relay(from_qemu, to_qemu, src, dst, disk, smon, timeout) -> MigrateResult:
     link_send, link_recv = socket.socketpair()
     fail = _Failure([from_qemu, to_qemu, link_send, link_recv])
     sender = _Sender(from_qemu, link_send, src, disk, fail)
-    receiver = _Receiver(link_recv, to_qemu, dst, disk, fail)
+    receiver = _Receiver(link_recv, to_qemu, src, dst, disk, fail)
     threads = [threading.Thread(target=fn, daemon=True, name=name) for fn, name in (
         (sender.run, "memvisor-qemu-send"), (receiver.run, "memvisor-qemu-receive"),
         (lambda: _copy(link_send, from_qemu, fail), "memvisor-qemu-return-1"),
@@ -148,11 +175,15 @@ def _relay(from_qemu, to_qemu, src, dst, disk, smon, timeout) -> MigrateResult:
     for t in threads:
         t.start()
     limit = time.monotonic() + timeout
-    for t in threads[:2]:
-        t.join(max(0.0, limit - time.monotonic()))
-        if t.is_alive():
-            fail(S.QemuError(f"{src} -> {dst}: not finished after {timeout:.0f} s"))
-            t.join(10)
+    try:
+        for t in threads[:2]:
+            t.join(max(0.0, limit - time.monotonic()))
+            if t.is_alive():
+                fail(S.QemuError(f"{src} -> {dst}: not finished after {timeout:.0f} s"))
+                t.join(10)
+    except BaseException as exc:  # SIGTERM, ^C: close every connection, the source VM runs on
+        fail(exc)
+        raise
     if fail.error is not None:
         error = fail.error
         if not isinstance(error, S.QemuError):
@@ -161,8 +192,8 @@ def _relay(from_qemu, to_qemu, src, dst, disk, smon, timeout) -> MigrateResult:
     for s in (link_send, link_recv):
         s.close()
     return MigrateResult(sender.pages, sender.reader.position if sender.reader else 0, sender.link_bytes,
-                         int(sender.counts.sum()) if sender.counts is not None else 0, sender.zero,
-                         sender.records, sender.data, 0.0, None)
+                         sender.rounds, sender.pages_sent, sender.zero, sender.records, sender.data,
+                         receiver.pages_verified)
 
 
 def _copy(source: socket.socket, target: socket.socket, fail: _Failure) -> None:
@@ -177,17 +208,18 @@ def _copy(source: socket.socket, target: socket.socket, fail: _Failure) -> None:
 
 
 class _Sender:
-    """QEMU's stream in, memvisor's records out."""
+    """QEMU's stream in, memvisor's records out (see the module)."""
 
     def __init__(self, from_qemu, link, name, disk, fail):
         self.from_qemu, self.link, self.name, self.disk, self.fail = from_qemu, link, name, disk, fail
         self.reader: S.StreamReader | None = None
-        self.counts: np.ndarray | None = None
-        self.pages = self.zero = self.records = self.data = self.link_bytes = 0
+        self.seq = self.rounds = 0
+        self.pages = self.pages_sent = self.zero = self.records = self.data = self.link_bytes = 0
         self.compressor = zstandard.ZstdCompressor(level=1)
 
-    def emit(self, kind: str, gpps=(), payload: bytes = b"") -> None:
-        record = wire.encode(kind, np.asarray(gpps, dtype=np.int64), payload)
+    def emit(self, kind: str, gpps: np.ndarray = EMPTY, payload: bytes = b"") -> None:
+        record = wire.encode(kind, gpps, payload, self.seq)
+        self.seq += 1
         self.link.sendall(record)
         self.link_bytes += len(record)
 
@@ -200,88 +232,84 @@ class _Sender:
 
     def _run(self) -> None:
         r = self.reader = S.StreamReader(self.from_qemu, f"migration stream from {self.name}")
-        header, _ = S.read_header(r)
-        self.emit(RAW, payload=header)
-        host = vm = receiver = None
-        while True:
-            r.capture = bytearray()
-            kind = r.u8()
-            if kind == S.COMMAND:
-                cmd, length = r.u16(), r.u16()
-                if cmd not in (S.CMD_OPEN_RETURN_PATH, S.CMD_PING):
-                    raise r.error(f"command {S.COMMAND_NAMES.get(cmd, cmd)}: post-copy is not supported here")
-                r.take(length)
-                self.emit(RAW, payload=bytes(r.capture))
-            elif kind == S.START:
-                sid = S.read_section_id(r, kind)
-                if sid.idstr != "ram" or host is not None:
-                    raise r.error(f"iterative section {sid.idstr!r}: only RAM is supported")
-                blocks = S.read_ram_setup(r)
-                S.read_footer(r, sid.section_id)
-                index = S.BlockIndex(S.block_layout(blocks))
-                host, vm = make_host(index.pages, disk=self.disk)
-                self.pages = index.pages
-                self.counts = np.zeros(index.pages, dtype=np.int32)
-                receiver = S.RamReceiver(index, host.backend.memory(vm), self.counts)
-                self.emit(BLOCKS, payload=json.dumps(blocks).encode())
-                self.emit(RAW, payload=bytes(r.capture))
-            elif kind in (S.PART, S.END) and receiver is not None:
-                sid = S.read_section_id(r, kind)
-                self.emit(RAW, payload=bytes(r.capture))
-                r.capture = None
-                gpps = receiver.read_section(r)
-                self._pages(host, vm, gpps)
-                r.capture = bytearray()
-                S.read_footer(r, sid.section_id)
-                self.emit(RAW, payload=struct.pack(">Q", S.RAM_EOS) + bytes(r.capture))
-                if kind == S.END:
-                    break
-            else:
-                raise r.error(f"section type {kind:#x} where memvisor expects RAM or a command")
-        r.capture = None
-        host.stop()
+        r.capture = bytearray()
+        _, _, ram, blocks = S.read_prelude(r, RETURN_PATH_COMMANDS)
+        prelude, r.capture = bytes(r.capture), None
+        if len(prelude) > MAX_RAW:  # bounded by the prelude's own limits; checked where it is taken
+            raise r.error(f"{len(prelude)} bytes before the first RAM section")
+        self.emit(RAW, payload=prelude)
+        index = S.BlockIndex(blocks)
+        host, vm = make_host(index.pages, disk=self.disk)
+        try:
+            self.pages = index.pages
+            memory = host.backend.memory(vm)
+            receiver = S.RamReceiver(index, memory, np.zeros(index.pages, dtype=np.int32))
+            for gpps in S.ram_sections(r, ram, receiver):
+                self._round(host, vm, memory, unique(gpps))  # a page twice in a section: its last bytes
+        finally:
+            host.stop()
+        self.emit(wire.SWITCH, payload=wire.pack_ranges(EMPTY, 0))
         # The device sections, the EOF mark and the description: verbatim, as they come.
-        while True:
-            try:
-                chunk = r.rest_chunk()
-            except OSError as exc:
-                raise S.QemuError(f"{self.name}: connection lost ({exc.strerror or exc})") from None
-            if not chunk:
-                break
-            self.emit(RAW, payload=chunk)
+        tail = 0
+        while chunk := r.rest_chunk():
+            tail += len(chunk)
+            if tail > S.MAX_DEVICE_STATE:
+                raise r.error(f"more than {S.MAX_DEVICE_STATE} bytes of device state")
+            for start in range(0, len(chunk), MAX_RAW):
+                self.emit(RAW, payload=chunk[start : start + MAX_RAW])
         with contextlib.suppress(OSError):
             self.link.shutdown(socket.SHUT_WR)
 
-    def _pages(self, host, vm, gpps: np.ndarray) -> None:
-        """One section's pages as records: zero, described by a plugin, or compressed data."""
+    def _round(self, host, vm, memory: np.ndarray, gpps: np.ndarray) -> None:
+        """One RAM section's pages as a round: the ``round`` record owing them, then the pages."""
         if not len(gpps):
             return
-        memory = host.backend.memory(vm)
-        gpps = unique(gpps)  # a page sent twice in one section: its last bytes are in memory
-        zero = ~memory[gpps].view(np.uint64).any(axis=1)
-        if zero.any():
-            self.emit("zero", gpps[zero])
-            self.zero += int(zero.sum())
-        rest = gpps[~zero]
-        taken = np.zeros(len(rest), dtype=bool)
-        for records in describe(host, vm, rest, "migration") if len(rest) else ():
-            self.emit(records.kind, records.gpps, wire.pack_payloads(records.payloads))
-            taken[np.searchsorted(rest, records.gpps)] = True
-            self.records += len(records.gpps)
-        rest = rest[~taken]
-        for start in range(0, len(rest), PAGE_RECORD):
-            part = rest[start : start + PAGE_RECORD]
-            self.emit("page", part, wire.page_payload(memory[part], self.compressor))
-        self.data += len(rest)
+        self.rounds += 1
+        self.emit(wire.ROUND, payload=wire.pack_ranges(gpps, self.rounds))
+        for start in range(0, len(gpps), wire.MAX_RECORD_PAGES):
+            part = gpps[start : start + wire.MAX_RECORD_PAGES]
+            zero, described, rows = sort_pages(host, vm, part, memory[part])
+            if zero.any():
+                self.emit(wire.ZERO, part[zero])
+            for records in described:
+                self.emit(records.kind, records.gpps, wire.pack_payloads(records.payloads))
+                self.records += len(records.gpps)
+            for first in range(0, len(rows), PAGE_RECORD):
+                chunk = part[rows[first : first + PAGE_RECORD]]
+                self.emit(wire.PAGE, chunk, wire.page_payload(memory[chunk], self.compressor))
+            self.zero += int(np.count_nonzero(zero))
+            self.data += len(rows)
+        self.pages_sent += len(gpps)
+
+
+def read_record(r: S.StreamReader, vm_pages: int | None) -> wire.Record | None:
+    """The next record of memvisor's link, or None where the link ends between two records.
+    Its lengths are checked before its body is read (at most :data:`wire.MAX_RECORD_PAGES`
+    pages, a payload no larger than theirs compressed, or :data:`MAX_RAW` bytes of QEMU's
+    stream), then :func:`wire.decode` checks the rest (with ``vm_pages``: its pages are
+    distinct pages of the VM)."""
+    if r.at_end():
+        return None
+    head = bytes(r.take(wire.HEADER.size))
+    magic, _, name_len, pages, payload_len, _, _ = wire.HEADER.unpack(head)
+    # zstd's bound on a frame of n bytes is below n + n / 128 + 1 KiB.
+    if magic != wire.MAGIC or name_len > 64 or pages > wire.MAX_RECORD_PAGES or \
+            payload_len > MAX_RAW + pages * (S.PAGE_SIZE + S.PAGE_SIZE // 64):
+        raise r.error("a record with a bad magic or lengths")
+    body = bytes(r.take(name_len + 8 * pages + payload_len))
+    try:
+        return wire.decode(head + body, vm_pages)
+    except (wire.StreamError, wire.StreamViolation) as exc:
+        raise r.error(str(exc)) from None
 
 
 class _Receiver:
-    """memvisor's records in, QEMU's stream out."""
+    """memvisor's records in, QEMU's stream out (see the module)."""
 
-    def __init__(self, link, to_qemu, name, disk, fail):
-        self.link, self.to_qemu, self.name, self.disk, self.fail = link, to_qemu, name, disk, fail
-        self.decompressor = zstandard.ZstdDecompressor()
-        self.buf = bytearray()
+    def __init__(self, link, to_qemu, src, dst, disk, fail):
+        self.to_qemu, self.name, self.disk, self.fail = to_qemu, dst, disk, fail
+        self.reader = S.StreamReader(link, f"memvisor's link from {src} to {dst}", sender="memvisor's sending side")
+        self.pages_verified = 0
 
     def run(self) -> None:
         try:
@@ -290,57 +318,66 @@ class _Receiver:
             self.fail(exc if isinstance(exc, S.QemuError) or not isinstance(exc, OSError)
                       else S.QemuError(f"{self.name}: connection to QEMU lost ({exc.strerror or exc})"))
 
-    def _record(self) -> wire.Record | None:
-        while True:
-            if len(self.buf) >= wire.HEADER.size:
-                _, _, name_len, pages, payload_len, _ = wire.HEADER.unpack_from(self.buf)
-                size = wire.HEADER.size + name_len + 8 * pages + payload_len
-                if len(self.buf) >= size:
-                    record = bytes(self.buf[:size])
-                    del self.buf[:size]
-                    try:
-                        return wire.decode(record)
-                    except wire.StreamError as exc:
-                        raise S.QemuError(f"memvisor's link to {self.name}: {exc}") from None
-            chunk = self.link.recv(1 << 20)
-            if not chunk:
-                if self.buf:
-                    raise S.QemuError(f"memvisor's link to {self.name} was cut in the middle of a record")
-                return None
-            self.buf += chunk
-
     def _run(self) -> None:
-        host = vm = index = memory = None
-        while (record := self._record()) is not None:
-            if record.kind == RAW:
-                self.to_qemu.sendall(record.payload)
-                continue
-            if record.kind == BLOCKS:
-                index = S.BlockIndex(S.block_layout([(n, int(s)) for n, s in json.loads(record.payload)]))
-                host, vm = make_host(index.pages, disk=self.disk)
-                memory = host.backend.memory(vm)
-                continue
-            if index is None or np.any((record.gpps < 0) | (record.gpps >= index.pages)):
-                raise S.QemuError(f"memvisor's link to {self.name}: pages outside the VM")
-            gpps, n = record.gpps, len(record.gpps)
-            try:
-                if record.kind == "zero":
-                    memory[gpps] = 0
-                elif record.kind == "page":
-                    memory[gpps] = wire.page_data(record.payload, n, self.decompressor)
-                else:
-                    payloads = wire.unpack_payloads(record.payload, n)
-                    data = host.hook.memvisor_resolve_records(host=host, vm=vm,
-                                                              records=PageRecords(record.kind, gpps, payloads))
-                    if data is None:
-                        raise S.QemuError(f"{self.name}: no plugin resolves records of kind {record.kind!r}")
-                    memory[gpps] = np.asarray(data, dtype=np.uint8).reshape(n, S.PAGE_SIZE)
-            except (wire.StreamError, ValueError) as exc:
-                raise S.QemuError(f"memvisor's link to {self.name}: {exc}") from None
-            except BackendError as exc:  # a resolver refusing (a disk block changed since)
-                raise S.QemuError(f"{self.name}: {exc}") from None
-            self.to_qemu.sendall(S.ram_records(index, gpps, memory)[0])
-        if host is not None:
+        r = self.reader
+        first = read_record(r, None)
+        if first is None or first.kind != RAW or first.seq != 0 or len(first.gpps):
+            raise r.error("the link does not begin with the start of QEMU's stream")
+        prelude = S.StreamReader(io.BytesIO(first.payload), f"{r.name}: record 0")
+        _, _, ram, blocks = S.read_prelude(prelude, RETURN_PATH_COMMANDS)
+        if prelude.position != len(first.payload):
+            raise prelude.error("bytes after the RAM setup section")
+        index = S.BlockIndex(blocks)
+        host, vm = make_host(index.pages, disk=self.disk)
+        try:
+            dest = Destination(host, vm, compressed=True, opaque=(RAW,))
+            self._take(dest, first)
+            self.to_qemu.sendall(first.payload)
+            self._rounds(r, dest, index, ram, host.backend.memory(vm))
+        finally:
             host.stop()
         with contextlib.suppress(OSError):
             self.to_qemu.shutdown(socket.SHUT_WR)
+
+    def _take(self, dest: Destination, record: wire.Record) -> str:
+        """The destination's verdict on ``record``; anything but a record taken aborts."""
+        try:
+            outcome = dest.take(record)
+        except wire.StreamViolation as exc:
+            raise self.reader.error(str(exc)) from None
+        if outcome not in ("ok", "opaque"):
+            raise self.reader.error(
+                f"record {record.seq} ({record.kind}): " + ("damaged" if outcome == "refused" else
+                                                            "no plugin here resolves it, or its disk block changed"))
+        return outcome
+
+    def _rounds(self, r: S.StreamReader, dest: Destination, index: S.BlockIndex, ram: S.SectionId,
+                memory: np.ndarray) -> None:
+        """Every record after the first: each round's pages as a RAM section of their own to QEMU,
+        then, once the switch-over is verified, QEMU's device state."""
+        end_section = struct.pack(">Q", S.RAM_EOS) + S.footer(ram)
+        in_section = False
+        tail = 0
+        while (record := read_record(r, index.pages)) is not None:
+            if self._take(dest, record) == "opaque":
+                if not dest.switched:
+                    raise r.error(f"record {record.seq}: QEMU's bytes before the switch-over (its device state "
+                                  "must wait until every page is there)")
+                tail += len(record.payload)
+                if tail > S.MAX_DEVICE_STATE:
+                    raise r.error(f"more than {S.MAX_DEVICE_STATE} bytes of device state")
+                self.to_qemu.sendall(record.payload)
+            elif record.kind in (wire.ROUND, wire.SWITCH):
+                if dest.switched and dest.missing.any():
+                    raise r.error(f"record {record.seq}: a post-copy switch-over, {int(dest.missing.sum())} pages "
+                                  "left to pull; this link carries pre-copy only")
+                if in_section:
+                    self.to_qemu.sendall(end_section)
+                in_section = record.kind == wire.ROUND
+                self.to_qemu.sendall(S.section_header(S.PART if in_section else S.END, ram)
+                                     + (b"" if in_section else end_section))
+            else:
+                self.to_qemu.sendall(S.ram_records(index, record.gpps, memory)[0])
+                self.pages_verified += len(record.gpps)
+        if not dest.switched:
+            raise r.error("the link ended before the switch-over")

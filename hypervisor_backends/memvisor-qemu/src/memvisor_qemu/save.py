@@ -28,7 +28,7 @@ from memvisor.events import SaveRequest
 from memvisor_qemu import stream as S
 from memvisor_qemu.order import write_order
 from memvisor_qemu.qmp import Monitor
-from memvisor_qemu.session import accept, listen, make_host, socket_dir, total_memory
+from memvisor_qemu.session import accept, listen, make_host, socket_dir
 from memvisor_qemu.state import TAG, QemuState
 
 UNSUPPORTED_CAPABILITIES = ("xbzrle", "compress", "multifd", "postcopy-ram", "return-path", "x-ignore-shared",
@@ -112,38 +112,12 @@ class _Received:
 
 def _receive(r: S.StreamReader, disk: str | None, version: str, running: bool) -> _Received:
     """Read a whole precopy stream into a new host's VM memory."""
-    header, machine = S.read_header(r)
-    ram: S.SectionId | None = None
-    host = vm = index = pages = counts = None
-    while True:
-        kind = r.u8()
-        if kind == S.START:
-            sid = S.read_section_id(r, kind)
-            if sid.idstr != "ram" or ram is not None:
-                raise r.error(f"iterative section {sid.idstr!r}: only RAM is supported (no block migration, "
-                              "no dirty bitmaps)")
-            blocks = S.block_layout(S.read_ram_setup(r))
-            S.read_footer(r, sid.section_id)
-            ram, index = sid, S.BlockIndex(blocks)
-            if index.pages * S.PAGE_SIZE > total_memory():
-                raise r.error(f"a VM of {index.pages * S.PAGE_SIZE} bytes does not fit in this machine's memory")
-            host, vm = make_host(index.pages, disk=disk)
-            counts = np.zeros(index.pages, dtype=np.int32)
-            pages = S.RamReceiver(index, host.backend.memory(vm), counts)
-        elif kind in (S.PART, S.END):
-            sid = S.read_section_id(r, kind)
-            if ram is None or sid.section_id != ram.section_id:
-                raise r.error(f"section {sid.section_id} continues before it started")
-            pages.read_section(r)
-            S.read_footer(r, sid.section_id)
-            if kind == S.END:
-                break
-        elif kind == S.COMMAND:
-            cmd = r.u16()
-            raise r.error(f"command {S.COMMAND_NAMES.get(cmd, cmd)} in a plain save (post-copy and return path "
-                          "are not supported here)")
-        else:
-            raise r.error(f"section type {kind:#x} before the RAM section ended")
+    header, machine, ram, blocks = S.read_prelude(r)
+    index = S.BlockIndex(blocks)
+    host, vm = make_host(index.pages, disk=disk)
+    counts = np.zeros(index.pages, dtype=np.int32)
+    for _ in S.ram_sections(r, ram, S.RamReceiver(index, host.backend.memory(vm), counts)):
+        pass
     if np.any(counts == 0):
         raise r.error(f"{int(np.count_nonzero(counts == 0))} pages were never sent")
     devices, description = S.split_tail(r.rest(S.MAX_DEVICE_STATE), r.name)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import select
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 from memvisor.errors import UserError
 from memvisor.host import VM, Host, HostConfig
-from memvisor_qemu.stream import QemuError
+from memvisor_qemu.stream import PAGE_SIZE, QemuError
 
 DISKMAP_SETTINGS = {"scan": True, "protect": False, "swap": False}
 """diskmap on the qemu backend: pages found equal to disk blocks by content (there are no disk
@@ -35,7 +32,15 @@ def require_plugins(*names: str) -> None:
 def make_host(pages: int, *, plugins: tuple[str, ...] = (), disk: str | None = None,
               settings: dict | None = None) -> tuple[Host, VM]:
     """A host on the qemu backend with one VM of ``pages`` pages and ``plugins`` enabled (the
-    qemu plugin always; diskmap with ``disk`` attached read-only when a disk is given)."""
+    qemu plugin always; diskmap with ``disk`` attached read-only when a disk is given). A VM
+    that would not fit in this machine's memory is refused before anything is allocated (its
+    size comes from a stream or a checkpoint: input)."""
+    from memvisor.limits import check_machine_memory
+
+    try:
+        check_machine_memory(pages * PAGE_SIZE, "a VM")
+    except ValueError as exc:
+        raise QemuError(str(exc)) from None
     names = ["qemu", *plugins]
     plugin_settings = dict(settings or {})
     if disk is not None:
@@ -53,12 +58,13 @@ def make_host(pages: int, *, plugins: tuple[str, ...] = (), disk: str | None = N
 
 @contextlib.contextmanager
 def socket_dir():
-    """A private temporary folder for the migration sockets, removed afterwards."""
-    path = tempfile.mkdtemp(prefix="memvisor-qemu-")
-    try:
+    """A private temporary folder for the migration sockets (``memvisor-qemu.PID.*`` in the
+    temp folder), removed afterwards, on SIGTERM too, and by the next run if this one was
+    killed (:func:`memvisor.files.temp_dir`)."""
+    from memvisor.files import temp_dir
+
+    with temp_dir("qemu") as path:
         yield Path(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def listen(path: Path) -> socket.socket:
@@ -110,8 +116,3 @@ class Link:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-def total_memory() -> int:
-    """Bytes of memory of this machine (a VM received must fit)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -76,6 +76,10 @@ MAX_DEVICE_STATE = 256 << 20
 MAX_BLOCKS = 1024
 MAX_RAM_BYTES = 1 << 40
 
+MAX_CONFIG_CAPABILITIES = 64
+"""The most capabilities a configuration section may name (QEMU 7.2 knows one)."""
+MAX_COMMANDS = 8
+"""The most commands a stream may send before its RAM section (QEMU sends two at most)."""
 CONFIG_SUBSECTIONS = {"configuration/target-page-bits", "configuration/capabilities", "configuration/uuid"}
 
 
@@ -145,10 +149,11 @@ class StreamReader:
 
     :param source: a connected socket, or a binary file object.
     :param name: how errors name the stream.
+    :param sender: who closes it early, for that error (``QEMU``).
     """
 
-    def __init__(self, source, name: str):
-        self.source, self.name = source, name
+    def __init__(self, source, name: str, sender: str = "QEMU"):
+        self.source, self.name, self.sender = source, name, sender
         self.buf = bytearray()
         self.pos = 0
         self.offset = 0  # stream offset of buf[0]
@@ -162,6 +167,12 @@ class StreamReader:
     def error(self, problem: str) -> QemuError:
         return QemuError(f"{self.name}: offset {self.position}: {problem}")
 
+    def _read(self, want: int) -> bytes:
+        try:
+            return self.source.recv(want) if isinstance(self.source, socket.socket) else self.source.read(want)
+        except OSError as exc:
+            raise self.error(f"connection lost ({exc.strerror or exc})") from None
+
     def _fill(self, need: int) -> None:
         """Make ``need`` bytes available after ``pos``."""
         while len(self.buf) - self.pos < need:
@@ -169,15 +180,18 @@ class StreamReader:
                 self.offset += self.pos
                 del self.buf[: self.pos]
                 self.pos = 0
-            want = max(need - (len(self.buf) - self.pos), 1 << 20)
-            try:
-                chunk = (self.source.recv(want) if isinstance(self.source, socket.socket)
-                         else self.source.read(want))
-            except OSError as exc:
-                raise self.error(f"connection lost ({exc.strerror or exc})") from None
+            chunk = self._read(max(need - (len(self.buf) - self.pos), 1 << 20))
             if not chunk:
-                raise self.error("the stream ended early (QEMU closed it or was stopped)")
+                raise self.error(f"the stream ended early ({self.sender} closed it or was stopped)")
             self.buf += chunk
+
+    def at_end(self) -> bool:
+        """Whether the stream ends here: nothing is buffered and the other side closed it."""
+        if self.pos < len(self.buf):
+            return False
+        chunk = self._read(1 << 20)
+        self.buf += chunk
+        return not chunk
 
     def take(self, n: int) -> memoryview:
         """The next ``n`` bytes (valid until the next call)."""
@@ -215,10 +229,7 @@ class StreamReader:
     def rest_chunk(self) -> bytes:
         """The bytes buffered, or else the next bytes that arrive (empty once the other side
         closed): for passing the rest of a stream on as it comes."""
-        if self.pos < len(self.buf):
-            out = bytes(self.buf[self.pos :])
-        else:
-            out = self.source.recv(1 << 20) if isinstance(self.source, socket.socket) else self.source.read(1 << 20)
+        out = bytes(self.buf[self.pos :]) if self.pos < len(self.buf) else self._read(1 << 20)
         self.offset += self.pos + len(out) if self.pos < len(self.buf) else len(out)
         self.buf, self.pos = bytearray(), 0
         return out
@@ -229,11 +240,7 @@ class StreamReader:
         self.offset += len(self.buf)
         self.buf, self.pos = bytearray(), 0
         while True:
-            try:
-                chunk = (self.source.recv(1 << 20) if isinstance(self.source, socket.socket)
-                         else self.source.read(1 << 20))
-            except OSError as exc:
-                raise self.error(f"connection lost ({exc.strerror or exc})") from None
+            chunk = self._read(1 << 20)
             if not chunk:
                 return bytes(out)
             out += chunk
@@ -244,7 +251,7 @@ class StreamReader:
 
 def read_header(r: StreamReader) -> tuple[bytes, str]:
     """The stream's magic, version and configuration section: (their bytes verbatim, machine type)."""
-    r.capture = bytearray()
+    outer, r.capture = r.capture, bytearray()
     magic, version = r.u32(), r.u32()
     if magic != FILE_MAGIC:
         raise r.error(f"not a QEMU migration stream (magic {magic:#x})")
@@ -256,11 +263,13 @@ def read_header(r: StreamReader) -> tuple[bytes, str]:
     if not 0 < length < 256:
         raise r.error(f"machine type name of {length} bytes")
     machine = bytes(r.take(length)).decode("ascii", "replace")
+    seen = set()
     while r.peek_byte() == SUBSECTION:
         r.u8()
         name = r.idstr()
-        if name not in CONFIG_SUBSECTIONS:
-            raise r.error(f"unknown configuration subsection {name!r}")
+        if name not in CONFIG_SUBSECTIONS or name in seen:
+            raise r.error(f"unknown or repeated configuration subsection {name!r}")
+        seen.add(name)
         r.u32()  # version
         if name == "configuration/target-page-bits":
             if r.u32() != 12:
@@ -268,11 +277,62 @@ def read_header(r: StreamReader) -> tuple[bytes, str]:
         elif name == "configuration/uuid":
             r.take(16)
         else:  # capabilities: count, then names
-            for _ in range(r.u32()):
+            count = r.u32()
+            if count > MAX_CONFIG_CAPABILITIES:
+                raise r.error(f"{count} capabilities in the configuration section")
+            for _ in range(count):
                 r.idstr()
     header = bytes(r.capture)
-    r.capture = None
+    if outer is not None:  # a caller capturing more than the header
+        outer += header
+    r.capture = outer
     return header, machine
+
+
+def read_prelude(r: StreamReader, commands: tuple[int, ...] = ()) -> tuple[bytes, str, SectionId, list[RamBlock]]:
+    """A stream's start, up to the end of its RAM setup section: the header (see
+    :func:`read_header`), the commands allowed by ``commands`` (others are refused), and the RAM
+    START section. Returns the header's bytes, the machine type, the RAM section's id and the
+    RAM blocks."""
+    header, machine = read_header(r)
+    count = 0
+    while (kind := r.u8()) == COMMAND:
+        cmd, length = r.u16(), r.u16()
+        if cmd not in commands:
+            raise r.error(f"command {COMMAND_NAMES.get(cmd, cmd)} before the RAM section: not supported here "
+                          "(post-copy, COLO)")
+        count += 1
+        if count > MAX_COMMANDS:
+            raise r.error(f"more than {MAX_COMMANDS} commands before the RAM section")
+        r.take(length)
+    if kind != START:
+        raise r.error(f"section type {kind:#x} where the RAM section should start")
+    ram = read_section_id(r, kind)
+    if ram.idstr != "ram":
+        raise r.error(f"iterative section {ram.idstr!r}: only RAM is supported (no block migration, no dirty bitmaps)")
+    blocks = block_layout(read_ram_setup(r))
+    read_footer(r, ram.section_id)
+    return header, machine, ram, blocks
+
+
+def ram_sections(r: StreamReader, ram: SectionId, receiver: RamReceiver):
+    """The RAM sections after the setup, up to and including the END section: yields the pages
+    of each (in stream order) once it is read whole."""
+    while True:
+        kind = r.u8()
+        if kind == COMMAND:
+            cmd = r.u16()
+            raise r.error(f"command {COMMAND_NAMES.get(cmd, cmd)} during the RAM rounds: not supported here")
+        if kind not in (PART, END):
+            raise r.error(f"section type {kind:#x} before the RAM section ended")
+        sid = read_section_id(r, kind)
+        if sid.section_id != ram.section_id:
+            raise r.error(f"section {sid.section_id} continues before it started")
+        pages = receiver.read_section(r)
+        read_footer(r, sid.section_id)
+        yield pages
+        if kind == END:
+            return
 
 
 def read_section_id(r: StreamReader, kind: int) -> SectionId:
@@ -325,13 +385,18 @@ class RamReceiver:
         self.block: RamBlock | None = None
 
     def read_section(self, r: StreamReader) -> np.ndarray:
-        """The records of one section until EOS; returns the pages read, in stream order."""
+        """The records of one section until EOS; returns the pages read, in stream order. A
+        section may name each page a few times at most (QEMU names it once per pass over its
+        dirty pages), so what it costs to read is bounded by the VM's size."""
         pages: list[int] = []
+        limit = 4 * self.index.pages + 1024
         while True:
             head = r.u64()
             flags, offset = head & (PAGE_SIZE - 1), head & ~(PAGE_SIZE - 1)
             if flags == RAM_EOS:
                 return np.array(pages, dtype=np.int64)
+            if len(pages) >= limit:
+                raise r.error(f"a RAM section of more than {limit} pages, in a VM of {self.index.pages}")
             if flags & ~(RAM_ZERO | RAM_PAGE | RAM_CONTINUE) or not flags & (RAM_ZERO | RAM_PAGE):
                 bad = [name for bit, name in RAM_FLAG_NAMES.items() if flags & bit]
                 raise r.error(f"RAM record with flags {flags:#x}"
