@@ -147,7 +147,7 @@ def test_bad_input_is_one_line(folder, small):
             (("qemu", "migrate", "--from", dst.qmp_path, "--to", bigger.qmp_path), "inmigrate"),
             (("qemu", "restore", ckpt, "--qmp", dst.qmp_path, "--disk", folder / "none.img"), "no such disk"),
             (("qemu", "save", folder / "x.ckpt", "--qmp", dst.qmp_path), "inmigrate"),
-            (("qemu", "save", folder, "--qmp", vm.qmp_path), "not a file"),
+            (("qemu", "save", folder, "--qmp", vm.qmp_path), "a directory"),
             (("qemu", "save", folder / "x.ckpt", "--qmp", vm.qmp_path, "--key-file", folder / "none.key"), "key"),
         ]
         running = [(memvisor(*args), word) for args, word in cases]  # at once: each starts a Python

@@ -13,14 +13,20 @@ import contextlib
 import hashlib
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from memvisor.files import temp_file
+
 SOURCE_PAGE_HEAT = 1
 WINDOW_PAGES = 64
 _HEAD = struct.Struct("<8sHHI16sQQ")
+
+
+def sidecar_path(checkpoint) -> Path:
+    """Where the sidecar of ``checkpoint`` lives: the same name with ``.order`` appended."""
+    return Path(checkpoint).with_name(Path(checkpoint).name + ".order")
 
 
 def write_order(checkpoint, *, file_id: bytes, heat: np.ndarray, key: bytes | None) -> Path:
@@ -35,8 +41,8 @@ def write_order(checkpoint, *, file_id: bytes, heat: np.ndarray, key: bytes | No
     check_key = b"" if key is None else hashlib.blake2b(key, digest_size=32, person=b"mvckpt-order-v1").digest()
     digest = hashlib.blake2b(head, digest_size=16, key=check_key)
     digest.update(per_window.tobytes())
-    out = Path(checkpoint).with_name(Path(checkpoint).name + ".order")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    out = sidecar_path(checkpoint)
+    fd, tmp = temp_file(out)  # removed on failure; a killed writer's is removed by the next
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(head + digest.digest() + per_window.tobytes())

@@ -23,7 +23,6 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from pathlib import Path
 
 import attrs
 import numpy as np
@@ -75,8 +74,9 @@ class RestoreResult:
 
 def open_checkpoint(path, key: bytes | None) -> QemuState:
     """The checkpoint's QEMU state (the file fully checked on open: metadata, MAC)."""
-    if not Path(path).is_file():
-        raise S.QemuError(f"{path}: no such checkpoint")
+    from memvisor.files import check_regular
+
+    check_regular(path, "checkpoint")
     with CheckpointReader(path, key=key) as reader:
         state = QemuState.decode(reader.section(TAG), path)
         if reader.vm_pages != state.pages:

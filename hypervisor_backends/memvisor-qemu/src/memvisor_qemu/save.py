@@ -26,7 +26,7 @@ from memvisor.checkpoint import CheckpointReader, CheckpointWriter
 from memvisor.checkpoint.vm import write_checkpoint, writer_stats
 from memvisor.events import SaveRequest
 from memvisor_qemu import stream as S
-from memvisor_qemu.order import write_order
+from memvisor_qemu.order import sidecar_path, write_order
 from memvisor_qemu.qmp import Monitor
 from memvisor_qemu.session import accept, listen, make_host, socket_dir
 from memvisor_qemu.state import TAG, QemuState
@@ -62,8 +62,7 @@ def save(qmp: str, out, *, disk: str | None = None, live: bool = False, key: byt
     """Save the VM of the QEMU behind ``qmp`` as checkpoint ``out`` (see the module)."""
     started = time.perf_counter()
     out = Path(out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise S.QemuError(f"{out}: not a file in an existing folder")
+    _check_outputs(out, disk)
     with Monitor(qmp) as mon:
         version = mon.check_version()
         status = mon.status()
@@ -99,6 +98,16 @@ def save(qmp: str, out, *, disk: str | None = None, live: bool = False, key: byt
                     mon.execute("cont")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _check_outputs(out: Path, disk: str | None) -> None:
+    """Refuse, before QEMU is asked for anything, a checkpoint or an order sidecar beside it
+    (written by a live save) that cannot be written as a regular file or that is the disk."""
+    from memvisor.files import check_output, refuse_same_file
+
+    for path, what in ((out, "checkpoint"), (sidecar_path(out), "order sidecar of the checkpoint")):
+        check_output(path, what)
+        refuse_same_file(path, [disk], what)
 
 
 @attrs.define
