@@ -59,3 +59,52 @@ def test_the_matrix_baselines_run_against_real_qemu(tmp_path):
         result = _run(sandbox, "qemu migrate")
         assert result.exit_code == 0, result.stderr
         dst.wait_markers(dst.markers() + 1)
+
+
+class _FakeMonitor:
+    """A QMP server that greets as QEMU does and answers every command with ``answer`` (QMP's
+    requests are JSON objects one after the other, without separators)."""
+
+    def __init__(self, path, answer):
+        import json
+        import socket
+        import threading
+
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen(1)
+
+        def serve():
+            conn, _ = self.server.accept()
+            conn.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": ""}, '
+                         b'"capabilities": []}}\r\n')
+            buffer, decoder = "", json.JSONDecoder()
+            while chunk := conn.recv(1 << 16):
+                buffer += chunk.decode()
+                while buffer.strip():
+                    try:
+                        request, end = decoder.raw_decode(buffer.lstrip())
+                    except ValueError:
+                        break
+                    buffer = buffer.lstrip()[end:]
+                    reply = {"return": {}} if request["execute"] == "qmp_capabilities" else answer
+                    conn.sendall(json.dumps({**reply, **({"id": request["id"]} if "id" in request else {})}).encode()
+                                 + b"\r\n")
+
+        threading.Thread(target=serve, daemon=True).start()
+
+
+@pytest.mark.parametrize("answer", [{"return": "not a version"}, {"return": {"qemu": {"major": "seven"}}},
+                                    {"return": None}])
+def test_a_monitor_answering_nonsense_is_one_line(tmp_path, answer):
+    """A socket whose server speaks QMP but answers what QEMU 7.2 never would: one line naming the
+    socket and the command, exit status 2, no traceback, no file written."""
+    from memvisor.cli import cli
+
+    cli_matrix.commands()  # every installed command registered on memvisor's group
+    _FakeMonitor(tmp_path / "fake.qmp", answer)
+    result = CliRunner().invoke(cli, ["qemu", "save", str(tmp_path / "vm.ckpt"), "--qmp", str(tmp_path / "fake.qmp")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fake.qmp: query-version: an answer memvisor does not understand" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.qmp"]

@@ -26,9 +26,7 @@ import atexit
 import contextlib
 import functools
 import re
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -59,10 +57,14 @@ def _check(*plugins: str) -> None:
 
 @functools.cache
 def _folder() -> Path:
-    """The benchmark's files (disk images, checkpoints, QEMU's files), removed at exit."""
-    path = Path(tempfile.mkdtemp(prefix="memvisor-bench-qemu-"))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
+    """The benchmark's files (disk images, checkpoints, QEMU's files) in a temporary folder
+    (:func:`memvisor.files.temp_dir`), removed at exit, on SIGTERM too, and by the next run if
+    this one was killed."""
+    from memvisor.files import temp_dir
+
+    folder = temp_dir("bench-qemu")
+    atexit.register(folder.cleanup)
+    return Path(folder.name)
 
 
 @functools.cache

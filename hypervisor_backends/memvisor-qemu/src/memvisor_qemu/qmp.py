@@ -98,12 +98,25 @@ class Monitor:
             raise QemuError(f"{self.path}: {command}: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
 
+    def _answer(self, command: str, read, **arguments):
+        """``read(answer)`` of a command's answer; an answer of another shape than QEMU 7.2's
+        (a monitor that is not QEMU's, or not this version) is one line, not a traceback."""
+        answer = self.execute(command, **arguments)
+        try:
+            return read(answer)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            raise QemuError(f"{self.path}: {command}: an answer memvisor does not understand: "
+                            f"{_one_line(repr(answer))[:120]}") from None
+
     # -- facts ---------------------------------------------------------------------------------
 
     def version(self) -> tuple[int, int, int]:
         """QEMU's version (major, minor, micro)."""
-        v = self.execute("query-version")["qemu"]
-        return int(v["major"]), int(v["minor"]), int(v["micro"])
+        def read(answer):
+            v = answer["qemu"]
+            return int(v["major"]), int(v["minor"]), int(v["micro"])
+
+        return self._answer("query-version", read)
 
     def check_version(self) -> str:
         """Refuse a QEMU other than 7.2 (one line); its version as text otherwise."""
@@ -115,25 +128,30 @@ class Monitor:
 
     def machine(self) -> str:
         """The machine type, as the migration stream names it (``pc-i440fx-7.2``)."""
-        name = self.execute("qom-get", path="/machine", property="type")
-        return name.removesuffix("-machine")
+        return self._answer("qom-get", lambda name: name.removesuffix("-machine"), path="/machine", property="type")
 
     def ram_blocks(self) -> list[BlockInfo]:
         """The VM's RAM blocks (``info ramblock``)."""
-        text = self.execute("human-monitor-command", **{"command-line": "info ramblock"})
-        return [BlockInfo(m[1], int(m[3], 16), int(m[4], 16)) for m in _RAMBLOCK.finditer(text)]
+        return self._answer("human-monitor-command", lambda text: [
+            BlockInfo(m[1], int(m[3], 16), int(m[4], 16)) for m in _RAMBLOCK.finditer(text)],
+            **{"command-line": "info ramblock"})
 
     def status(self) -> str:
         """The run state (``running``, ``paused``, ``inmigrate``, ``postmigrate`` …)."""
-        return self.execute("query-status")["status"]
+        return self._answer("query-status", lambda answer: str(answer["status"]))
 
     def migration(self) -> dict:
         """``query-migrate``."""
-        return self.execute("query-migrate")
+        return self._answer("query-migrate", lambda answer: dict(answer))
+
+    def max_bandwidth(self) -> int:
+        """The migration's ``max-bandwidth`` parameter (bytes per second)."""
+        return self._answer("query-migrate-parameters", lambda answer: int(answer["max-bandwidth"]))
 
     def capabilities(self) -> dict[str, bool]:
         """Migration capabilities by name."""
-        return {c["capability"]: c["state"] for c in self.execute("query-migrate-capabilities")}
+        return self._answer("query-migrate-capabilities",
+                            lambda answer: {str(c["capability"]): bool(c["state"]) for c in answer})
 
     def set_capabilities(self, **states: bool) -> None:
         """Set migration capabilities (names with ``-`` spelled ``_``)."""

@@ -73,7 +73,7 @@ def save(qmp: str, out, *, disk: str | None = None, live: bool = False, key: byt
             raise S.QemuError(f"{qmp}: migration capability {on[0]!r} is on; memvisor reads the plain stream: "
                               "turn it off (migrate-set-capabilities)")
         was_running = status == "running"
-        params = mon.execute("query-migrate-parameters")
+        bandwidth = mon.max_bandwidth()
         with socket_dir() as folder:
             server = listen(folder / "save.sock")
             try:
@@ -93,7 +93,7 @@ def save(qmp: str, out, *, disk: str | None = None, live: bool = False, key: byt
             finally:
                 server.close()
                 if live:
-                    mon.execute("migrate-set-parameters", **{"max-bandwidth": params["max-bandwidth"]})
+                    mon.execute("migrate-set-parameters", **{"max-bandwidth": bandwidth})
                 if was_running and mon.status() != "running":
                     mon.execute("cont")
     result.seconds = time.perf_counter() - started
