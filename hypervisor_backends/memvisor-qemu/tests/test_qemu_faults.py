@@ -3,6 +3,7 @@ where it should be. Tests skip, with the reason, where QEMU 7.2 is not installed
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -155,3 +156,45 @@ def test_bad_input_is_one_line(folder, small):
             refused(finish(proc), word)
         assert vm.monitor.status() == "running" and dst.monitor.status() == "inmigrate"
         assert bigger.monitor.status() == "inmigrate"
+
+
+@pytest.mark.parametrize("command", ["save", "migrate"])
+def test_sigterm_in_the_middle_leaves_nothing_and_the_vm_running(folder, tmp_path, command):
+    """memvisor stopped by SIGTERM while QEMU streams to it (a save, a migration): it exits with
+    status 143, leaves no temporary (its socket folder, a partial checkpoint) and the source VM
+    runs on, its migration failed."""
+    import os
+    import signal
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    disk = write_disk(folder / "term.img", BIG)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(QemuVM(folder, f"term-{command}", disk, memory_mib=96))
+        src.wait_markers(2, timeout=120)
+        src.monitor.execute("migrate-set-parameters", **{"max-bandwidth": 8 << 20})  # about 10 s for 96 MiB
+        if command == "save":
+            args = ("qemu", "save", tmp_path / "x.ckpt", "--qmp", src.qmp_path)
+        else:
+            dst = stack.enter_context(QemuVM(folder, "term-dst", disk, memory_mib=96, incoming=True))
+            args = ("qemu", "migrate", "--from", src.qmp_path, "--to", dst.qmp_path)
+        proc = subprocess.Popen([sys.executable, "-m", "memvisor", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp)})
+        limit = time.monotonic() + 60
+        while src.monitor.migration().get("status") != "active" and time.monotonic() < limit:
+            time.sleep(0.01)
+        time.sleep(1.0)
+        assert list(temp.iterdir())  # the socket folder, while it runs
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, timeout=60)
+        assert code == 128 + signal.SIGTERM, err
+        assert list(temp.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+        limit = time.monotonic() + 30
+        while src.monitor.migration().get("status") not in ("failed", "cancelled") and time.monotonic() < limit:
+            time.sleep(0.05)
+        assert src.monitor.migration()["status"] == "failed"
+        limit = time.monotonic() + 30
+        while src.monitor.status() != "running" and time.monotonic() < limit:
+            time.sleep(0.05)
+        assert src.monitor.status() == "running"
+        src.wait_markers(src.markers() + 2)
