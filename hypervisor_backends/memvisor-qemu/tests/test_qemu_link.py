@@ -216,6 +216,8 @@ def test_any_damage_to_a_source_stream_is_refused_in_one_line_or_read(data):
         qemu = qemu.replace(S.command(S.CMD_OPEN_RETURN_PATH) + S.command(S.CMD_PING, b"\0\0\0\1"), b"", 1)
     damaged = bytearray(qemu)
     for _ in range(data.draw(st.integers(1, 4))):
+        if not damaged:
+            break
         at = data.draw(st.integers(0, len(damaged) - 1))
         how = data.draw(st.sampled_from(["byte", "cut", "insert", "truncate"]))
         if how == "byte":

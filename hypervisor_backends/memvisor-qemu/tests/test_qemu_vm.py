@@ -86,14 +86,17 @@ def test_checkpoint_holds_the_disk_copy_as_references(saved_with_disk):
 
 def check_ran_on(reference: np.ndarray, got: np.ndarray) -> None:
     """Every page the guest does not count in is the saved one; every counter moved on by the
-    same number of passes (within one), and at least one."""
+    same number of passes (within one). Counters are bytes and the guest makes about 2,900
+    passes a second under TCG here, so they wrap every 90 ms or so: the passes are compared
+    modulo 256 (that the guest ran at all, its markers say)."""
     loop = np.zeros(len(reference), bool)
     loop[np.asarray(LAYOUT.pages)] = True
     same = (got[~loop] == reference[~loop]).all(axis=1)
     assert same.all(), f"pages changed: {np.flatnonzero(~loop)[~same][:10]}"
     assert (got[loop, 1:] == reference[loop, 1:]).all()
     moved = (counters(got, LAYOUT).astype(np.int16) - counters(reference, LAYOUT)) % 256
-    assert moved.max() - moved.min() <= 1 and moved.min() >= 1, (moved.min(), moved.max())
+    spread = (moved - moved[0]) % 256
+    assert np.isin(spread, (0, 1)).all() or np.isin(spread, (0, 255)).all(), np.unique(moved)
     assert consistent(counters(got, LAYOUT))
 
 
