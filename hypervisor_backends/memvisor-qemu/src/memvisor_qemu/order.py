@@ -9,15 +9,13 @@ saved.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from memvisor.files import temp_file
+from memvisor.files import atomic_write
 
 SOURCE_PAGE_HEAT = 1
 WINDOW_PAGES = 64
@@ -30,8 +28,9 @@ def sidecar_path(checkpoint) -> Path:
 
 
 def write_order(checkpoint, *, file_id: bytes, heat: np.ndarray, key: bytes | None) -> Path:
-    """Write ``checkpoint``'s sidecar from per-page ``heat``, atomically (temporary file,
-    fsync, rename); its check is keyed as the checkpoint's MAC is. Returns its path."""
+    """Write ``checkpoint``'s sidecar from per-page ``heat``, whole or not at all
+    (:func:`memvisor.files.atomic_write`); its check is keyed as the checkpoint's MAC is.
+    Returns its path."""
     pages = len(heat)
     windows = -(-pages // WINDOW_PAGES)
     padded = np.zeros(windows * WINDOW_PAGES)
@@ -42,14 +41,6 @@ def write_order(checkpoint, *, file_id: bytes, heat: np.ndarray, key: bytes | No
     digest = hashlib.blake2b(head, digest_size=16, key=check_key)
     digest.update(per_window.tobytes())
     out = sidecar_path(checkpoint)
-    fd, tmp = temp_file(out)  # removed on failure; a killed writer's is removed by the next
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head + digest.digest() + per_window.tobytes())
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # Whole or not at all; a hint, so a sidecar a crash left damaged is ignored by its check.
+    atomic_write(out, head + digest.digest() + per_window.tobytes())
     return out
