@@ -47,6 +47,7 @@ REFERENCE: tuple[tuple[str, str], ...] = (
     ("memvisor.checkpoint.reader", "reading checkpoint files"),
     ("memvisor.migration", "live migration (a built-in technique)"),
     ("memvisor.migration.live", "the migration itself"),
+    ("memvisor.migration.stream", "the migration stream's records (a backend that speaks it)"),
     ("memvisor.testing", "the test kit"),
     ("memvisor.testing.builders", "event batches for tests"),
     ("memvisor.testing.recorder", "recording hook calls"),
@@ -104,8 +105,15 @@ def module_names(module) -> list[str]:
 
 
 def _doc(obj) -> str:
-    return inspect.cleandoc(obj.__doc__ or "") if not isinstance(obj, (int, float, str, tuple, dict, frozenset)) \
-        else ""
+    """An object's own docstring: a class's, a function's or a module's, not the docstring an
+    instance inherits from its class (a constant's is its attribute docstring)."""
+    import click
+
+    if isinstance(obj, click.Command):  # a command's docstring is its help
+        return inspect.cleandoc(obj.help or "")
+    if inspect.isclass(obj) or inspect.isroutine(obj) or inspect.ismodule(obj) or hasattr(obj, "__wrapped__"):
+        return inspect.cleandoc(obj.__doc__ or "")
+    return ""
 
 
 def internal(doc: str) -> bool:
@@ -261,7 +269,7 @@ def api_md() -> str:
             else:
                 out.append(f"### `{name}`\n")
                 value = repr(obj)
-                if len(value) <= 80:
+                if len(value) <= 80 and " at 0x" not in value:
                     out.append(f"`{name} = {value}`\n")
                 out.append(doc + "\n")
     out.append("\n## Internal modules\n")

@@ -45,14 +45,19 @@ from memvisor.errors import BackendError
 from memvisor.limits import decompress_frame
 
 MAGIC = b"MVR2"
+"""The first bytes of every record."""
 HEADER = struct.Struct("<4sBBIIQI")
+"""A record's header: magic, flags, kind length, pages, payload length, sequence, CRC-32."""
 PAGE, ZERO, ROUND, SWITCH = "page", "zero", "round", "switch"
 CONTROL = (ROUND, SWITCH)
+"""Kinds of the control records (no pages of their own)."""
 MAX_RECORD_PAGES = 16384
 """Most pages one record carries (the source sends at most this many at once): what
 installing a record may allocate is bounded by it (64 MiB)."""
 KIND_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}\Z")
+"""What a record kind's name may be: ASCII letters, digits and ``._:/-``, 64 at most."""
 RANGE = np.dtype([("start", "<u8"), ("count", "<u8")])
+"""A ``(start, count)`` range of pages in a control record's payload."""
 
 
 class StreamError(BackendError):
