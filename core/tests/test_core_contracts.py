@@ -47,7 +47,7 @@ def test_a_save_still_running_is_flushed_before_a_restore_of_its_vm(tmp_path):
     class Slow:
         @hookimpl(tryfirst=True)
         def memvisor_checkpoint_save(self, host, vm, request):
-            from memvisor.checkpoint.vm import SaveJob, stop_the_world_save
+            from memvisor.builtins.checkpoint.vm import SaveJob, stop_the_world_save
 
             job = SaveJob(vm.name, request.path, "slow", host.now)
 

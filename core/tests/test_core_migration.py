@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.checkpoint.vm import make_present
+from memvisor.builtins.checkpoint.vm import make_present
+from memvisor.builtins.migration import Link, LiveMigration, MigrationOptions, StreamError, stream
 from memvisor.contents import ContentSpec
 from memvisor.errors import BackendError
 from memvisor.events import PageRecords
-from memvisor.migration import Link, LiveMigration, MigrationOptions, StreamError, stream
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
 from memvisor.testing import HookRecorder, small_host
@@ -213,8 +213,8 @@ def test_intact_records_the_destination_was_not_owed_abort():
     """Records with a valid checksum that no source of this VM sends — pages outside the VM, a
     page twice, more than a record may carry, out of sequence, not owed in the round — are
     refused before anything is allocated or installed on their word."""
-    from memvisor.migration.live import Destination
-    from memvisor.migration.stream import StreamViolation
+    from memvisor.builtins.migration.live import Destination
+    from memvisor.builtins.migration.stream import StreamViolation
 
     host = small_host(memory_pages=1024)
     vm = host.create_vm("d", 64)
@@ -241,8 +241,8 @@ def test_opaque_records_keep_their_place_in_the_sequence():
     """A transport's own records (memvisor-qemu's QEMU bytes) are handed back to the caller in
     sequence, never installed; replayed, carrying pages or of a kind not declared opaque,
     they are refused like any record."""
-    from memvisor.migration.live import Destination
-    from memvisor.migration.stream import StreamViolation
+    from memvisor.builtins.migration.live import Destination
+    from memvisor.builtins.migration.stream import StreamViolation
 
     host = small_host(memory_pages=1024)
     vm = host.create_vm("d", 64)
@@ -263,8 +263,8 @@ def test_opaque_records_keep_their_place_in_the_sequence():
 def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort():
     """The link drops while the destination pulls a page after the switch-over: one
     MigrationAborted, the destination's VM and its fault handler gone, the source running."""
-    from memvisor.migration import MigrationAborted
-    from memvisor.migration.live import _PostCopyFaults
+    from memvisor.builtins.migration import MigrationAborted
+    from memvisor.builtins.migration.live import _PostCopyFaults
 
     source, destination = hosts()
     vm = source.create_vm("a", 128, contents=CONTENTS)

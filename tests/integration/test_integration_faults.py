@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.checkpoint import CheckpointError
+from memvisor.builtins.checkpoint import CheckpointError
+from memvisor.builtins.migration import Link, LiveMigration, MigrationAborted, MigrationOptions
 from memvisor.errors import UserError, VMStoppedError
 from memvisor.events import RestoreRequest, SaveRequest
-from memvisor.migration import Link, LiveMigration, MigrationAborted, MigrationOptions
 from memvisor.testing import small_host
 from memvisor.testing.integration import IntegrationModel, machine_plugins
 

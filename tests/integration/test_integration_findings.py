@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint import CheckpointError
+from memvisor.builtins.checkpoint import CheckpointError
 from memvisor.events import RestoreRequest, SaveRequest
 from memvisor.testing import small_host
 from memvisor.testing.integration import IntegrationModel

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 
     import click
 
-    from memvisor.checkpoint.vm import RestoreJob, SaveJob
+    from memvisor.builtins.checkpoint.vm import RestoreJob, SaveJob
     from memvisor.events import (
         AccessBatch,
         DiskIOBatch,
@@ -238,7 +238,7 @@ def memvisor_checkpoint_save(host: Host, vm: VM, request: SaveRequest) -> SaveJo
     :param host: the host.
     :param vm: the VM to save.
     :param request: where and how.
-    :returns: a :class:`memvisor.checkpoint.vm.SaveJob`, or ``None`` to leave the save to others.
+    :returns: a :class:`memvisor.builtins.checkpoint.vm.SaveJob`, or ``None`` to leave the save to others.
     """
 
 
@@ -257,7 +257,7 @@ def memvisor_checkpoint_restore(host: Host, vm: VM, request: RestoreRequest) -> 
     :param host: the host.
     :param vm: the VM whose memory is replaced.
     :param request: the checkpoint and how.
-    :returns: a :class:`memvisor.checkpoint.vm.RestoreJob`, or ``None``.
+    :returns: a :class:`memvisor.builtins.checkpoint.vm.RestoreJob`, or ``None``.
     """
 
 

@@ -678,12 +678,12 @@ class Host:
 
         A save of the VM still running finishes first (its job's ``flush``: the file holds the
         memory the save began with). Then the restore is checked
-        (:func:`memvisor.checkpoint.vm.check_restorable`: the file opens and holds every page,
+        (:func:`memvisor.builtins.checkpoint.vm.check_restorable`: the file opens and holds every page,
         its records still resolve) and refused with nothing of the VM changed; then
         :func:`memvisor_restore_starting` tells every plugin, and
         :func:`memvisor_checkpoint_restore` decides who restores (a lazy restore, or the core's
         eager one)."""
-        from memvisor.checkpoint.vm import check_restorable
+        from memvisor.builtins.checkpoint.vm import check_restorable
 
         for job in self.checkpoint_jobs:
             if job.vm == vm.name and getattr(job, "flush", None) is not None and not job.done:

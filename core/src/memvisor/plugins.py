@@ -45,8 +45,8 @@ BUILTIN_MODULES = (
     "memvisor.builtins.workloads",
     "memvisor.builtins.actions",
     "memvisor.builtins.commands",
-    "memvisor.builtins.checkpoints",
-    "memvisor.builtins.migration",
+    "memvisor.builtins.checkpoint.plugin",
+    "memvisor.builtins.migration.plugin",
     "memvisor.builtins.selftest",
     "memvisor.builtins.budgets",
 )

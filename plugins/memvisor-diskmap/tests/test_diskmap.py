@@ -14,12 +14,12 @@ from memvisor_diskmap import KIND, DiskmapPlugin
 from memvisor_diskmap.index import DiskIndex, page_hashes, sample_keys, scan_image
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint import CheckpointReader
-from memvisor.checkpoint.vm import make_present
+from memvisor.builtins.checkpoint import CheckpointReader
+from memvisor.builtins.checkpoint.vm import make_present
+from memvisor.builtins.migration import LiveMigration, MigrationOptions
 from memvisor.contents import ContentSpec
 from memvisor.errors import BackendError
 from memvisor.events import RestoreRequest, SaveRequest
-from memvisor.migration import LiveMigration, MigrationOptions
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
 from memvisor.testing import small_host

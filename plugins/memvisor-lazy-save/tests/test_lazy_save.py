@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from memvisor.checkpoint import CheckpointReader
+from memvisor.builtins.checkpoint import CheckpointReader
 from memvisor.contents import ContentSpec
 from memvisor.errors import UserError
 from memvisor.events import RestoreRequest, SaveRequest

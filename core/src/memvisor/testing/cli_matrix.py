@@ -136,7 +136,7 @@ class Sandbox:
     :meth:`snapshot` lists every file's size and modification time."""
 
     def __init__(self, root: Path):
-        from memvisor.checkpoint import CheckpointWriter
+        from memvisor.builtins.checkpoint import CheckpointWriter
 
         self.root = root
         (root / "out").mkdir()

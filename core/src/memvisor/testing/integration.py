@@ -196,9 +196,9 @@ def machine_class(final_fault_check: bool = True):
     from hypothesis import strategies as st
     from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-    from memvisor.checkpoint import CheckpointError
+    from memvisor.builtins.checkpoint import CheckpointError
+    from memvisor.builtins.migration import LiveMigration, MigrationOptions
     from memvisor.events import RestoreRequest, SaveRequest
-    from memvisor.migration import LiveMigration, MigrationOptions
     from memvisor.testing import small_host
 
     plugins = machine_plugins()

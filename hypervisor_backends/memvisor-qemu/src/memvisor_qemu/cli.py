@@ -17,7 +17,7 @@ JSON = OutputFile("JSON file")
 def _key(key_file):
     if key_file is None:
         return None
-    from memvisor.checkpoint import load_key
+    from memvisor.builtins.checkpoint import load_key
 
     return load_key(key_file)
 

@@ -6,7 +6,7 @@
    meanwhile, which is QEMU's dirty tracking, kept as heat for a hottest-first restore.
 3. memvisor receives the stream into the qemu backend's memory: the RAM blocks' pages, then
    the device sections and the JSON description kept verbatim.
-4. The core's save writes the checkpoint (:func:`memvisor.checkpoint.vm.write_checkpoint`):
+4. The core's save writes the checkpoint (:func:`memvisor.builtins.checkpoint.vm.write_checkpoint`):
    zero pages in the page map, pages that ``memvisor_describe_pages`` describes as records
    (diskmap's disk references, with ``disk``), the rest compressed by storage block; then the
    ``qemu`` section (:mod:`memvisor_qemu.state`); then the order sidecar when there is heat.
@@ -22,8 +22,8 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from memvisor.checkpoint import CheckpointReader, CheckpointWriter
-from memvisor.checkpoint.vm import write_checkpoint, writer_stats
+from memvisor.builtins.checkpoint import CheckpointReader, CheckpointWriter
+from memvisor.builtins.checkpoint.vm import write_checkpoint, writer_stats
 from memvisor.events import SaveRequest
 from memvisor_qemu import stream as S
 from memvisor_qemu.order import sidecar_path, write_order

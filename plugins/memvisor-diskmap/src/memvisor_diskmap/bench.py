@@ -20,10 +20,10 @@ how the ratio moves with the share of incompressible pages."""
 
 def migrate_half_cache(diskmap: bool, vm_pages: int = VM_PAGES, disk_blocks: int = DISK_BLOCKS):
     """Migrate a VM whose last half is page cache of its disk while a zipf guest writes; returns
-    the :class:`memvisor.migration.MigrationResult`."""
+    the :class:`memvisor.builtins.migration.MigrationResult`."""
+    from memvisor.builtins.migration import LiveMigration, MigrationOptions
     from memvisor.contents import ContentSpec
     from memvisor.host import Host, HostConfig
-    from memvisor.migration import LiveMigration, MigrationOptions
     from memvisor.workloads import make_workload
 
     plugins = ("diskmap",) if diskmap else ()

@@ -30,8 +30,15 @@ import structlog
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
-from memvisor.checkpoint import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointError, CheckpointReader
-from memvisor.checkpoint.vm import RestoreJob, load_pages
+from memvisor.builtins.checkpoint import (
+    KIND_DATA,
+    KIND_FIRST_RECORD,
+    KIND_MISSING,
+    KIND_ZERO,
+    CheckpointError,
+    CheckpointReader,
+)
+from memvisor.builtins.checkpoint.vm import RestoreJob, load_pages
 from memvisor.errors import UserError
 from memvisor.report import Plot, ReportSection
 from memvisor.settings import setting

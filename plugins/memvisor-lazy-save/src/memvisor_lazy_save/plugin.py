@@ -2,7 +2,7 @@
 
 A save in progress is a :class:`LazySave`. Its unit of work is a *window*: ``block_pages``
 consecutive guest pages, aligned (the page block of the request). A window is saved whole, in
-one call of the core's :func:`memvisor.checkpoint.vm.write_checkpoint` (zero pages to the page
+one call of the core's :func:`memvisor.builtins.checkpoint.vm.write_checkpoint` (zero pages to the page
 map, pages that other plugins describe as their records, the rest compressed into the writer's
 staging buffer, which writes one storage block per full buffer). Windows are saved
 
@@ -27,9 +27,9 @@ import structlog
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
-from memvisor.checkpoint import CheckpointError
-from memvisor.checkpoint.vm import SaveJob, write_checkpoint, writer_stats
-from memvisor.checkpoint.writer import CheckpointWriter
+from memvisor.builtins.checkpoint import CheckpointError
+from memvisor.builtins.checkpoint.vm import SaveJob, write_checkpoint, writer_stats
+from memvisor.builtins.checkpoint.writer import CheckpointWriter
 from memvisor.events import FaultBatch
 from memvisor.report import Plot, ReportSection
 from memvisor.settings import setting

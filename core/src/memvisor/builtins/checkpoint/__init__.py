@@ -21,9 +21,9 @@ plugin describes more cheaply, as a kind name and an opaque payload per page.
   with a file, with one line naming the file, the block and the offset.
 """
 
-from memvisor.checkpoint.image import RestoreStats, SaveStats, restore_image, save_image
-from memvisor.checkpoint.layout import VERSION, CheckpointError, load_key
-from memvisor.checkpoint.reader import (
+from memvisor.builtins.checkpoint.image import RestoreStats, SaveStats, restore_image, save_image
+from memvisor.builtins.checkpoint.layout import VERSION, CheckpointError, load_key
+from memvisor.builtins.checkpoint.reader import (
     KIND_DATA,
     KIND_FIRST_RECORD,
     KIND_MISSING,
@@ -31,7 +31,7 @@ from memvisor.checkpoint.reader import (
     CheckpointReader,
     RecordSet,
 )
-from memvisor.checkpoint.writer import CheckpointWriter
+from memvisor.builtins.checkpoint.writer import CheckpointWriter
 
 __all__ = [
     "KIND_DATA",

@@ -18,7 +18,7 @@ Two levels of blocks:
   ``buffer_bytes`` long: the unit of I/O (the writer writes it with one call, a reader reads it
   with one call) and of integrity (one checksum per storage block).
 
-The parsing and every check of untrusted bytes live in :mod:`memvisor.checkpoint.reader`; this
+The parsing and every check of untrusted bytes live in :mod:`memvisor.builtins.checkpoint.reader`; this
 module only packs and unpacks.
 """
 

@@ -17,7 +17,7 @@ from memvisor.report import ReportSection
 
 
 def _options(step):
-    from memvisor.migration import MigrationOptions
+    from memvisor.builtins.migration import MigrationOptions
 
     return MigrationOptions(
         max_rounds=step.integer("max_rounds", 30, low=1, high=1000),
@@ -35,8 +35,8 @@ def migrate(run, step):
     ``zero_pages``, ``compress``, ``level``, ``verify`` (default true: the destination's memory
     is compared with the source's at switch-over). The destination is discarded afterwards and
     the VM keeps running on the source: the step measures what the migration costs."""
+    from memvisor.builtins.migration import LiveMigration
     from memvisor.host import Host
-    from memvisor.migration import LiveMigration
 
     vm = step.vm()
     options = _options(step)
@@ -57,7 +57,7 @@ def migrate(run, step):
 def _migrate(run, migration, options, postcopy_for: float, verify: bool) -> dict:
     """Run ``migration`` (post-copy: the VM's workload on the destination for ``postcopy_for``)
     and return its figures, checked against the source at switch-over when ``verify``."""
-    from memvisor.checkpoint.vm import make_present
+    from memvisor.builtins.checkpoint.vm import make_present
 
     source, destination, vm = migration.source, migration.destination, migration.vm
     migration.run(lambda seconds: run.run_guests(seconds=seconds))
@@ -147,11 +147,11 @@ def migrate_image(image: str, disk: str | None, plugins: list[str], settings: di
     """Migrate a raw memory image (a VM that does not run) with its raw disk image attached
     read-only; returns the migration's figures, with ``describers``: the plugins enabled because
     they describe pages (:func:`describing_plugins`: naming a disk asks for references to it)."""
+    from memvisor.builtins.migration import LiveMigration
     from memvisor.errors import UserError
     from memvisor.files import image_pages
     from memvisor.host import Host, HostConfig
     from memvisor.limits import format_bytes, machine_memory
-    from memvisor.migration import LiveMigration
 
     describers = [name for name in describing_plugins() if name not in plugins] if disk and options.records else []
     plugins = [*plugins, *describers]
@@ -210,9 +210,9 @@ def _settings(pairs: tuple[str, ...]) -> dict:
 def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_records, json_out, out_dir):
     """Run a migration SCENARIO and print its migrations, or migrate a raw memory --image
     with its --disk image: {"bytes_sent": B, "records": {KIND: pages}, ...}."""
+    from memvisor.builtins.migration import MigrationOptions
     from memvisor.errors import UserError
     from memvisor.files import atomic_write
-    from memvisor.migration import MigrationOptions
 
     if (scenario is None) == (image is None):
         raise UserError("give a SCENARIO or --image IMAGE (one of them)")

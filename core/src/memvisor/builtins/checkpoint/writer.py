@@ -23,7 +23,7 @@ import numpy as np
 import zstandard
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint import layout as L
+from memvisor.builtins.checkpoint import layout as L
 from memvisor.files import temp_file
 
 DEFAULT_LEVEL = 1
@@ -347,7 +347,7 @@ class CheckpointWriter:
 
         :param tag: 4 ASCII characters, the first a lowercase letter (an optional section),
             each tag once per file.
-        :param payload: bytes-like, at most :data:`~memvisor.checkpoint.layout.MAX_OPTIONAL_SECTION` bytes.
+        :param payload: bytes-like, at most :data:`~memvisor.builtins.checkpoint.layout.MAX_OPTIONAL_SECTION` bytes.
         """
         self._check_open()
         raw = tag.encode("ascii") if isinstance(tag, str) else bytes(tag)

@@ -19,13 +19,13 @@ def _key(step):
     key_file = step.get("key_file", str, None)
     if key_file is None:
         return None
-    from memvisor.checkpoint import load_key
+    from memvisor.builtins.checkpoint import load_key
 
     return load_key(key_file)
 
 
 def _buffer(step) -> int:
-    from memvisor.checkpoint.layout import MAX_BUFFER_BYTES
+    from memvisor.builtins.checkpoint.layout import MAX_BUFFER_BYTES
 
     size = step.size("buffer", 4 << 20)
     if not 1 <= size <= MAX_BUFFER_BYTES:
@@ -40,8 +40,8 @@ def checkpoint(run, step):
     alongside the guests: the step runs the guests until it is done. ``block_pages`` (1 to
     8192), ``buffer`` (a size, at most 256 MiB) and ``level`` (zstd, -7 to 22) tune the
     file."""
-    from memvisor.checkpoint.layout import MAX_PAGE_BLOCK_BYTES
-    from memvisor.checkpoint.writer import MIN_LEVEL
+    from memvisor.builtins.checkpoint.layout import MAX_PAGE_BLOCK_BYTES
+    from memvisor.builtins.checkpoint.writer import MIN_LEVEL
     from memvisor.events import SaveRequest
     from memvisor.files import path_inside
 
@@ -115,7 +115,7 @@ def checkpoint_command():
 @click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures as JSON.")
 def save_command(image, out, block_pages, buffer_bytes, level, key_file, json_out):
     """Save a raw memory IMAGE as checkpoint OUT (stop-the-world)."""
-    from memvisor.checkpoint import save_image
+    from memvisor.builtins.checkpoint import save_image
     from memvisor.files import image_pages
 
     image_pages(image)
@@ -135,7 +135,7 @@ def save_command(image, out, block_pages, buffer_bytes, level, key_file, json_ou
 @click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures as JSON.")
 def restore_command(ckpt, image, key_file, json_out):
     """Write checkpoint CKPT back as a raw memory IMAGE, byte for byte (eager)."""
-    from memvisor.checkpoint import restore_image
+    from memvisor.builtins.checkpoint import restore_image
 
     progress, update = _progress("restoring")
     with progress:
@@ -149,7 +149,7 @@ def restore_command(ckpt, image, key_file, json_out):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_command(ckpt, as_json):
     """Show a checkpoint's header, blocks and page map."""
-    from memvisor.checkpoint import CheckpointReader
+    from memvisor.builtins.checkpoint import CheckpointReader
 
     with CheckpointReader(ckpt) as r:
         info = {"path": str(ckpt), "version": r.version, "page_size": r.page_size, "vm_pages": r.vm_pages,
@@ -169,7 +169,7 @@ def inspect_command(ckpt, as_json):
 @click.option("--key-file", type=InputFile("key file"), default=None, help="Check the keyed MAC too.")
 def verify_command(ckpt, key_file):
     """Check every block of a checkpoint (checksums, sizes, MAC with --key-file)."""
-    from memvisor.checkpoint import CheckpointReader
+    from memvisor.builtins.checkpoint import CheckpointReader
 
     with CheckpointReader(ckpt, key=key_file) as r:
         r.verify()
@@ -183,14 +183,14 @@ class CoreCheckpoints:
     @hookimpl(trylast=True)
     def memvisor_checkpoint_save(self, host, vm, request):
         """Stop-the-world save, unless a plugin took the save."""
-        from memvisor.checkpoint.vm import stop_the_world_save
+        from memvisor.builtins.checkpoint.vm import stop_the_world_save
 
         return stop_the_world_save(host, vm, request)
 
     @hookimpl(trylast=True)
     def memvisor_checkpoint_restore(self, host, vm, request):
         """Eager restore, unless a plugin took the restore."""
-        from memvisor.checkpoint.vm import eager_restore
+        from memvisor.builtins.checkpoint.vm import eager_restore
 
         return eager_restore(host, vm, request)
 

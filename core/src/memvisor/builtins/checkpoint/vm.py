@@ -21,9 +21,9 @@ import numpy as np
 
 from memvisor import PAGE_SIZE
 from memvisor.backend import Capability
-from memvisor.checkpoint.layout import CheckpointError
-from memvisor.checkpoint.reader import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointReader
-from memvisor.checkpoint.writer import CheckpointWriter
+from memvisor.builtins.checkpoint.layout import CheckpointError
+from memvisor.builtins.checkpoint.reader import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointReader
+from memvisor.builtins.checkpoint.writer import CheckpointWriter
 from memvisor.errors import BackendError
 from memvisor.events import FaultBatch, PageRecords
 

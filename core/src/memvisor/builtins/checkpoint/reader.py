@@ -5,7 +5,7 @@ against the file size and the VM size before using it; nothing is allocated from
 file that has not been checked. Page data is read one storage block at a time (one ``pread``),
 its checksum is checked, and the last storage block is kept so that the page blocks next to the
 one a fault needed cost no further read. Every problem raises
-:class:`~memvisor.checkpoint.layout.CheckpointError` naming the file, the structure and the
+:class:`~memvisor.builtins.checkpoint.layout.CheckpointError` naming the file, the structure and the
 offset.
 """
 
@@ -21,8 +21,8 @@ import attrs
 import numpy as np
 import zstandard
 
-from memvisor.checkpoint import layout as L
-from memvisor.checkpoint.layout import CheckpointError
+from memvisor.builtins.checkpoint import layout as L
+from memvisor.builtins.checkpoint.layout import CheckpointError
 from memvisor.files import open_regular
 from memvisor.limits import check_budget, decompress_frame
 

@@ -8,7 +8,7 @@ resumes at once instead and pulls each page still missing when the guest touches
 fault on the destination, served by a ``tryfirst`` fault handler that this module registers
 there), and the rest in the background.
 
-Pages travel as records (:mod:`memvisor.migration.stream`): all-zero pages as ``zero``
+Pages travel as records (:mod:`memvisor.builtins.migration.stream`): all-zero pages as ``zero``
 records, pages that a plugin describes (:func:`memvisor_describe_pages`, purpose
 ``"migration"``) as that plugin's records, the rest as zstd-compressed ``page`` records. The
 destination (:class:`Destination`) checks every record's CRC, takes each sequence number once
@@ -43,10 +43,10 @@ import numpy as np
 import zstandard
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.checkpoint.vm import describe
+from memvisor.builtins.checkpoint.vm import describe
+from memvisor.builtins.migration import stream
 from memvisor.errors import BackendError, UserError
 from memvisor.events import FaultBatch, MigrationPhase, PageRecords
-from memvisor.migration import stream
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.host import VM, Host

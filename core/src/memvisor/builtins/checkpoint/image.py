@@ -20,9 +20,15 @@ import attrs
 import numpy as np
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint.layout import CheckpointError
-from memvisor.checkpoint.reader import CheckpointReader
-from memvisor.checkpoint.writer import DEFAULT_BLOCK_PAGES, CheckpointWriter, as_pages, fsync_dir, nonzero_pages
+from memvisor.builtins.checkpoint.layout import CheckpointError
+from memvisor.builtins.checkpoint.reader import CheckpointReader
+from memvisor.builtins.checkpoint.writer import (
+    DEFAULT_BLOCK_PAGES,
+    CheckpointWriter,
+    as_pages,
+    fsync_dir,
+    nonzero_pages,
+)
 from memvisor.files import open_regular, temp_file
 
 Progress = Callable[[int, int], None]
