@@ -277,6 +277,9 @@ def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort()
             raise ConnectionResetError("link dropped")
         return wire
 
+    from memvisor.testing import HookRecorder
+
+    recorder = HookRecorder(source.pm)
     migration = LiveMigration(source, vm, destination, MigrationOptions(postcopy=True, max_rounds=1),
                               link=Link(link))
     migration.run(Guest(source, vm, 1, 200, 1.0))
@@ -287,6 +290,9 @@ def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort()
     assert not [p for p in destination.pm.get_plugins() if isinstance(p, _PostCopyFaults)]
     with pytest.raises(MigrationAborted):
         migration.finish_postcopy()
+    phases = [c.kwargs["phase"].phase for c in recorder.of("memvisor_migration_phase")]
+    recorder.close()  # the plugins that saw it start saw it end, once, as aborted
+    assert phases[0] == "start" and phases[-1] == "aborted" and "end" not in phases and phases.count("aborted") == 1
 
 
 def test_migrate_command_says_when_a_named_disk_cannot_be_used(tmp_path):

@@ -233,7 +233,8 @@ class MigrationPhase:
     """A live migration of a VM reached a phase.
 
     :ivar phase: ``"start"``, ``"round"`` (a pre-copy round begins), ``"stop_and_copy"``,
-        ``"postcopy"`` (the destination runs and pulls missing pages) or ``"end"``.
+        ``"postcopy"`` (the destination runs and pulls missing pages), ``"end"``, or
+        ``"aborted"`` (the migration failed after its start; the VM runs on on the source).
     :ivar round: number of the pre-copy round (0 before the first).
     :ivar pages: pages to send in this phase (0 where not known).
     :ivar destination: the destination :class:`memvisor.host.Host`.

@@ -314,7 +314,9 @@ def memvisor_migration_phase(host: Host, vm: VM, phase: MigrationPhase) -> None:
 
     Fires on the source host at ``"start"``, at each pre-copy ``"round"``, at
     ``"stop_and_copy"`` (the VM is stopped), at ``"postcopy"`` (the destination resumes and
-    pulls the pages still missing, when post-copy is on) and at ``"end"``. Pages sent in the
+    pulls the pages still missing, when post-copy is on) and at ``"end"``; a migration that
+    fails after ``"start"`` ends with ``"aborted"`` instead (the VM runs on on the source), so
+    every ``"start"`` is followed by one ``"end"`` or ``"aborted"``. Pages sent in the
     stream come from :func:`memvisor_describe_pages` (``purpose="migration"``) where a plugin
     describes them, and are turned back into bytes on the destination by
     :func:`memvisor_resolve_records`.

@@ -341,6 +341,7 @@ class LiveMigration:
         self._puller: _PostCopyFaults | None = None
         self.switch_over: float | None = None
         self.aborted = False
+        self.started = False  # memvisor_migration_phase("start") fired: an abort then fires "aborted"
 
     @property
     def missing(self) -> np.ndarray:
@@ -350,6 +351,7 @@ class LiveMigration:
     # -- phases -------------------------------------------------------------------------------
 
     def _phase(self, phase: str, round_: int = 0, pages: int = 0) -> None:
+        self.started = self.started or phase == "start"
         self.source.hook.memvisor_migration_phase(
             host=self.source, vm=self.vm,
             phase=MigrationPhase(phase, round_, pages, self.destination, self.source.now))
@@ -393,6 +395,8 @@ class LiveMigration:
         self.result.method += " (aborted)"
         self.source.metrics.event(self.source.now, "migration_aborted", vm=self.vm.name,
                                   error=None if exc is None else str(exc).splitlines()[0] if str(exc) else repr(exc))
+        if self.started:  # the plugins that saw it start learn that it ended
+            self._phase("aborted", self.result.rounds, 0)
 
     def _run(self, run_guests) -> MigrationResult:
         real = wallclock.perf_counter()
