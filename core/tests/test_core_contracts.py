@@ -369,3 +369,20 @@ def test_host_counters_and_events_are_what_the_report_shows():
     assert counters == {k: report.data["vms"]["a"][k] for k in COUNTERS}
     events = [e for e in report.data["core"]["events"] if e["kind"] == "custom"]
     assert events == [{"time": seen["time"], "kind": "custom", "vm": "a", "pages": 3}]
+
+
+def test_every_hook_is_isolated_or_documented_as_not():
+    """Every hook of the core is under exactly one outcome of memvisor.isolation, and
+    docs/reliability.md names it (the registration hooks as a group)."""
+    from pathlib import Path
+
+    from memvisor import hookspecs, isolation
+
+    lists = (isolation.OBSERVED, isolation.FATAL, isolation.STARTING, isolation.NOT_ISOLATED)
+    listed = [name for names in lists for name in names]
+    assert len(listed) == len(set(listed))
+    assert set(hookspecs.HOOK_NAMES) | set(hookspecs.DEPRECATED) == set(listed)
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    section = text[text.index("## Plugin isolation"):text.index("## How each guarantee is tested")]
+    missing = [n for n in hookspecs.HOOK_NAMES if f"`{n}`" not in section and not n.startswith("memvisor_register_")]
+    assert not missing and "registration hooks" in section

@@ -646,7 +646,9 @@ class Host:
 
     def check_pressure(self, target_free_pages: int | None = None) -> int:
         """Call :func:`memvisor_memory_pressure` if free memory is below the low watermark (or
-        below ``target_free_pages`` when given); returns the machine pages reclaimed."""
+        below ``target_free_pages`` when given); returns the machine pages reclaimed. The core
+        calls it after every tick; a test causes pressure with ``target_free_pages``
+        (``host.check_pressure(target_free_pages=host.backend.free_pages() + 1024)``)."""
         total = self.backend.total_pages()
         free = self.backend.free_pages()
         if target_free_pages is None:

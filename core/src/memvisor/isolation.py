@@ -65,6 +65,15 @@ FATAL = ("memvisor_page_fault", "memvisor_write_trap", "memvisor_page_write")
 STARTING = ("memvisor_host_started",)
 """Hooks whose failing implementation refuses the run in one line naming the plugin."""
 
+NOT_ISOLATED = ("memvisor_checkpoint_save", "memvisor_checkpoint_restore", "memvisor_resolve_records",
+                "memvisor_selftest", "memvisor_register_actions", "memvisor_register_backends",
+                "memvisor_register_benchmarks", "memvisor_register_commands", "memvisor_register_hookspecs",
+                "memvisor_register_settings", "memvisor_register_workloads")
+"""Hooks whose failure reaches the caller, which reports it (docs/reliability.md): the decisions
+of checkpoints (the step fails), the resolution of records (the restore or migration is refused
+before the VM changes), ``memvisor selftest``'s contributions (the selftest fails) and the
+registration hooks (the registry logs and skips a failing one)."""
+
 log = structlog.get_logger("memvisor.isolation")
 
 
