@@ -17,9 +17,14 @@ MOVED = {"sweep.py"}
 
 
 def plugin_names() -> tuple[set[str], set[str]]:
-    """(entry-point names, distribution and module names) of every plugin under plugins/."""
+    """(entry-point names, distribution and module names) of every plugin under plugins/ and
+    every backend under hypervisor_backends/ but the emulator (which the core depends on)."""
     entry_points, packages = set(), set()
-    for pyproject in (ROOT / "plugins").glob("*/pyproject.toml"):
+    pyprojects = [*(ROOT / "plugins").glob("*/pyproject.toml"),
+                  *(ROOT / "hypervisor_backends").glob("*/pyproject.toml")]
+    for pyproject in pyprojects:
+        if pyproject.parent.name == "memvisor-backend-emulator":  # the core's dependency, its default backend
+            continue
         project = tomllib.loads(pyproject.read_text())["project"]
         packages.add(project["name"])
         for name, target in project.get("entry-points", {}).get("memvisor", {}).items():

@@ -40,7 +40,10 @@ agree). Kinds of call:
 
 Implement a hook with `@memvisor.hookimpl` on a method (or a module-level function) named
 like the hook. An implementation may take fewer arguments than the specification lists.
-`tryfirst=True` / `trylast=True` order implementations. See docs/writing-a-plugin.md.
+`tryfirst=True` / `trylast=True` order implementations. The arguments' types (`Host`, `VM`,
+every event and its fields) are in [api.md](api.md); a walkthrough is in
+[writing-a-plugin.md](writing-a-plugin.md). Which hooks isolate a failing plugin, and what
+happens otherwise, is in [reliability.md](reliability.md) ("Plugin isolation").
 """
 
 OFFERED_INTRO = """

@@ -80,6 +80,16 @@ class Backend(ABC):
     Operations never trap: they are the hypervisor's own view of memory. Guest activity goes
     through :meth:`access`, which turns the touches that trap into batched hook calls on the
     attached host.
+
+    Page arguments are int64 arrays of guest page numbers; per-page answers are arrays in the
+    same order. Errors: an operation whose arguments break its contract — a page number
+    outside the VM, a VM not on this backend, a page that must be present and is not (``read``,
+    ``write``, ``share``) or must not be and is (``populate``), the same page twice in one
+    call, a large-page member where small pages are needed, contents that differ in ``share``
+    — raises :class:`memvisor.errors.BackendError` (a bug of the caller, one line saying
+    which) before it changes anything. An operation that needs a capability the backend lacks
+    raises :class:`memvisor.errors.CapabilityError` (one line); a plugin checks its
+    capabilities once, with ``host.require``, when the host starts.
     """
 
     name: str = "?"

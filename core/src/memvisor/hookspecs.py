@@ -344,7 +344,8 @@ def memvisor_memory_pressure(host: Host, pressure: MemoryPressure) -> int | None
     (``trylast``: the guest pays a fault later).
 
     :param host: the host.
-    :param pressure: free pages and the target.
+    :param pressure: a :class:`memvisor.events.MemoryPressure`: ``free_pages``,
+        ``target_free_pages``, ``deficit_pages`` (what is left to reclaim) and ``time``.
     :returns: the number of machine pages this implementation freed, or ``None``.
     """
 

@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from memvisor.testing import build_plugin, plugins_at
 from memvisor_sweep import parse_vary, read_table, run_sweep, sweep_from_scenario  # noqa: E402
 from memvisor_sweep.driver import DaskExecutor, SerialExecutor  # noqa: E402
 from memvisor_sweep.table import WALL_CLOCK_COLUMNS  # noqa: E402
@@ -35,34 +34,6 @@ workload = { kind = "uniform" }
 do = "run"
 for = "2ms"
 """
-
-COUNTER = """
-from memvisor import hookimpl
-from memvisor.report import ReportSection
-
-
-class Counter:
-    def __init__(self):
-        self.ticks = 0
-
-    @hookimpl
-    def memvisor_tick(self):
-        self.ticks += 1
-
-    @hookimpl
-    def memvisor_report(self):
-        return ReportSection("counter", "Ticks", {"ticks": self.ticks})
-"""
-"""A plugin with a report section, installed for these tests: the sweep's own tests need no
-other distribution of this repository."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def counter_plugin(tmp_path_factory):
-    """The ``counter`` plugin, installed for this module's runs (and their subprocesses)."""
-    site = build_plugin(tmp_path_factory.mktemp("counter"), "counter", COUNTER, target="Counter")
-    with plugins_at(site):
-        yield
 
 
 def deterministic(rows):

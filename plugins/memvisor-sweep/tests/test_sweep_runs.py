@@ -11,7 +11,6 @@ import tomllib
 import pytest
 
 from memvisor.errors import UserError
-from memvisor.testing import build_plugin, plugins_at
 from memvisor_sweep import load_sweep, parse_vary, read_table, run_sweep, sweep_from_scenario
 from memvisor_sweep.driver import SerialExecutor
 from memvisor_sweep.run import RunTask, run_one, to_toml
@@ -40,33 +39,6 @@ do = "run"
 for = "2ms"
 """
 
-COUNTER = """
-from memvisor import hookimpl
-from memvisor.report import ReportSection
-
-
-class Counter:
-    def __init__(self):
-        self.ticks = 0
-
-    @hookimpl
-    def memvisor_tick(self):
-        self.ticks += 1
-
-    @hookimpl
-    def memvisor_report(self):
-        return ReportSection("counter", "Ticks", {"ticks": self.ticks})
-"""
-"""A plugin with a report section, installed for these tests: the sweep's own tests need no
-other distribution of this repository."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def counter_plugin(tmp_path_factory):
-    """The ``counter`` plugin, installed for this module's runs (and their subprocesses)."""
-    site = build_plugin(tmp_path_factory.mktemp("counter"), "counter", COUNTER, target="Counter")
-    with plugins_at(site):
-        yield
 
 MISSING_TRACE = '{kind="trace", path="/nonexistent/memvisor-sweep-test.npy"}'
 

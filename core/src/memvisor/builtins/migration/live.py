@@ -173,8 +173,8 @@ class Destination:
     next in sequence and made of pages it is owed.
 
     :param opaque: kinds of records that carry no pages and that the caller uses itself (a
-        transport's own bytes: memvisor-qemu's QEMU stream); :meth:`take` checks their place
-        in the sequence and hands them back.
+        transport's own bytes, such as a QEMU migration stream a backend passes on);
+        :meth:`take` checks their place in the sequence and hands them back.
     :ivar missing: per page, whether the destination VM still lacks it.
     :ivar owed: per page, whether the current round (or post-copy request) still owes it.
     """
@@ -590,7 +590,7 @@ def sort_pages(host: Host, vm: VM, gpps: np.ndarray, data: np.ndarray, zero_page
     :data:`stream.MAX_RECORD_PAGES`; ``data`` their bytes): the mask of the all-zero ones
     (``zero`` records, when ``zero_pages``), the records plugins describe the others with
     (``memvisor_describe_pages``, purpose ``"migration"``, when ``records``), and the rows
-    left to send as page data. The source of :class:`LiveMigration` and memvisor-qemu's link
+    left to send as page data. The source of :class:`LiveMigration` and a backend's own link
     sort pages alike."""
     zero = ~data.view(np.uint64).any(axis=1) if zero_pages else np.zeros(len(gpps), bool)
     rest = ~zero
