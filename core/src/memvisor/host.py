@@ -63,6 +63,10 @@ class HostConfig:
     :ivar budget: the resource budget of every VM created without its own (:mod:`memvisor.budgets`).
     :ivar handler_threads: threads of the host's trap handler; the trap work of every VM's
         batches queues for them (a batch that traps waits for the work queued before it).
+    :ivar contents: how the backend holds page contents, ``"bytes"`` or ``"identity"``
+        (:mod:`memvisor.identity`); None chooses: the identity model for hosts of more than
+        :data:`memvisor.identity.IDENTITY_AUTO_BYTES` when the backend has it, bytes otherwise.
+        A :class:`Host` resolves it before it builds its backend.
     """
 
     memory_pages: int
@@ -76,6 +80,21 @@ class HostConfig:
     plugin_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     budget: Budget = attrs.field(factory=Budget)
     handler_threads: int = 1
+    contents: str | None = None
+
+    def contents_model(self, supported: tuple[str, ...] = ("bytes", "identity")) -> str:
+        """The model of page contents for a backend that offers the ``supported`` models:
+        :attr:`contents` when given (a :class:`UserError` when the backend lacks it), else the
+        identity model for a host larger than :data:`memvisor.identity.IDENTITY_AUTO_BYTES`."""
+        from memvisor.identity import IDENTITY_AUTO_BYTES
+
+        if self.contents is None:
+            large = self.memory_pages * PAGE_SIZE > IDENTITY_AUTO_BYTES
+            return "identity" if large and "identity" in supported else "bytes"
+        if self.contents not in supported:
+            raise UserError(f"host.contents: backend {self.backend!r} holds page contents as "
+                            f"{' or '.join(supported)}, not {self.contents!r}")
+        return self.contents
 
 
 @attrs.define(eq=False)
@@ -141,11 +160,14 @@ class Host:
         extra_plugins: Iterable[object] = (),
         catalog: pluggy.PluginManager | None = None,
     ):
-        self.config = config
         self.pm = new_plugin_manager(list(plugins), extra=extra_plugins)
         self.hook = self.pm.hook
         self.registries = registries(catalog or new_plugin_manager(None, strict=False))
-        self.backend: Backend = self.registries["backend"][config.backend](config)
+        backend_class = self.registries["backend"][config.backend]
+        config = attrs.evolve(config, contents=config.contents_model(getattr(backend_class, "contents_models",
+                                                                             ("bytes",))))
+        self.config = config
+        self.backend: Backend = backend_class(config)
         self.backend.attach(self)
         self.vms: dict[str, VM] = {}
         self._pinned: dict[str, np.ndarray] = {}

@@ -255,6 +255,11 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
     if handler_threads < 1:
         raise host.error("handler_threads", "must be at least 1")
     default_budget = _budget(host, "budgets")
+    from memvisor.identity import MODELS
+
+    contents_model = host.get("contents", str, None)
+    if contents_model is not None and contents_model not in MODELS:
+        raise host.error("contents", f"must be one of {', '.join(MODELS)}, got {contents_model!r}")
     host.check_unknown()
 
     plugins_table = top.table("plugins")
@@ -309,5 +314,6 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         plugin_settings=plugins,
         budget=default_budget,
         handler_threads=handler_threads,
+        contents=contents_model,
     )
     return Scenario(Path(str(path)), name, description, config, batch, plugins, tuple(vms), tuple(timeline))
