@@ -442,7 +442,10 @@ class Host:
         if disk is None:
             disk = make_disk(name, path=path, blocks=blocks, contents=contents,
                              seed=_disk_seed(vm.seed, len(disks)) if seed is None else seed, number=number,
-                             writable=writable)
+                             writable=writable, model=self.backend.contents_model)
+        elif disk.contents_model != self.backend.contents_model:
+            raise BackendError(f"disk {disk.name!r} holds {disk.contents_model}, VM {vm.name!r}'s host "
+                               f"{self.backend.contents_model}")
         disks[name] = disk
         return disk
 
@@ -479,7 +482,7 @@ class Host:
             seconds += backend.account("disk_read", int(reads.sum()) * PAGE_SIZE, 1)
             backend.guest_write(vm, gpps[reads], data)
         if writes.any():
-            data = backend.guest_read(vm, gpps[writes])
+            data = backend.guest_contents(vm, gpps[writes])
             disk.write(blocks[writes], data)
             seconds += backend.account("disk_write", int(writes.sum()) * PAGE_SIZE, 1)
         counters = self.metrics.counters[vm.name]

@@ -186,8 +186,9 @@ class LiteralTable:
 
     A literal's identity is ``LITERAL_TAG`` and 62 bits of the xxh3-64 hash of its bytes (the
     next free value on the rare collision), so equal bytes written twice get one identity. The
-    table only grows: literal pages are few (tests, memory errors, image loads), never the bulk
-    of a large host.
+    table only grows: literal pages are few (tests, memory errors), never the bulk of a large
+    host. Identities are content-addressed, so one table (:data:`LITERALS`) serves every host
+    of a process: a literal page migrates, goes to a disk and comes back by identity.
     """
 
     def __init__(self) -> None:
@@ -249,10 +250,14 @@ class LiteralTable:
         return self._data[rows] if len(rows) else np.zeros((0, PAGE_SIZE), np.uint8)
 
 
+LITERALS = LiteralTable()
+"""The process's table of literal pages (content-addressed: shared by every host)."""
+
+
 def materialise(contents: Identities, literals: LiteralTable | None = None) -> np.ndarray:
     """The bytes of pages given by identity: ``(n, PAGE_SIZE)`` uint8.
 
-    :param literals: where the bytes of literal pages are (required when there are any).
+    :param literals: where the bytes of literal pages are (default :data:`LITERALS`).
     :raises BackendError: a literal page the table does not hold, or an identity no generator
         makes.
     """
@@ -269,9 +274,7 @@ def materialise(contents: Identities, literals: LiteralTable | None = None) -> n
         out[generated] = generate_pages(ids[generated])
     literal = np.flatnonzero(tags == 3)
     if len(literal):
-        if literals is None:
-            raise BackendError("literal pages without their table")
-        out[literal] = literals.bytes_of(ids[literal])
+        out[literal] = (LITERALS if literals is None else literals).bytes_of(ids[literal])
     stamped = np.flatnonzero(stamps)
     if len(stamped):
         out.view(np.uint64)[stamped, 0] = stamps[stamped].astype(np.uint64)
@@ -366,7 +369,6 @@ class SizeModel:
         """Fit the model for one zstd level and block size (cached: :func:`size_model`)."""
         import zstandard
 
-        from memvisor.contents import generate_pages
 
         compressor = zstandard.ZstdCompressor(level=level)
         rng = np.random.default_rng(20)  # the sample, not the model, depends on it

@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from memvisor import PAGE_SIZE, hookimpl
+from memvisor.identity import rows_equal
 from memvisor.report import ReportSection
 
 # -- timeline actions ---------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def migrate(run, step):
     snapshot = None
     if verify:
         make_present(source, vm)
-        snapshot = source.backend.read(vm, np.arange(vm.pages))
+        snapshot = source.backend.contents(vm, np.arange(vm.pages))
     destination.backend.take_dirty(migration.dest_vm)
     if options.postcopy:
         workload = run.workloads.get(vm.name)
@@ -67,7 +68,7 @@ def migrate(run, step):
     if snapshot is not None:
         written = destination.backend.take_dirty(migration.dest_vm)
         make_present(destination, migration.dest_vm)
-        same = (destination.backend.read(migration.dest_vm, np.arange(vm.pages)) == snapshot).all(axis=1)
+        same = rows_equal(destination.backend.contents(migration.dest_vm, np.arange(vm.pages)), snapshot)
         # Pages a guest driver took (balloon pages) hold nothing the guest reads: not compared.
         compared = ~written & ~source.guest_pinned(vm)
         record["verified"] = bool(same[compared].all())

@@ -10,7 +10,10 @@ there), and the rest in the background.
 
 Pages travel as records (:mod:`memvisor.migration.stream`): all-zero pages as ``zero``
 records, pages that a plugin describes (:func:`memvisor_describe_pages`, purpose
-``"migration"``) as that plugin's records, the rest as zstd-compressed ``page`` records. The
+``"migration"``) as that plugin's records, the rest as zstd-compressed ``page`` records —
+or, between identity-model hosts (:mod:`memvisor.identity`), as ``identity`` records counted
+as the ``page`` records they stand for (the bytes, time and record counts of the bytes model;
+``identity_wire_bytes`` is what really went over the link). The
 destination checks every record's CRC; a damaged record is refused and its pages asked for
 again. A plugin record that no plugin on the destination resolves, or whose resolution is
 refused (a disk block changed), is asked for again in halves, down to single pages that are
@@ -41,6 +44,7 @@ from memvisor import PAGE_SIZE, hookimpl
 from memvisor.checkpoint.vm import describe
 from memvisor.errors import BackendError, UserError
 from memvisor.events import FaultBatch, MigrationPhase, PageRecords
+from memvisor.identity import is_identities, materialise, zero_rows
 from memvisor.migration import stream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,6 +101,8 @@ class MigrationResult:
     :ivar postcopy_faults: pages the destination pulled on a fault.
     :ivar postcopy_background: pages the destination pulled in the background.
     :ivar real_seconds: wall-clock time of the migration.
+    :ivar identity_wire_bytes: bytes of ``identity`` records really sent (identity-model hosts;
+        they are counted in ``bytes_sent`` as the ``page`` records they stand for).
     """
 
     vm: str
@@ -115,6 +121,7 @@ class MigrationResult:
     postcopy_faults: int = 0
     postcopy_background: int = 0
     real_seconds: float = 0.0
+    identity_wire_bytes: int = 0
 
     def to_json(self) -> dict:
         """The figures as report values."""
@@ -176,6 +183,11 @@ class LiveMigration:
         self.source, self.vm, self.destination = source, vm, destination
         self.options = options or MigrationOptions()
         self.link = link or Link()
+        model, dest_model = source.backend.contents_model, destination.backend.contents_model
+        if model != dest_model:
+            raise MigrationAborted(f"migration of VM {vm.name!r}: the source holds pages as {model}, "
+                                   f"the destination as {dest_model}")
+        self.identity = model == "identity"
         self.dest_vm = destination.create_vm(vm.name, vm.pages, seed=vm.seed)
         destination.backend.unmap(self.dest_vm, np.arange(vm.pages, dtype=np.int64))
         for name, disk in source.disks.get(vm.name, {}).items():
@@ -313,8 +325,8 @@ class LiveMigration:
         nbytes, data_bytes = 0, 0
         for start in range(0, len(gpps), 16384):
             part = gpps[start : start + 16384]
-            data = src.backend.read(self.vm, part)
-            zero = ~data.view(np.uint64).any(axis=1) if opts.zero_pages else np.zeros(len(part), bool)
+            data = src.backend.contents(self.vm, part)
+            zero = zero_rows(data) if opts.zero_pages else np.zeros(len(part), bool)
             if zero.any():
                 nbytes += self._deliver(stream.ZERO, part[zero], b"")
             rest = ~zero
@@ -322,11 +334,18 @@ class LiveMigration:
                 for records in describe(src, self.vm, part[rest], "migration"):
                     nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
                     rest[np.searchsorted(part, records.gpps)] = False
-            rows = np.flatnonzero(rest)
-            for first in range(0, len(rows), opts.chunk_pages):
-                chunk = rows[first : first + opts.chunk_pages]
-                data_bytes += len(chunk) * PAGE_SIZE
-                nbytes += self._deliver(stream.PAGE, part[chunk], stream.page_payload(data[chunk], self._compressor))
+            pages, data = part[rest], data[rest]
+            if self.identity:
+                literal = data.literal()
+                if not literal.all():
+                    data_bytes += int(np.count_nonzero(~literal)) * PAGE_SIZE
+                    nbytes += self._deliver_identities(pages[~literal], data[~literal])
+                # Literal pages (bytes only this process holds) go as bytes.
+                pages, data = pages[literal], materialise(data[literal])
+            for first in range(0, len(pages), opts.chunk_pages):
+                chunk = slice(first, first + opts.chunk_pages)
+                data_bytes += len(pages[chunk]) * PAGE_SIZE
+                nbytes += self._deliver(stream.PAGE, pages[chunk], stream.page_payload(data[chunk], self._compressor))
         result.pages_resent += int(np.count_nonzero(self.ever_sent[gpps]))
         self.ever_sent[gpps] = True
         self.sent_mpn[gpps] = src.backend.mpns(self.vm, gpps)
@@ -351,16 +370,22 @@ class LiveMigration:
         given_up = self.source.times_given_up(self.vm) != self.sent_given_up
         return self.ever_sent & (now >= 0) & ((now != self.sent_mpn) | given_up)
 
-    def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes) -> int:
+    def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes, counted: int | None = None) -> int:
         """Send one record until it arrives intact and install its pages; returns bytes sent,
-        negated when the destination could not resolve a plugin record (nothing installed)."""
+        negated when the destination could not resolve a plugin record (nothing installed).
+        ``counted``: the bytes the record counts as (an ``identity`` record counts as the
+        ``page`` records it stands for)."""
         wire = stream.encode(kind, gpps, payload)
+        shown = stream.PAGE if kind == stream.IDENTITY else kind
+        size = len(wire) if counted is None else counted
         sent = 0
         for _ in range(self.options.max_retries + 1):
             arrived = self.link.transmit(wire)
-            sent += len(wire)
-            self.result.bytes_sent += len(wire)
-            self.result.bytes_by_kind[kind] += len(wire)
+            sent += size
+            self.result.bytes_sent += size
+            self.result.bytes_by_kind[shown] += size
+            if kind == stream.IDENTITY:
+                self.result.identity_wire_bytes += len(wire)
             try:
                 record = stream.decode(arrived)
                 data = self._materialise(record)
@@ -370,7 +395,7 @@ class LiveMigration:
             if data is None:  # not resolved here: the caller asks again (halves, then data)
                 return -sent
             self._install(record.gpps, data)
-            self.result.records[kind] += len(gpps)
+            self.result.records[shown] += len(gpps)
             return sent
         raise BackendError(f"migration of VM {self.vm.name!r}: a {kind} record arrived damaged "
                            f"{self.options.max_retries + 1} times")
@@ -393,8 +418,17 @@ class LiveMigration:
             return sent + self._deliver_records(kind, gpps[:half], first) + self._deliver_records(
                 kind, gpps[half:], second)
         self.result.fallbacks += 1
-        data = self.source.backend.read(self.vm, gpps)
+        data = self.source.backend.contents(self.vm, gpps)
+        if self.identity:
+            if not data.literal().any():
+                return sent + self._deliver_identities(gpps, data)
+            data = materialise(data)
         return sent + self._deliver(stream.PAGE, gpps, stream.page_payload(data, self._compressor))
+
+    def _deliver_identities(self, gpps: np.ndarray, data) -> int:
+        """Send pages by identity, counted as the ``page`` records they stand for."""
+        counted = stream.modelled_page_bytes(data, self.options.chunk_pages, self.options.level)
+        return self._deliver(stream.IDENTITY, gpps, stream.identity_payload(data, self._compressor), counted)
 
     def _materialise(self, record: stream.Record) -> np.ndarray | None:
         """Bytes of a record's pages on the destination (None: a plugin record not resolved)."""
@@ -405,6 +439,10 @@ class LiveMigration:
             return np.zeros((n, PAGE_SIZE), dtype=np.uint8)
         if record.kind == stream.PAGE:
             return stream.page_data(record.payload, n, self._decompressor)
+        if record.kind == stream.IDENTITY:
+            if not self.identity:
+                raise stream.StreamError("identity record to a host of bytes")
+            return stream.identity_data(record.payload, n, self._decompressor)
         payloads = stream.unpack_payloads(record.payload, n)
         dest = self.destination
         try:
@@ -414,6 +452,8 @@ class LiveMigration:
             return None  # refused by its plugin (a disk block changed): never used
         if data is None:
             return None
+        if is_identities(data):
+            return data
         return np.asarray(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
 
     def _install(self, gpps: np.ndarray, data: np.ndarray) -> None:

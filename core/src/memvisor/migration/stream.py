@@ -12,6 +12,11 @@ The CRC-32 covers the whole body. Kinds:
     compression is off.
 ``zero``
     All-zero pages: no payload.
+``identity``
+    Pages by content identity (:mod:`memvisor.identity`), between identity-model hosts only:
+    12 bytes a page (uint64 identity, uint32 stamp), zstd-compressed. The migration counts
+    such a record as the ``page`` records the bytes model would send for the same pages
+    (:func:`modelled_page_bytes`), so both models report the same stream.
 other names
     Records that a plugin wrote (:func:`memvisor_describe_pages` with ``purpose="migration"``)
     and that a plugin on the destination resolves (:func:`memvisor_resolve_records`). Their
@@ -32,10 +37,11 @@ import numpy as np
 
 from memvisor import PAGE_SIZE
 from memvisor.errors import BackendError
+from memvisor.identity import RECORD_DTYPE, Identities, size_model
 
 MAGIC = b"MVR1"
 HEADER = struct.Struct("<4sBBIII")
-PAGE, ZERO = "page", "zero"
+PAGE, ZERO, IDENTITY = "page", "zero", "identity"
 
 
 class StreamError(BackendError):
@@ -109,6 +115,38 @@ def page_payload(data: np.ndarray, compressor) -> bytes:
     """Payload of a ``page`` record: the pages' bytes, zstd-compressed when ``compressor``."""
     raw = np.ascontiguousarray(data, dtype=np.uint8).tobytes()
     return compressor.compress(raw) if compressor is not None else raw
+
+
+def identity_payload(contents: Identities, compressor) -> bytes:
+    """Payload of an ``identity`` record: 12 bytes a page, zstd-compressed when ``compressor``."""
+    raw = contents.to_records()
+    return compressor.compress(raw) if compressor is not None else raw
+
+
+def identity_data(payload: bytes, count: int, decompressor) -> Identities:
+    """The identities of ``count`` pages from an ``identity`` record's payload."""
+    expect = count * RECORD_DTYPE.itemsize
+    try:
+        raw = decompressor.decompress(payload, max_output_size=expect) if decompressor else payload
+    except Exception as exc:  # zstd reports damage as its own error
+        raise StreamError(f"identity record does not decompress: {exc}") from None
+    if len(raw) != expect:
+        raise StreamError("identity record of a bad length")
+    return Identities.from_records(raw)
+
+
+def modelled_page_bytes(contents: Identities, chunk_pages: int, level: int | None) -> int:
+    """Bytes on the link of the ``page`` records that would carry these pages in the bytes
+    model: one record per ``chunk_pages`` pages, each a header, the kind name, 8 bytes a page
+    number and the pages compressed together (the measured size model) or raw."""
+    n = len(contents)
+    if not n:
+        return 0
+    starts = np.arange(0, n, chunk_pages)
+    overhead = len(starts) * (HEADER.size + len(PAGE)) + 8 * n
+    if level is None:
+        return overhead + n * PAGE_SIZE
+    return overhead + int(size_model(level, chunk_pages).blocks_bytes(contents, starts).sum())
 
 
 def page_data(payload: bytes, count: int, decompressor) -> np.ndarray:

@@ -28,9 +28,9 @@ from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE
 from memvisor.arrays import unique_counts
 from memvisor.errors import BackendError, UserError
 from memvisor.identity import (
+    LITERALS,
     MAX_STAMP,
     Identities,
-    LiteralTable,
     byte_fingerprints,
     identity_fingerprints,
     is_identities,
@@ -130,7 +130,8 @@ class ByteStore:
 
 class IdentityStore:
     """Content identities: per page a uint64 identity and a uint32 write stamp (12 bytes), and
-    the bytes of the few literal pages written from outside."""
+    the bytes of the few literal pages written from outside (in the process's
+    :data:`memvisor.identity.LITERALS`)."""
 
     model = "identity"
     bytes_per_page = 12
@@ -139,7 +140,7 @@ class IdentityStore:
         # np.zeros: committed only where written, and zeros are the zero page's identity.
         self.ids = np.zeros(pages, dtype=np.uint64)
         self.stamps = np.zeros(pages, dtype=np.uint32)
-        self.literals = LiteralTable()
+        self.literals = LITERALS
 
     def zero(self, mpns: np.ndarray) -> None:
         self.ids[mpns] = 0

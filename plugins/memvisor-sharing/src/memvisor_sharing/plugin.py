@@ -22,8 +22,8 @@ import numpy as np
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
 from memvisor.errors import UserError
+from memvisor.identity import concat, rows_equal, take, zero_rows
 from memvisor.report import Plot, ReportSection
-from memvisor_sharing.fingerprint import page_hashes, zero_rows
 from memvisor_sharing.table import Entries, Table, build_table
 
 NAME = "sharing"
@@ -189,7 +189,7 @@ class SharingPlugin:
             for part in range(0, len(gpps), _CHUNK):
                 chunk = gpps[part : part + _CHUNK]
                 mpns = backend.mpns(vm, chunk)
-                fresh = page_hashes(backend.read(vm, chunk))
+                fresh = backend.fingerprint(vm, chunk)
                 scan.stable[chunk] = scan.scanned[chunk] & (scan.hash[chunk] == fresh)
                 scan.hash[chunk] = fresh
                 scan.seen_mpn[chunk] = mpns
@@ -260,13 +260,16 @@ class SharingPlugin:
         for index in np.unique(entries.vm[rows]):
             yield self._scans[index], rows[entries.vm[rows] == index]
 
-    def _read(self, host, entries: Entries, rows: np.ndarray) -> np.ndarray:
-        """The bytes of the pages at ``rows`` (in that order)."""
-        out = np.empty((len(rows), PAGE_SIZE), dtype=np.uint8)
-        for index in np.unique(entries.vm[rows]):
-            at = np.flatnonzero(entries.vm[rows] == index)
-            out[at] = host.backend.read(self._scans[index].vm, entries.gpp[rows[at]])
-        return out
+    def _contents(self, host, entries: Entries, rows: np.ndarray):
+        """The contents of the pages at ``rows``, in that order, in the backend's model (bytes, or
+        identities: :meth:`memvisor.backend.Backend.contents`)."""
+        vms = entries.vm[rows]
+        order = np.argsort(vms, kind="stable")
+        parts = [host.backend.contents(self._scans[index].vm, entries.gpp[rows[order[vms[order] == index]]])
+                 for index in np.unique(vms)]
+        if not parts:
+            return host.backend.contents(self._scans[0].vm, rows[:0]) if self._scans else np.zeros((0, PAGE_SIZE))
+        return take(concat(parts), np.argsort(order, kind="stable"))
 
     def _void(self, entries: Entries, rows: np.ndarray) -> None:
         """Pages whose bytes no longer match their fingerprint: hash them again later."""
@@ -292,7 +295,7 @@ class SharingPlugin:
         before = backend.free_pages()
         for part in range(0, len(table.zero_plan), _CHUNK):
             rows = table.zero_plan[part : part + _CHUNK]
-            ok = zero_rows(self._read(host, e, rows))
+            ok = zero_rows(self._contents(host, e, rows))
             self._void(e, rows[~ok])
             rows = rows[ok]
             self._map(host, e, rows, np.full(len(rows), backend.zero_mpn, dtype=np.int64))
@@ -303,8 +306,8 @@ class SharingPlugin:
             pick = order[part : part + _CHUNK]
             src, rep, target = plan.src[pick], plan.rep[pick], plan.target[pick].copy()
             reps, rep_at = np.unique(rep, return_inverse=True)
-            rep_bytes = self._read(host, e, reps)
-            same = ~np.any(self._read(host, e, src) != rep_bytes[rep_at], axis=1)
+            rep_contents = self._contents(host, e, reps)
+            same = rows_equal(self._contents(host, e, src), take(rep_contents, rep_at))
             self._void(e, src[~same])
             src, rep, rep_at, target = src[same], rep[same], rep_at[same], target[same]
             # A new page per content that still has two copies (the keeper among them).
@@ -315,7 +318,7 @@ class SharingPlugin:
             held = {}
             for r in np.flatnonzero(wanted):  # one call per content, not per page
                 node = self._scans[e.vm[reps[r]]].vm.home_node
-                held[int(r)] = backend.hold_page(rep_bytes[r], node=node)
+                held[int(r)] = backend.hold_page(take(rep_contents, np.array([r])), node=node)
             if held:
                 target[new] = np.array([held[int(r)] for r in rep_at[new]], dtype=np.int64)
             self._map(host, e, src, target)
@@ -451,8 +454,8 @@ class SharingPlugin:
         return ReportSection(
             plugin=NAME, title="Page sharing in large pages", metrics=self.metrics(host), plots=plots,
             text="Machine pages that sharing could reclaim (estimate, by 4 KiB fingerprints verified byte for "
-                 "byte before any share), what the plugin reclaimed, and the large pages it broke up under "
-                 "memory pressure, most reclaimable first.")
+                 "byte, or identity for identity, before any share), what the plugin reclaimed, and the large "
+                 "pages it broke up under memory pressure, most reclaimable first.")
 
     # -- registration -------------------------------------------------------------------------
 
