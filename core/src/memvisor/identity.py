@@ -284,6 +284,11 @@ def materialise(contents: Identities, literals: LiteralTable | None = None) -> n
 # -- either form: bytes or identities ------------------------------------------------------------
 
 
+def as_bytes(contents) -> np.ndarray:
+    """Page contents of either form as bytes ``(n, PAGE_SIZE)`` (identities materialised)."""
+    return materialise(contents) if is_identities(contents) else np.asarray(contents, np.uint8)
+
+
 def is_identities(contents) -> bool:
     """Whether ``contents`` are :class:`Identities` (else bytes)."""
     return isinstance(contents, Identities)
