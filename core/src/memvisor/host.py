@@ -177,7 +177,8 @@ class Host:
         self.migrations: list = []
         self.memory_errors: list[dict] = []
         self._remap: dict[str, np.ndarray] = {}
-        self._accessed: dict[str, dict[str, np.ndarray]] = {}  # VM -> reader -> touches it has not seen
+        # VM -> (reader -> its bit, per page the bits of the readers that have not seen a touch)
+        self._accessed: dict[str, tuple[dict[str, int], np.ndarray]] = {}
         self._ids = itertools.count()
         self.metrics = Metrics()
         self.tick_interval = config.tick_interval
@@ -337,19 +338,25 @@ class Host:
         sampling idle memory) would hide the touches from the next (NUMA aging, a lazy save's
         access order). The host takes them from the backend for every page at each call and
         keeps what each reader has not seen yet, so each reader sees every touch once. A
-        reader's first call reports the touches since any reader last asked."""
+        reader's first call reports the touches since any reader last asked. (One byte a page
+        for up to 8 readers: a bit each.)"""
         fresh = self.backend.take_accessed(vm)
-        views = self._accessed.setdefault(vm.name, {})
-        for seen in views.values():
-            seen |= fresh
-        mine = views.setdefault(reader, fresh.copy())
+        bits, unseen = self._accessed.setdefault(vm.name, ({}, np.zeros(vm.pages, dtype=np.uint8)))
+        if reader not in bits:
+            if len(bits) == 8:
+                raise BackendError(f"VM {vm.name!r}: more than 8 readers of accessed bits")
+            bits[reader] = 1 << len(bits)
+            unseen &= np.uint8(~bits[reader] & 0xFF)
+        everyone = np.uint8(sum(bits.values()))
+        unseen |= fresh.view(np.uint8) * everyone
+        bit = np.uint8(bits[reader])
         if gpps is None:
-            out = mine.copy()
-            mine[:] = False
+            out = (unseen & bit) != 0
+            unseen &= ~bit
         else:
             gpps = np.asarray(gpps, dtype=np.int64)
-            out = mine[gpps]
-            mine[gpps] = False
+            out = (unseen[gpps] & bit) != 0
+            unseen[gpps] &= ~bit
         return out
 
     # -- the guest's own allocator --------------------------------------------------------------
@@ -361,14 +368,14 @@ class Host:
         mask = self._pinned.get(vm.name)
         if mask is None:
             mask = self._pinned[vm.name] = np.zeros(vm.pages, dtype=bool)
-            self._given_up[vm.name] = np.zeros(vm.pages, dtype=np.int64)
+            self._given_up[vm.name] = np.zeros(vm.pages, dtype=np.uint32)
         gpps = np.asarray(gpps, dtype=np.int64)
         if pinned:
             self._given_up[vm.name][gpps[~mask[gpps]]] += 1
         mask[gpps] = pinned
         if mask.all():
             raise BackendError(f"VM {vm.name!r}: a guest driver pinned every page; the guest cannot run")
-        remap = np.arange(vm.pages, dtype=np.int64)
+        remap = np.arange(vm.pages, dtype=np.int32 if vm.pages < 2**31 else np.int64)
         taken = np.flatnonzero(mask)
         if len(taken):
             # Spread the pinned pages' accesses over the free ones in a fixed, seed-free order.
@@ -378,13 +385,17 @@ class Host:
         else:
             self._remap.pop(vm.name, None)
 
-    def times_given_up(self, vm: VM) -> np.ndarray:
-        """Per page of ``vm``, how many times the guest has given it up (pinned it for a driver)
-        so far. A page given up may come back with other bytes than it had (a balloon's zeros)
-        without a guest write: a plugin that trusts what it once saw in a page checks that this
-        has not changed since (machine page numbers are reused, so they cannot tell)."""
+    def times_given_up(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Per page of ``vm`` (of ``gpps`` when given), how many times the guest has given it up
+        (pinned it for a driver) so far, modulo 2**32. A page given up may come back with other
+        bytes than it had (a balloon's zeros) without a guest write: a plugin that trusts what
+        it once saw in a page checks that this has not changed since (machine page numbers are
+        reused, so they cannot tell)."""
         counts = self._given_up.get(vm.name)
-        return np.zeros(vm.pages, dtype=np.int64) if counts is None else counts.copy()
+        n = vm.pages if gpps is None else len(gpps)
+        if counts is None:
+            return np.zeros(n, dtype=np.int64)
+        return (counts if gpps is None else counts[np.asarray(gpps, dtype=np.int64)]).astype(np.int64)
 
     def guest_pinned(self, vm: VM) -> np.ndarray:
         """Per page of ``vm``, whether a guest driver has pinned it."""
@@ -395,7 +406,7 @@ class Host:
         """The pages a batch of the guest's accesses really lands on (pinned pages moved)."""
         remap = self._remap.get(vm.name)
         gpps = np.asarray(gpps, dtype=np.int64)
-        return gpps if remap is None else remap[gpps]
+        return gpps if remap is None else remap[gpps].astype(np.int64)
 
     def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
         """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""

@@ -349,7 +349,7 @@ class LiveMigration:
         result.pages_resent += int(np.count_nonzero(self.ever_sent[gpps]))
         self.ever_sent[gpps] = True
         self.sent_mpn[gpps] = src.backend.mpns(self.vm, gpps)
-        self.sent_given_up[gpps] = src.times_given_up(self.vm)[gpps]
+        self.sent_given_up[gpps] = src.times_given_up(self.vm, gpps)
         result.pages_sent += len(gpps)
         src_work = _background(src.backend) - src_work  # reading dropped pages back, describing
         dest_work = _background(self.destination.backend) - dest_work

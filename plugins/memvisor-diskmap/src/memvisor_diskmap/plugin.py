@@ -50,23 +50,28 @@ SETTINGS = {"swap": True, "scan": False, "protect": True}
 
 
 class _Map:
-    """The mappings of one VM."""
+    """The mappings of one VM that has a disk (26 bytes a page: a VM without a disk has none).
+
+    ``disk`` is the disk's slot (-1: not mapped); ``version`` the low 32 bits of the block's
+    version when mapped (a filter only: every use also compares fingerprints, so a version that
+    wrapped around is caught by the fingerprint).
+    """
 
     def __init__(self, pages: int):
-        self.disk = np.full(pages, -1, dtype=np.int64)
-        self.block = np.full(pages, -1, dtype=np.int64)
-        self.version = np.zeros(pages, dtype=np.uint64)
+        self.disk = np.full(pages, -1, dtype=np.int8)
+        self.block = np.full(pages, -1, dtype=np.int32)
+        self.version = np.zeros(pages, dtype=np.uint32)
         self.hash = np.zeros(pages, dtype=np.uint64)
         self.swapped = np.zeros(pages, dtype=bool)
         # Machine page each page's bytes were last seen equal to its block on: a memory error
         # is repaired only on that page (the hypervisor may remap a page without a trap).
-        self.verified_mpn = np.full(pages, -1, dtype=np.int64)
-        self.verified_given_up = np.zeros(pages, dtype=np.int64)  # host.times_given_up then
+        self.verified_mpn = np.full(pages, -1, dtype=np.int32)
+        self.verified_given_up = np.zeros(pages, dtype=np.uint32)  # host.times_given_up then
 
     def verified(self, host, vm, gpps: np.ndarray) -> None:
         """``gpps`` were just seen to hold their blocks' bytes."""
         self.verified_mpn[gpps] = host.backend.mpns(vm, gpps)
-        self.verified_given_up[gpps] = host.times_given_up(vm)[gpps]
+        self.verified_given_up[gpps] = host.times_given_up(vm, gpps)
 
 
 class DiskmapPlugin:
@@ -100,8 +105,8 @@ class DiskmapPlugin:
 
     @hookimpl
     def memvisor_vm_created(self, vm):
-        """Start with no mapping."""
-        self.maps[vm.name] = _Map(vm.pages)
+        """Start with no mapping (the table of mappings comes with the first one)."""
+        self.maps.pop(vm.name, None)
 
     @hookimpl
     def memvisor_vm_destroyed(self, host, vm):
@@ -114,9 +119,13 @@ class DiskmapPlugin:
     # -- helpers ------------------------------------------------------------------------------
 
     def _map_of(self, vm) -> _Map:
-        if vm.name not in self.maps:
-            self.maps[vm.name] = _Map(vm.pages)
-        return self.maps[vm.name]
+        """The VM's mappings; an empty table for a VM that has none yet (not kept)."""
+        m = self.maps.get(vm.name)
+        if m is None:
+            m = _Map(vm.pages)
+            if self._disks(vm):  # only a VM with a disk ever gets a mapping
+                self.maps[vm.name] = m
+        return m
 
     def _disks(self, vm) -> list:
         return list(self.host.disks.get(vm.name, {}).values())
@@ -130,31 +139,38 @@ class DiskmapPlugin:
         m = self._map_of(vm)
         disk = self._disks(vm)[slot]
         m.disk[gpps], m.block[gpps] = slot, blocks
-        m.version[gpps], m.hash[gpps] = disk.versions[blocks], hashes
+        m.version[gpps], m.hash[gpps] = disk.versions[blocks].astype(np.uint32), hashes
         m.verified(self.host, vm, gpps)
         if self.settings["protect"] and len(gpps):
             self.host.backend.protect(vm, gpps)
         self.counts["mapped"] += len(gpps)
 
     def _drop(self, vm, gpps, reason: str) -> None:
-        m = self._map_of(vm)
+        m = self.maps.get(vm.name)
+        if m is None:
+            return
         gpps = gpps[m.disk[gpps] >= 0]
         m.disk[gpps] = -1
         self.counts[f"dropped_{reason}"] += len(gpps)
 
     def _valid(self, vm, gpps) -> np.ndarray:
         """Per page, whether it is mapped and its block has not been written since."""
-        m = self._map_of(vm)
+        m = self.maps.get(vm.name)
+        if m is None:
+            return np.zeros(len(gpps), dtype=bool)
         ok = m.disk[gpps] >= 0
         for slot, disk in enumerate(self._disks(vm)):
             mine = ok & (m.disk[gpps] == slot)
             if mine.any():
-                ok[mine] = disk.versions[m.block[gpps[mine]]] == m.version[gpps[mine]]
+                ok[mine] = disk.versions[m.block[gpps[mine]]].astype(np.uint32) == m.version[gpps[mine]]
         return ok
 
     def mapped(self, vm) -> np.ndarray:
         """The pages of ``vm`` mapped to a block that has not changed since (sorted)."""
-        pages = np.flatnonzero(self._map_of(vm).disk >= 0)
+        m = self.maps.get(vm.name)
+        if m is None:
+            return np.zeros(0, dtype=np.int64)
+        pages = np.flatnonzero(m.disk >= 0)
         return pages[self._valid(vm, pages)]
 
     def still_equal(self, vm) -> np.ndarray:
@@ -179,7 +195,7 @@ class DiskmapPlugin:
         allocated where a mapped page once was, and the page, once taken, then sits on its old
         number with zeros in it (found by ``memvisor selftest`` through :meth:`verify`)."""
         m = self._map_of(vm)
-        return (mpns == m.verified_mpn[gpps]) & (host.times_given_up(vm)[gpps] == m.verified_given_up[gpps])
+        return (mpns == m.verified_mpn[gpps]) & (host.times_given_up(vm, gpps) == m.verified_given_up[gpps])
 
     def verify(self, vm) -> int:
         """Check the mappings this plugin would trust without looking: a dropped page's block
@@ -342,7 +358,9 @@ class DiskmapPlugin:
         """The VM's memory is about to be replaced: every mapping is void (the restore's own
         disk references map their pages again). Dropped pages come back first: the restore may
         yet be refused, and the VM then runs on with them. Takes no part in the restore."""
-        m = self._map_of(vm)
+        m = self.maps.get(vm.name)
+        if m is None:
+            return
         swapped = np.flatnonzero(m.swapped & ~self.host.backend.present(vm))
         if len(swapped):
             self._swap_in(vm, swapped)
@@ -362,7 +380,9 @@ class DiskmapPlugin:
             need = pressure.target_free_pages - backend.free_pages()
             if need <= 0:
                 break
-            m = self._map_of(vm)
+            m = self.maps.get(vm.name)
+            if m is None:
+                continue
             m.swapped &= ~backend.present(vm)  # pages made present by others (a restore) are back
             pages = self.mapped(vm)
             pages = pages[backend.present(vm, pages)][: need * 2]
