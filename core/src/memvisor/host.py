@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = structlog.get_logger("memvisor.host")
 
+_MAX_PROBES = 64  # probes for an unpinned page before a guest access falls back to the first one
+
 TIME_EPSILON = 1e-12
 """Seconds below which two times are the same (rounding of sums of float seconds)."""
 
@@ -176,7 +178,6 @@ class Host:
         self.disks: dict[str, dict[str, Disk]] = {}
         self.migrations: list = []
         self.memory_errors: list[dict] = []
-        self._remap: dict[str, np.ndarray] = {}
         # VM -> (reader -> its bit, per page the bits of the readers that have not seen a touch)
         self._accessed: dict[str, tuple[dict[str, int], np.ndarray]] = {}
         self._ids = itertools.count()
@@ -251,7 +252,6 @@ class Host:
             disk.flush()
         self._pinned.pop(vm.name, None)
         self._given_up.pop(vm.name, None)
-        self._remap.pop(vm.name, None)
         self._accessed.pop(vm.name, None)
         self.restore_records.pop(vm.name, None)
 
@@ -375,15 +375,6 @@ class Host:
         mask[gpps] = pinned
         if mask.all():
             raise BackendError(f"VM {vm.name!r}: a guest driver pinned every page; the guest cannot run")
-        remap = np.arange(vm.pages, dtype=np.int32 if vm.pages < 2**31 else np.int64)
-        taken = np.flatnonzero(mask)
-        if len(taken):
-            # Spread the pinned pages' accesses over the free ones in a fixed, seed-free order.
-            free = np.flatnonzero(~mask)
-            remap[taken] = free[np.arange(len(taken)) % len(free)]
-            self._remap[vm.name] = remap
-        else:
-            self._remap.pop(vm.name, None)
 
     def times_given_up(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
         """Per page of ``vm`` (of ``gpps`` when given), how many times the guest has given it up
@@ -404,9 +395,26 @@ class Host:
 
     def guest_pages(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
         """The pages a batch of the guest's accesses really lands on (pinned pages moved)."""
-        remap = self._remap.get(vm.name)
+        mask = self._pinned.get(vm.name)
         gpps = np.asarray(gpps, dtype=np.int64)
-        return gpps if remap is None else remap[gpps].astype(np.int64)
+        if mask is None:
+            return gpps
+        hit = np.flatnonzero(mask[gpps])
+        if not len(hit):
+            return gpps
+        # A pinned page's accesses go to the first unpinned page of a fixed, seed-free probe
+        # sequence of its own: spread over the free pages, with no table per page.
+        out, origin = gpps.copy(), gpps[hit].astype(np.uint64)
+        for probe in range(1, _MAX_PROBES + 1):
+            with np.errstate(over="ignore"):
+                step = origin * np.uint64(0x9E3779B97F4A7C15) + np.uint64(probe * 0xBF58476D1CE4E5B9 % 2**64)
+            out[hit] = ((step >> np.uint64(32)) * np.uint64(vm.pages) >> np.uint64(32)).astype(np.int64)
+            again = mask[out[hit]]
+            hit, origin = hit[again], origin[again]
+            if not len(hit):
+                return out
+        out[hit] = int(np.argmin(mask))  # a VM with nearly every page pinned: its first free page
+        return out
 
     def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
         """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""

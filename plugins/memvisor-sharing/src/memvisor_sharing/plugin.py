@@ -301,13 +301,12 @@ class SharingPlugin:
         backend = host.backend
         scans = [s for s in self.vms.values() if s.vm.name in host.vms]
         self._scans = scans
-        mpns_of, saved = [], 0
-        for scan in scans:
+        saved = 0
+        for scan in scans:  # one VM at a time: a whole host's machine page numbers never at once
             mpns = backend.mpns(scan.vm)
             scan.scanned &= mpns == scan.seen_mpn
-            on_zero = scan.scanned & (mpns == backend.zero_mpn)
-            saved += int(np.count_nonzero(on_zero))
-            mpns_of.append(mpns)
+            saved += int(np.count_nonzero(scan.scanned & (mpns == backend.zero_mpn)))
+            del mpns
         self.own = self.own[backend.refcounts(self.own) >= 2] if len(self.own) else self.own
         # What sharing saves now: guest pages on the zero page, and every mapping of a page this
         # plugin shares but one.
@@ -316,24 +315,25 @@ class SharingPlugin:
         self.saved = saved
         table = None
         for s in range(self.shards) if shard is None else [shard % self.shards]:
-            table = self._build(host, scans, mpns_of, s, urgent)
+            table = self._build(host, scans, s, urgent)
             self._summaries[s] = _Summary.of(table, scans)
         self.table = table
         self.remaining = sum(summary.total for summary in self._summaries.values())
         return table
 
-    def _build(self, host, scans: list[_VMScan], mpns_of: list[np.ndarray], shard: int, urgent: bool) -> Table:
-        """The table of one shard: the valid fingerprints whose low bits are ``shard``."""
+    def _build(self, host, scans: list[_VMScan], shard: int, urgent: bool) -> Table:
+        """The table of one shard: the valid fingerprints whose low bits are ``shard`` (pages
+        already on the zero page left out)."""
         backend = host.backend
         parts = []
         mask = np.uint64(self.shards - 1)
-        for index, (scan, mpns) in enumerate(zip(scans, mpns_of, strict=True)):
-            keep = scan.scanned & (mpns != backend.zero_mpn)
-            if self.shards > 1:
-                keep &= (scan.hash & mask) == np.uint64(shard)
+        for index, scan in enumerate(scans):
+            keep = scan.scanned if self.shards == 1 else scan.scanned & ((scan.hash & mask) == np.uint64(shard))
             gpps = np.flatnonzero(keep)
+            mpns = backend.mpns(scan.vm, gpps)
+            gpps, mpns = gpps[mpns != backend.zero_mpn], mpns[mpns != backend.zero_mpn]
             movable = np.ones(len(gpps), bool) if urgent or not self.settings["wait_stable"] else scan.stable[gpps]
-            parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, scan.hash[gpps], mpns[gpps],
+            parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, scan.hash[gpps], mpns,
                           backend.large(scan.vm, gpps), np.full(len(gpps), scan.group, dtype=np.int64), movable))
         cols = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(7)]
         mpn = cols[3].astype(np.int64)
