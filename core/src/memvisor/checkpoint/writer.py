@@ -313,24 +313,39 @@ class CheckpointWriter:
         self.data_pages += len(keep)
         literal = contents.literal()[keep]
         bp = self.block_pages
-        for rows, as_bytes in ((keep[~literal], False), (keep[literal], True)):
-            for s in range(0, len(rows), bp):
-                idx = rows[s : s + bp]
-                if as_bytes:
-                    self._submit(materialise(contents[idx]), L.ranges_of(g[idx]))
-                else:
-                    self._submit_identities(contents[idx], L.ranges_of(g[idx]))
+        rows = keep[literal]  # bytes only this process holds: stored as bytes
+        for s in range(0, len(rows), bp):
+            idx = rows[s : s + bp]
+            self._submit(materialise(contents[idx]), L.ranges_of(g[idx]))
+        rows = keep[~literal]
+        if len(rows):
+            self._submit_identities(g[rows], contents[rows])
 
-    def _submit_identities(self, block: Identities, ranges: np.ndarray) -> None:
-        """One identity page block: compressed here (12 bytes a page), appended in order."""
-        self._drain(0)  # frames of bytes submitted before it go first
-        frame = self._compressor().compress(block.to_records())
+    def _submit_identities(self, gpps: np.ndarray, contents: Identities) -> None:
+        """Identity page blocks of ``block_pages`` pages each: compressed here (12 bytes a page)
+        and appended in order; their modelled sizes come from one vectorised pass."""
+        self._drain(0)  # frames of bytes submitted before them go first
+        bp, n = self.block_pages, len(contents)
+        starts = np.arange(0, n, bp)
         if self._codec_id == L.CODEC_NONE:
-            modelled = len(block) * self.page_size
+            modelled = np.diff(np.append(starts, n)) * self.page_size
         else:
-            modelled = size_model(self.level, self.block_pages).block_bytes(block)
-        self._submitted += 1
-        self._append(frame, L.CODEC_IDENTITY, ranges, len(block), modelled)
+            modelled = size_model(self.level, bp).blocks_bytes(contents, starts)
+        records = memoryview(contents.to_records())
+        width = L.IDENTITY_BYTES
+        # Runs of consecutive pages, cut at block boundaries too: each block's ranges, no loop.
+        cut = np.flatnonzero((np.diff(gpps) != 1) | (np.arange(1, n) % bp == 0)) + 1
+        heads = np.concatenate(([0], cut))
+        runs = np.empty(len(heads), L.RANGE_DTYPE)
+        runs["start"] = gpps[heads]
+        runs["count"] = np.diff(np.append(heads, n))
+        by_block = np.split(runs, np.searchsorted(heads, starts[1:]))
+        compress = self._compressor().compress
+        for i, s in enumerate(starts.tolist()):
+            e = min(n, s + bp)
+            self._submitted += 1
+            self._append(compress(records[s * width : e * width]), L.CODEC_IDENTITY, by_block[i], e - s,
+                         int(modelled[i]))
 
     def _add_pages(self, gpps, data, *, copy: bool, nonzero: np.ndarray | None = None) -> int:
         """:meth:`add_pages`; with ``copy=False`` page blocks may be views of ``data``, which
