@@ -43,6 +43,7 @@ ORDERS = ("reclaimable", "address")
 """Orders in which large pages are broken up under pressure."""
 
 _CHUNK = 8192  # source pages verified and shared per step: bounds the bytes read at once (32 MiB)
+_MAX_BARS = 256  # large pages drawn as bars at most (more: a staircase)
 _SCAN_CHUNK = 1 << 20  # pages fingerprinted at a time (fingerprints are 8 bytes: 8 MiB)
 SHARD_PAGES = 1 << 22
 """Guest pages per shard of the table: a host with more is cut into shards by fingerprint
@@ -75,18 +76,19 @@ class _Summary:
     duplicate: int = 0
     small: int = 0
     large: dict[str, tuple[np.ndarray, np.ndarray]] = attrs.field(factory=dict)
+    on_zero: int = 0  # guest pages of the shard on the zero page (what sharing saves there)
 
     @property
     def total(self) -> int:
         return self.zero + self.duplicate
 
     @classmethod
-    def of(cls, table: Table, scans: list[_VMScan]) -> _Summary:
+    def of(cls, table: Table, scans: list[_VMScan], on_zero: int) -> _Summary:
         large = {}
         for index in np.unique(table.large_vm):
             mine = table.large_vm == index
             large[scans[index].vm.name] = (table.large_index[mine], table.large_reclaimable[mine])
-        return cls(table.zero, table.duplicate, table.small, large)
+        return cls(table.zero, table.duplicate, table.small, large, on_zero)
 
 
 def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -284,6 +286,8 @@ class SharingPlugin:
         self.zero_mapped += len(pages)
         self.reclaimed += freed
         self.saved += freed
+        # Zero pages are in shard 0: its count of them is kept current between its rebuilds.
+        self._summaries.setdefault(0, _Summary()).on_zero += len(pages)
 
     # -- the table ----------------------------------------------------------------------------
 
@@ -301,37 +305,37 @@ class SharingPlugin:
         backend = host.backend
         scans = [s for s in self.vms.values() if s.vm.name in host.vms]
         self._scans = scans
-        saved = 0
-        for scan in scans:  # one VM at a time: a whole host's machine page numbers never at once
-            mpns = backend.mpns(scan.vm)
-            scan.scanned &= mpns == scan.seen_mpn
-            saved += int(np.count_nonzero(scan.scanned & (mpns == backend.zero_mpn)))
-            del mpns
         self.own = self.own[backend.refcounts(self.own) >= 2] if len(self.own) else self.own
-        # What sharing saves now: guest pages on the zero page, and every mapping of a page this
-        # plugin shares but one.
-        if len(self.own):
-            saved += int((backend.refcounts(self.own).astype(np.int64) - 1).sum())
-        self.saved = saved
         table = None
         for s in range(self.shards) if shard is None else [shard % self.shards]:
-            table = self._build(host, scans, s, urgent)
-            self._summaries[s] = _Summary.of(table, scans)
+            table, on_zero = self._build(host, scans, s, urgent)
+            self._summaries[s] = _Summary.of(table, scans, on_zero)
+        # What sharing saves now: guest pages on the zero page (all in shard 0: their fingerprint
+        # is 0), and every mapping of a page this plugin shares but one.
+        self.saved = sum(summary.on_zero for summary in self._summaries.values())
+        if len(self.own):
+            self.saved += int((backend.refcounts(self.own).astype(np.int64) - 1).sum())
         self.table = table
         self.remaining = sum(summary.total for summary in self._summaries.values())
         return table
 
-    def _build(self, host, scans: list[_VMScan], shard: int, urgent: bool) -> Table:
-        """The table of one shard: the valid fingerprints whose low bits are ``shard`` (pages
-        already on the zero page left out)."""
+    def _build(self, host, scans: list[_VMScan], shard: int, urgent: bool) -> tuple[Table, int]:
+        """The table of one shard, from the fingerprints whose low bits are ``shard`` that are
+        still valid (a page whose machine page changed since it was hashed is void and will be
+        hashed again), and the number of them on the zero page (left out of the table)."""
         backend = host.backend
-        parts = []
+        parts, on_zero = [], 0
         mask = np.uint64(self.shards - 1)
         for index, scan in enumerate(scans):
             keep = scan.scanned if self.shards == 1 else scan.scanned & ((scan.hash & mask) == np.uint64(shard))
             gpps = np.flatnonzero(keep)
             mpns = backend.mpns(scan.vm, gpps)
-            gpps, mpns = gpps[mpns != backend.zero_mpn], mpns[mpns != backend.zero_mpn]
+            valid = mpns == scan.seen_mpn[gpps]
+            scan.scanned[gpps[~valid]] = False
+            gpps, mpns = gpps[valid], mpns[valid]
+            zero = mpns == backend.zero_mpn
+            on_zero += int(np.count_nonzero(zero))
+            gpps, mpns = gpps[~zero], mpns[~zero]
             movable = np.ones(len(gpps), bool) if urgent or not self.settings["wait_stable"] else scan.stable[gpps]
             parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, scan.hash[gpps], mpns,
                           backend.large(scan.vm, gpps), np.full(len(gpps), scan.group, dtype=np.int64), movable))
@@ -341,7 +345,7 @@ class SharingPlugin:
         own = np.isin(mpn, self.own)
         entries = Entries(cols[0].astype(np.int64), cols[1].astype(np.int64), cols[2].astype(np.uint64), mpn,
                           cols[4].astype(bool), cols[5].astype(np.int64), refcount, own, cols[6].astype(bool))
-        return build_table(entries, backend.zero_mpn)
+        return build_table(entries, backend.zero_mpn), on_zero
 
     @property
     def estimated(self) -> int:
@@ -570,8 +574,10 @@ class SharingPlugin:
         counts = [c for summary in self._summaries.values() for _, c in summary.large.values()]
         if counts and sum(len(c) for c in counts):
             r = np.sort(np.concatenate(counts))[::-1]
+            # A bar each for a few large pages; a staircase for thousands (a bar is a patch to draw).
             plots.append(Plot("sharing-large-pages", "Reclaimable subpages per intact large page", "large pages (rank)",
-                              "pages", {"reclaimable": (np.arange(len(r)), r)}, kind="bar"))
+                              "pages", {"reclaimable": (np.arange(len(r)), r)},
+                              kind="bar" if len(r) <= _MAX_BARS else "step"))
         return ReportSection(
             plugin=NAME, title="Page sharing in large pages", metrics=self.metrics(host), plots=plots,
             text="Machine pages that sharing could reclaim (estimate, by 4 KiB fingerprints verified byte for "
