@@ -127,6 +127,7 @@ class SharingPlugin:
         self.vms: dict[str, _VMScan] = {}
         self.groups: dict[str, int] = {}
         self.own = np.zeros(0, dtype=np.int64)  # machine pages this plugin shares (sorted)
+        self._new_own: list[np.ndarray] = []  # made since the last rebuild (merged into own then)
         self.table: Table | None = None  # the table of the shard rebuilt last
         self.shards = 1
         self._summaries: dict[int, _Summary] = {}  # per shard, as of its latest table
@@ -305,6 +306,9 @@ class SharingPlugin:
         backend = host.backend
         scans = [s for s in self.vms.values() if s.vm.name in host.vms]
         self._scans = scans
+        if self._new_own:  # one merge per rebuild: a sort per share chunk was quadratic in own pages
+            self.own = np.unique(np.concatenate([self.own, *self._new_own]))
+            self._new_own = []
         self.own = self.own[backend.refcounts(self.own) >= 2] if len(self.own) else self.own
         table = None
         for s in range(self.shards) if shard is None else [shard % self.shards]:
@@ -434,7 +438,7 @@ class SharingPlugin:
             self._map(host, e, src, target)
             for mpn in held.values():
                 backend.release_page(mpn)
-            self.own = np.union1d(self.own, np.fromiter(held.values(), dtype=np.int64, count=len(held)))
+            self._new_own.append(np.fromiter(held.values(), dtype=np.int64, count=len(held)))
             self.pages_shared += len(src)
         freed = backend.free_pages() - before
         self.reclaimed += freed
