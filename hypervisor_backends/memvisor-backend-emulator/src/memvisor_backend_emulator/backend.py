@@ -424,7 +424,7 @@ class EmulatorBackend(Backend):
 
     def release_page(self, mpn: int) -> None:
         self._held.discard(int(mpn))
-        self.memory.put(np.array([mpn], dtype=np.int64))
+        self.memory.put_one(int(mpn))
 
     # -- large pages --------------------------------------------------------------------------
 

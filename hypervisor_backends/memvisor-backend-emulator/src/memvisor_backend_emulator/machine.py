@@ -309,6 +309,19 @@ class MachineMemory:
         self._release(freed)
         return freed
 
+    def put_one(self, mpn: int) -> bool:
+        """:meth:`put` of one page without the array work (a plugin's hold, released per
+        content); returns whether the page was freed."""
+        if mpn == ZERO_MPN:
+            return False
+        count = int(self.refcount[mpn]) - 1
+        if count < 0:
+            raise BackendError("machine page reference count went below zero (double free)")
+        self.refcount[mpn] = count
+        if count == 0:
+            self._release(np.array([mpn], dtype=np.int64))
+        return count == 0
+
     def get(self, mpns: np.ndarray) -> None:
         """Add one reference to each page (a page may appear several times)."""
         pages, counts = unique_counts(mpns[mpns != ZERO_MPN])

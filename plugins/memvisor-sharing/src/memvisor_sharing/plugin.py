@@ -54,12 +54,14 @@ fingerprint, so a shard's table finds all of them."""
 
 class _VMScan:
     """What the scanner knows of one VM: a fingerprint per page and the machine page hashed
-    (14 bytes a page)."""
+    (14 bytes a page; 10 on an identity-model backend, which keeps the low 32 bits of each
+    fingerprint to tell a changed page and to choose its shard, and gives the whole
+    fingerprint again, cheaply, when a table is built)."""
 
-    def __init__(self, vm, group: int, large_pages: int, mpn_dtype):
+    def __init__(self, vm, group: int, large_pages: int, mpn_dtype, hash_dtype):
         self.vm = vm
         self.group = group
-        self.hash = np.zeros(vm.pages, dtype=np.uint64)
+        self.hash = np.zeros(vm.pages, dtype=hash_dtype)
         self.scanned = np.zeros(vm.pages, dtype=bool)
         self.stable = np.zeros(vm.pages, dtype=bool)  # same fingerprint at the last two scans
         self.seen_mpn = np.full(vm.pages, -1, dtype=mpn_dtype)
@@ -164,8 +166,10 @@ class SharingPlugin:
     def memvisor_vm_created(self, host, vm):
         """Start knowing nothing of the VM: every page is to be scanned."""
         group = self.groups.get(vm.name, 1_000_000 + vm.id)  # salting: a group of its own
-        mpn_dtype = np.int32 if host.backend.total_pages() < 2**31 else np.int64
-        self.vms[vm.name] = _VMScan(vm, group, self._intact(host, vm).sum(), mpn_dtype)
+        backend = host.backend
+        mpn_dtype = np.int32 if backend.total_pages() < 2**31 else np.int64
+        hash_dtype = np.uint32 if backend.contents_model == "identity" else np.uint64
+        self.vms[vm.name] = _VMScan(vm, group, self._intact(host, vm).sum(), mpn_dtype, hash_dtype)
         self._reshard()
 
     @hookimpl
@@ -254,8 +258,9 @@ class SharingPlugin:
                 chunk = gpps[part : part + _SCAN_CHUNK]
                 mpns = backend.mpns(vm, chunk)
                 fresh = backend.fingerprint(vm, chunk)
-                scan.stable[chunk] = scan.scanned[chunk] & (scan.hash[chunk] == fresh)
-                scan.hash[chunk] = fresh
+                kept = fresh.astype(scan.hash.dtype)
+                scan.stable[chunk] = scan.scanned[chunk] & (scan.hash[chunk] == kept)
+                scan.hash[chunk] = kept
                 scan.seen_mpn[chunk] = mpns
                 scan.scanned[chunk] = True
                 if urgent or self.settings["share_small"]:
@@ -307,7 +312,8 @@ class SharingPlugin:
         scans = [s for s in self.vms.values() if s.vm.name in host.vms]
         self._scans = scans
         if self._new_own:  # one merge per rebuild: a sort per share chunk was quadratic in own pages
-            self.own = np.unique(np.concatenate([self.own, *self._new_own]))
+            merged = np.sort(np.concatenate([self.own, *self._new_own]), kind="stable")  # mostly sorted
+            self.own = merged[np.concatenate(([True], merged[1:] != merged[:-1]))] if len(merged) else merged
             self._new_own = []
         self.own = self.own[backend.refcounts(self.own) >= 2] if len(self.own) else self.own
         table = None
@@ -341,12 +347,14 @@ class SharingPlugin:
             on_zero += int(np.count_nonzero(zero))
             gpps, mpns = gpps[~zero], mpns[~zero]
             movable = np.ones(len(gpps), bool) if urgent or not self.settings["wait_stable"] else scan.stable[gpps]
-            parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, scan.hash[gpps], mpns,
+            hashes = scan.hash[gpps] if scan.hash.dtype == np.uint64 else backend.fingerprint(scan.vm, gpps)
+            parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, hashes, mpns,
                           backend.large(scan.vm, gpps), np.full(len(gpps), scan.group, dtype=np.int64), movable))
         cols = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(7)]
         mpn = cols[3].astype(np.int64)
         refcount = backend.refcounts(np.maximum(mpn, 0)).astype(np.int64) if len(mpn) else np.zeros(0, np.int64)
-        own = np.isin(mpn, self.own)
+        at = np.minimum(np.searchsorted(self.own, mpn), max(len(self.own) - 1, 0))
+        own = self.own[at] == mpn if len(self.own) else np.zeros(len(mpn), bool)
         entries = Entries(cols[0].astype(np.int64), cols[1].astype(np.int64), cols[2].astype(np.uint64), mpn,
                           cols[4].astype(bool), cols[5].astype(np.int64), refcount, own, cols[6].astype(bool))
         return build_table(entries, backend.zero_mpn), on_zero
