@@ -288,6 +288,21 @@ class Backend(ABC):
     def release_page(self, mpn: int) -> None:
         """Drop the caller's hold on a machine page from :meth:`hold_page`."""
 
+    def hold_pages(self, contents, nodes: np.ndarray) -> np.ndarray:
+        """:meth:`hold_page` for many pages at once: page ``i`` holds row ``i`` of ``contents``
+        (bytes or, on an identity-model backend, identities) on node ``nodes[i]``; returns
+        their machine page numbers. The default holds them one by one."""
+        from memvisor.identity import take
+
+        nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
+        return np.array([self.hold_page(take(contents, np.array([i])), node=int(n)) for i, n in enumerate(nodes)],
+                        dtype=np.int64)
+
+    def release_pages(self, mpns: np.ndarray) -> None:
+        """:meth:`release_page` for many pages at once (the default releases them one by one)."""
+        for mpn in np.asarray(mpns, dtype=np.int64).reshape(-1).tolist():
+            self.release_page(mpn)
+
     # -- large pages --------------------------------------------------------------------------
 
     @abstractmethod

@@ -426,6 +426,21 @@ class EmulatorBackend(Backend):
         self._held.discard(int(mpn))
         self.memory.put_one(int(mpn))
 
+    def hold_pages(self, contents, nodes: np.ndarray) -> np.ndarray:
+        nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
+        out = np.empty(len(nodes), dtype=np.int64)
+        for node in np.unique(nodes).tolist():
+            rows = np.flatnonzero(nodes == node)
+            out[rows] = self.memory.alloc(len(rows), node, zero=False)
+        self.store.store(out, contents if is_identities(contents) else np.asarray(contents, np.uint8))
+        self._held.update(out.tolist())
+        return out
+
+    def release_pages(self, mpns: np.ndarray) -> None:
+        mpns = np.asarray(mpns, dtype=np.int64).reshape(-1)
+        self._held.difference_update(mpns.tolist())
+        self.memory.put(mpns)
+
     # -- large pages --------------------------------------------------------------------------
 
     def large(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:

@@ -402,9 +402,10 @@ class SharingPlugin:
     def _map(self, host, entries: Entries, rows: np.ndarray, targets: np.ndarray) -> int:
         """Share the pages at ``rows`` onto ``targets`` (verified already); returns pages freed."""
         freed = 0
-        for scan, mine in self._rows_by_vm(entries, rows):
-            at = np.isin(rows, mine)
-            gpps = entries.gpp[rows[at]]
+        vms = entries.vm[rows]
+        for index in np.unique(vms).tolist():
+            at = vms == index
+            gpps, scan = entries.gpp[rows[at]], self._scans[index]
             freed += host.backend.share(scan.vm, gpps, targets[at])
             scan.seen_mpn[gpps] = targets[at]
         return freed
@@ -437,16 +438,15 @@ class SharingPlugin:
             wanted = np.bincount(rep_at[new], minlength=len(reps)) >= 2
             drop = new & ~wanted[rep_at]
             src, rep_at, target, new = src[~drop], rep_at[~drop], target[~drop], new[~drop]
-            held = {}
-            for r in np.flatnonzero(wanted):  # one call per content, not per page
-                node = self._scans[e.vm[reps[r]]].vm.home_node
-                held[int(r)] = backend.hold_page(take(rep_contents, np.array([r])), node=node)
-            if held:
-                target[new] = np.array([held[int(r)] for r in rep_at[new]], dtype=np.int64)
+            contents = np.flatnonzero(wanted)  # one new page per content, held in one call
+            nodes = np.array([self._scans[i].vm.home_node for i in e.vm[reps[contents]].tolist()], dtype=np.int64)
+            held = backend.hold_pages(take(rep_contents, contents), nodes) if len(contents) else contents
+            mpn_of = np.full(len(reps), -1, dtype=np.int64)
+            mpn_of[contents] = held
+            target[new] = mpn_of[rep_at[new]]
             self._map(host, e, src, target)
-            for mpn in held.values():
-                backend.release_page(mpn)
-            self._new_own.append(np.fromiter(held.values(), dtype=np.int64, count=len(held)))
+            backend.release_pages(held)
+            self._new_own.append(held)
             self.pages_shared += len(src)
         freed = backend.free_pages() - before
         self.reclaimed += freed
