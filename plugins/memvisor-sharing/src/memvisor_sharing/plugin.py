@@ -295,6 +295,22 @@ class SharingPlugin:
         # Zero pages are in shard 0: its count of them is kept current between its rebuilds.
         self._summaries.setdefault(0, _Summary()).on_zero += len(pages)
 
+    def _share_scanned_zero(self, host) -> None:
+        """Under pressure: map the pages last hashed as zero that are not on the zero page yet
+        (each is checked: its fingerprint now must still be 0) without building a table."""
+        backend = host.backend
+        for scan in self.vms.values():
+            if scan.vm.name not in host.vms:
+                continue
+            gpps = np.flatnonzero(scan.scanned & (scan.hash == 0))
+            for part in range(0, len(gpps), _SCAN_CHUNK):
+                chunk = gpps[part : part + _SCAN_CHUNK]
+                mpns = backend.mpns(scan.vm, chunk)
+                chunk, mpns = chunk[mpns != backend.zero_mpn], mpns[mpns != backend.zero_mpn]
+                chunk, mpns = chunk[mpns >= 0], mpns[mpns >= 0]
+                if len(chunk):
+                    self._share_zero(host, scan, chunk, mpns, backend.fingerprint(scan.vm, chunk), urgent=True)
+
     # -- the table ----------------------------------------------------------------------------
 
     def _intact(self, host, vm) -> np.ndarray:
@@ -486,12 +502,12 @@ class SharingPlugin:
         zero_before = self.zero_mapped
         if self.settings["scan_on_pressure"]:  # zero pages found are shared as they are hashed
             self.scan(host, sum(s.vm.pages for s in self.vms.values()), unscanned_only=True, urgent=True)
+        self._share_scanned_zero(host)  # and those hashed before, still waiting for a second scan
         estimated = self.zero_mapped - zero_before  # what is left to reclaim, before this event
         # Shard after shard (all of them unless the target is met first): build, share.
-        for step in range(self.shards):
+        for shard in range(self.shards):
             if backend.free_pages() >= target:
                 break
-            shard = (self._next_shard + step) % self.shards
             table = self.refresh(host, urgent=True, shard=shard)
             estimated += self._summaries[shard].total
             self._share(host, table, shard)
