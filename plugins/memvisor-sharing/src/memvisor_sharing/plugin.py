@@ -54,14 +54,14 @@ fingerprint, so a shard's table finds all of them."""
 
 class _VMScan:
     """What the scanner knows of one VM: a fingerprint per page and the machine page hashed
-    (14 bytes a page; 10 on an identity-model backend, which keeps the low 32 bits of each
-    fingerprint to tell a changed page and to choose its shard, and gives the whole
-    fingerprint again, cheaply, when a table is built)."""
+    (14 bytes a page). The fingerprint is the one seen at the scan, not the page's current one,
+    on either machine model: both models then take the same decisions (a page written since
+    its scan fails the comparison before a share, as on a real host)."""
 
-    def __init__(self, vm, group: int, large_pages: int, mpn_dtype, hash_dtype):
+    def __init__(self, vm, group: int, large_pages: int, mpn_dtype):
         self.vm = vm
         self.group = group
-        self.hash = np.zeros(vm.pages, dtype=hash_dtype)
+        self.hash = np.zeros(vm.pages, dtype=np.uint64)
         self.scanned = np.zeros(vm.pages, dtype=bool)
         self.stable = np.zeros(vm.pages, dtype=bool)  # same fingerprint at the last two scans
         self.seen_mpn = np.full(vm.pages, -1, dtype=mpn_dtype)
@@ -166,10 +166,8 @@ class SharingPlugin:
     def memvisor_vm_created(self, host, vm):
         """Start knowing nothing of the VM: every page is to be scanned."""
         group = self.groups.get(vm.name, 1_000_000 + vm.id)  # salting: a group of its own
-        backend = host.backend
-        mpn_dtype = np.int32 if backend.total_pages() < 2**31 else np.int64
-        hash_dtype = np.uint32 if backend.contents_model == "identity" else np.uint64
-        self.vms[vm.name] = _VMScan(vm, group, self._intact(host, vm).sum(), mpn_dtype, hash_dtype)
+        mpn_dtype = np.int32 if host.backend.total_pages() < 2**31 else np.int64
+        self.vms[vm.name] = _VMScan(vm, group, self._intact(host, vm).sum(), mpn_dtype)
         self._reshard()
 
     @hookimpl
@@ -258,9 +256,8 @@ class SharingPlugin:
                 chunk = gpps[part : part + _SCAN_CHUNK]
                 mpns = backend.mpns(vm, chunk)
                 fresh = backend.fingerprint(vm, chunk)
-                kept = fresh.astype(scan.hash.dtype)
-                scan.stable[chunk] = scan.scanned[chunk] & (scan.hash[chunk] == kept)
-                scan.hash[chunk] = kept
+                scan.stable[chunk] = scan.scanned[chunk] & (scan.hash[chunk] == fresh)
+                scan.hash[chunk] = fresh
                 scan.seen_mpn[chunk] = mpns
                 scan.scanned[chunk] = True
                 if urgent or self.settings["share_small"]:
@@ -363,8 +360,7 @@ class SharingPlugin:
             on_zero += int(np.count_nonzero(zero))
             gpps, mpns = gpps[~zero], mpns[~zero]
             movable = np.ones(len(gpps), bool) if urgent or not self.settings["wait_stable"] else scan.stable[gpps]
-            hashes = scan.hash[gpps] if scan.hash.dtype == np.uint64 else backend.fingerprint(scan.vm, gpps)
-            parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, hashes, mpns,
+            parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, scan.hash[gpps], mpns,
                           backend.large(scan.vm, gpps), np.full(len(gpps), scan.group, dtype=np.int64), movable))
         cols = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(7)]
         mpn = cols[3].astype(np.int64)
