@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE
-from memvisor.scenario import parse_size
+from memvisor.scenario import parse_duration, parse_size
 
 FLEET_GIB = 1024
 """Machine memory of the fleet host as written."""
@@ -27,10 +27,11 @@ def fleet_text() -> str:
     return resources.files("memvisor_backend_emulator").joinpath("fleet-host.toml").read_text()
 
 
-def fleet_scenario(host_gib: float = FLEET_GIB, contents: str | None = None) -> dict[str, Any]:
+def fleet_scenario(host_gib: float = FLEET_GIB, contents: str | None = None, run_factor: float = 1.0) -> dict[str, Any]:
     """The fleet scenario as a dict (what :func:`memvisor.scenario.parse_scenario` takes), for a
     host of ``host_gib`` GiB: every size scaled alike, rounded to whole 2 MiB large pages;
-    ``contents`` overrides the machine model (``"bytes"`` or ``"identity"``)."""
+    ``contents`` overrides the machine model (``"bytes"`` or ``"identity"``); ``run_factor``
+    shortens (or lengthens) every ``run`` step (tests run the fleet for less time)."""
     data = tomllib.loads(fleet_text())
     factor = host_gib / FLEET_GIB
     out = copy.deepcopy(data)
@@ -45,6 +46,9 @@ def fleet_scenario(host_gib: float = FLEET_GIB, contents: str | None = None) -> 
         sharing["pages_per_tick"] = max(1024, int(sharing["pages_per_tick"] * factor))
     if contents is not None:
         out["host"]["contents"] = contents
+    for step in out["timeline"]:
+        if step["do"] == "run" and run_factor != 1.0:
+            step["for"] = f"{parse_duration(step['for']) * run_factor:g}s"
     return out
 
 
