@@ -37,7 +37,7 @@ def test_a_guest_trapping_in_a_loop_cannot_starve_the_others_of_the_handler():
     assert limited.data["vms"]["web"]["accesses"] > 0.95 * alone
     hog = budgets(limited)["hog"]
     # rate * time + burst (10 ms of rate) + the first batch, run before its cost was known
-    assert hog["traps"] <= 50000 * 1.0 + 500 + 16384
+    assert hog["guest_traps"] <= 50000 * 1.0 + 500 + 16384
     assert hog["throttled_batches"] > 0 and hog["waited_s"] > 0.5
     assert hog["budget"]["trap_rate"] == 50000
 

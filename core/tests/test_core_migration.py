@@ -2,6 +2,7 @@
 with checksums, plugin records, the migration phase hook, the migrate action and command."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -206,3 +207,21 @@ def test_migrate_command_with_an_image(tmp_path):
     assert figures["bytes_sent"] > 0 and sum(figures["records"].values()) == 64
     done = subprocess.run([sys.executable, "-m", "memvisor", "migrate"], capture_output=True, text=True)
     assert done.returncode == 2 and "SCENARIO or --image" in done.stderr
+
+
+def test_migrate_command_says_when_a_named_disk_cannot_be_used(tmp_path):
+    """`memvisor migrate --image IMAGE --disk DISK` without the plugin that sends disk
+    references says so in one line (the migration still runs, every page as data) rather than
+    silently sending plain compression."""
+    image, disk, out = tmp_path / "mem.img", tmp_path / "disk.img", tmp_path / "out.json"
+    pages = ContentSpec.parse("random", "t").fill(16, 3, np.arange(16))
+    image.write_bytes(pages.tobytes())
+    disk.write_bytes(pages.tobytes())
+    done = subprocess.run([sys.executable, "-m", "memvisor", "migrate", "--image", str(image), "--disk", str(disk),
+                           "--json", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "MEMVISOR_DISABLE_PLUGINS": "diskmap"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (f"memvisor migrate: --disk {disk}: no disk references without the diskmap plugin "
+                           "(pip install memvisor-diskmap); every page was sent as data\n")
+    figures = json.loads(out.read_text())
+    assert figures["records"] == {"page": 16} and figures["disk_references"] is None

@@ -109,7 +109,8 @@ class Backend(ABC):
 
     @abstractmethod
     def advance(self, seconds: float) -> None:
-        """Let ``seconds`` of time pass with no guest activity (virtual backends add it)."""
+        """Let ``seconds`` of time pass with no guest activity (virtual backends add it; a real
+        clock sleeps)."""
 
     @abstractmethod
     def account(self, kind: str, nbytes: int, ops: int = 1) -> float:

@@ -39,7 +39,7 @@ def _hog_trap_rate(_=None) -> float:
 
     report = run_with_dirty_logging(hog_scenario(hog_budget={"trap_rate": HOG_BUDGET}))
     budgets = next(s for s in report.sections if s.title == "Budgets").metrics["vms"]
-    return budgets["hog"]["traps"] / report.data["time"]["virtual_seconds"]
+    return budgets["hog"]["guest_traps"] / report.data["time"]["virtual_seconds"]
 
 
 def _real_seconds(default: dict | None) -> float:

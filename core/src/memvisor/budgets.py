@@ -197,7 +197,7 @@ class VMUse:
         """Budget and use, for the report."""
         return {
             "budget": self.budget.to_json(),
-            "traps": self.traps,
+            "guest_traps": self.traps,
             "peak_trap_rate": round(self.peak_trap_rate, 1),
             "throttled_batches": self.throttled_batches,
             "waited_s": round(self.waited_s, 6),

@@ -185,6 +185,7 @@ class Host:
         self.tick_interval = config.tick_interval
         self._ticks = 0
         self._next_tick = config.tick_interval
+        self._advanced_to = 0.0  # a real clock: when the previous advance ended
         self.stopped = False
         self.plugin_failures: list[dict] = []
         self.restore_records: dict[str, tuple[str, dict]] = {}
@@ -319,14 +320,21 @@ class Host:
         allowed = self.budgets.allowed_traps(vm, self.now)
         if allowed >= len(gpps):  # each access traps at most once in a first round: it all fits
             return len(gpps)
-        trapping = self.backend.trapping(vm, gpps, writes)
-        if trapping is None:  # the backend cannot tell: the VM's recent costs per access decide
+        positions = self.first_traps(vm, gpps, writes)
+        if positions is None:  # the backend cannot tell: the VM's recent costs per access decide
             return self.budgets.batch_size(vm, len(gpps), self.now)
-        where = np.flatnonzero(trapping)
-        _, first = first_occurrences(gpps[where])
-        positions = where[first]  # sorted: the first trap of each page, in program order
         allowed = max(1, int(allowed))  # at least one trap, or the VM could never run
         return len(gpps) if len(positions) <= allowed else int(positions[allowed])
+
+    def first_traps(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> np.ndarray | None:
+        """Where in a batch (of pages the guest's accesses land on) each page that would trap
+        traps first, ascending; None when the backend cannot tell (:meth:`Backend.trapping`)."""
+        trapping = self.backend.trapping(vm, gpps, writes)
+        if trapping is None:
+            return None
+        where = np.flatnonzero(trapping)
+        _, first = first_occurrences(gpps[where])
+        return where[first]  # sorted: the first trap of each page, in program order
 
     # -- accessed bits, shared by their readers ------------------------------------------------
 
@@ -418,6 +426,7 @@ class Host:
 
     def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
         """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""
+        self.metrics.add_traps(vm.name, "faults", len(fault.gpps))
         try:
             self.hook.memvisor_page_fault(host=self, vm=vm, fault=fault)
         except Exception as exc:  # no safe fallback: the failing plugin may own these pages
@@ -428,11 +437,13 @@ class Host:
 
     def deliver_accesses(self, vm: VM, access: AccessBatch) -> None:
         """Called by the backend: tell plugins which traced pages were touched (now untraced)."""
+        self.metrics.add_traps(vm.name, "traced", len(access.gpps))
         self.hook.memvisor_page_accessed(host=self, vm=vm, access=access)
 
     def deliver_writes(self, vm: VM, write: WriteBatch) -> None:
         """Called by the backend: let plugins see writes to shared or protected pages, then make
         the pages writable (private copy for shared ones, protection cleared)."""
+        self.metrics.add_traps(vm.name, "write_traps", len(write.gpps))
         try:
             self.hook.memvisor_page_write(host=self, vm=vm, write=write)
         except Exception as exc:  # no safe fallback: the plugin may need to act before the write
@@ -547,18 +558,46 @@ class Host:
     # -- time ---------------------------------------------------------------------------------
 
     def advance(self, seconds: float) -> None:
-        """Let time pass, firing a tick for every interval crossed and checking memory pressure
-        at each tick."""
-        self.backend.advance(seconds)
-        if Capability.VIRTUAL_TIME not in self.backend.capabilities and self.now >= self._next_tick:
-            # Real time: intervals that passed while the host was busy (a long save) are one
-            # late tick, not a burst of ticks back to back.
-            missed = int((self.now - self._next_tick) // self.tick_interval)
-            self._next_tick += missed * self.tick_interval
-            self._ticks += missed
+        """Let ``seconds`` pass, firing a tick for every interval crossed and checking memory
+        pressure at each tick.
+
+        On a real clock (a backend without ``virtual_time``) the work the caller did since the
+        previous advance ended (a guest batch, a restore) took its real time already: the host
+        sleeps only what is left of ``seconds`` from then, firing every tick at its time."""
+        if Capability.VIRTUAL_TIME in self.backend.capabilities:
+            self.backend.advance(seconds)
+            self._fire_due_ticks()
+        else:
+            self.wait_until(self._advanced_to + max(0.0, seconds))
+
+    def wait_until(self, when: float) -> None:
+        """Let time pass until ``when`` (nothing if it has come): virtual time jumps there; a
+        real clock sleeps, a tick interval at most at a time, so that ticks fire at their
+        interval and memory pressure is checked at each."""
+        if Capability.VIRTUAL_TIME in self.backend.capabilities:
+            if when > self.now:
+                self.backend.advance(when - self.now)
+            self._fire_due_ticks()
+            return
+        while True:
+            self._fire_due_ticks()
+            now = self.now
+            if now >= when:
+                break
+            self.backend.advance(max(0.0, min(when, self._next_tick) - now))
+        self._advanced_to = self.now
+
+    def _fire_due_ticks(self) -> None:
+        real = Capability.VIRTUAL_TIME not in self.backend.capabilities
         # A tick is due when time reaches it, up to rounding: time advanced in several steps to
         # exactly a tick (0.1 + 0.2 …) must fire it.
         while self.now >= self._next_tick - TIME_EPSILON:
+            if real:
+                # Intervals that passed while the host was busy (a long save, a tick's own work)
+                # are one late tick, not a burst of ticks back to back that starves the guests.
+                missed = max(0, int((self.now - self._next_tick) // self.tick_interval))
+                self._next_tick += missed * self.tick_interval
+                self._ticks += missed
             tick = Tick(self._next_tick, self.tick_interval, self._ticks)
             self._ticks += 1
             self._next_tick += self.tick_interval
@@ -566,6 +605,8 @@ class Host:
             self.check_pressure()
             self.metrics.sample_memory(self)
             self.budgets.sample(tick.now)
+            if real:
+                break  # the next one fires at the next call: a guest batch runs in between
 
     def check_pressure(self, target_free_pages: int | None = None) -> int:
         """Call :func:`memvisor_memory_pressure` if free memory is below the low watermark (or

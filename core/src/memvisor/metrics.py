@@ -9,7 +9,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from memvisor.backend import AccessResult
     from memvisor.host import Host
 
-COUNTERS = ("accesses", "remote", "faults", "traced", "write_traps")
+COUNTERS = ("accesses", "remote", "faults", "traced", "write_traps", "guest_traps")
+"""Per VM: accesses of its guest and how many were remote; faults, traced accesses and write
+traps as delivered to the plugins (of its guest's accesses and of its disk I/O alike);
+guest_traps, the traps of its guest's own accesses (what a trap budget is charged)."""
 
 
 class Metrics:
@@ -25,16 +28,20 @@ class Metrics:
         self._since_sample: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
     def add_access(self, vm: str, result: AccessResult) -> None:
-        """Count one batch of a VM's accesses."""
+        """Count one batch of a VM's accesses (their traps are counted as they are delivered,
+        :meth:`add_traps`)."""
         c = self.counters[vm]
         c["accesses"] += result.accesses
         c["remote"] += result.remote
-        c["faults"] += result.faults
-        c["traced"] += result.traced
-        c["write_traps"] += result.write_traps
+        c["guest_traps"] += result.faults + result.traced + result.write_traps
         window = self._since_sample[vm]
         window[0] += result.accesses
         window[1] += result.remote
+
+    def add_traps(self, vm: str, kind: str, pages: int) -> None:
+        """Count traps delivered to the plugins: ``kind`` is ``faults``, ``traced`` or
+        ``write_traps``."""
+        self.counters[vm][kind] += pages
 
     def event(self, time: float, kind: str, **fields: Any) -> None:
         """Record something that happened once (a scenario step, memory pressure)."""

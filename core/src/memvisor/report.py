@@ -36,6 +36,14 @@ class Plot:
     :ivar logx: logarithmic x axis.
     :ivar logy: logarithmic y axis.
     :ivar kind: ``"line"``, ``"step"`` or ``"bar"``.
+    :ivar ends_at: series label -> where a table of the report holds the value the series ends
+        at (a running total ends at the total): a path of keys into the section's metrics (for
+        a plot of the core, into report.json; see :func:`metric_at`). A report's plot may not
+        contradict its tables: the tests of every example check these.
+    :ivar scale: the series' unit in the table's: a series ends at its table value × ``scale``
+        (a balloon's size plotted in MiB, counted in pages: ``1 / 256``).
+    :ivar shows: what the series that are not in ``ends_at`` show, when that is not a value
+        of a table (a rate per tick, a curve, a reference line): shown under the plot.
     """
 
     name: str
@@ -46,6 +54,35 @@ class Plot:
     logx: bool = False
     logy: bool = False
     kind: str = "line"
+    ends_at: Mapping[str, Sequence[str | int]] = attrs.field(factory=dict)
+    scale: float = 1.0
+    shows: str = ""
+
+    def to_json(self, section: str | None) -> dict[str, Any]:
+        """The plot as data in report.json (``section``: the title of its section, None for
+        the core's)."""
+        return {"section": section, "title": self.title, "xlabel": self.xlabel, "ylabel": self.ylabel,
+                "kind": self.kind, "logx": self.logx, "logy": self.logy, "shows": self.shows,
+                "scale": self.scale, "ends_at": {label: list(path) for label, path in self.ends_at.items()},
+                "series": {label: {"x": list(xs), "y": list(ys)} for label, (xs, ys) in self.series.items()}}
+
+
+def metric_at(data: Mapping[str, Any], section: str | None, path: Sequence[str | int]) -> Any:
+    """The value at ``path`` in report.json's ``data``: in the metrics of the section titled
+    ``section``, or from the root when it is None. A string key into a list picks the element
+    whose ``title`` it is (``("sections", "Checkpoints", "metrics", ...)``).
+
+    :raises KeyError: no such value.
+    """
+    value: Any = data if section is None else metric_at(data, None, ("sections", section, "metrics"))
+    for key in path:
+        if isinstance(value, list) and isinstance(key, str):
+            value = next((v for v in value if isinstance(v, Mapping) and v.get("title") == key), None)
+            if value is None:
+                raise KeyError(f"no section titled {key!r}")
+        else:
+            value = value[key]
+    return value
 
 
 @attrs.frozen(eq=False)
@@ -103,7 +140,7 @@ class Report:
             "host": {"backend": host.backend.describe(), "memory_pages": host.config.memory_pages,
                      "numa_nodes": host.config.numa_nodes, "tick_interval": host.tick_interval},
             "plugins": sorted(scenario.plugins),
-            "time": {"virtual_seconds": host.now, "real_seconds": real_seconds},
+            "time": _time(host, real_seconds),
             "vms": {
                 name: {"pages": vm.pages, "home_node": vm.home_node, "large_pages": vm.large_pages,
                        **metrics["vms"].get(name, {})}
@@ -121,6 +158,8 @@ class Report:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"two plots of the report are named {dup!r}")
+        data["plots"] = {p.name: p.to_json(None) for p in core_plots}
+        data["plots"].update({p.name: p.to_json(s.title) for s in sections for p in s.plots})
         return cls(to_jsonable(data), sections, plots)
 
     def metric(self, plugin: str, key: str) -> Any:
@@ -144,6 +183,25 @@ class Report:
         return page
 
 
+def _time(host, real_seconds: float) -> dict[str, Any]:
+    """The run's time: ``clock`` says whether the backend's clock is virtual or real;
+    ``clock_seconds`` is that clock at the end (events and series are stamped with it);
+    ``virtual_seconds`` only on a virtual clock; ``real_seconds`` is the run's wall time."""
+    from memvisor.backend import Capability
+
+    if Capability.VIRTUAL_TIME in host.backend.capabilities:
+        return {"clock": "virtual", "clock_seconds": host.now, "virtual_seconds": host.now,
+                "real_seconds": real_seconds}
+    return {"clock": "real", "clock_seconds": host.now, "real_seconds": real_seconds}
+
+
+def time_summary(time: Mapping[str, Any]) -> str:
+    """The run's time in words: virtual and real seconds, or real seconds only."""
+    if time["clock"] == "virtual":
+        return f"{time['virtual_seconds']:.3f} s virtual, {time['real_seconds']:.1f} s real"
+    return f"{time['real_seconds']:.1f} s real (real clock)"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -158,13 +216,21 @@ def _core_plots(metrics: dict) -> list[Plot]:
     plots = [
         Plot("core-memory", "Machine memory in use", "time (s)", "MiB",
              {"used": (time, [p * 4096 / 2**20 for p in series["used_pages"]]),
-              "free": (time, [p * 4096 / 2**20 for p in series["free_pages"]])})
+              "free": (time, [p * 4096 / 2**20 for p in series["free_pages"]])},
+             ends_at={"used": ("sections", MEMORY_SECTION, "metrics", "used_mib")},
+             shows="Sampled at every tick and at the end of the run; free is the rest of the host's memory.")
     ]
     local = {k.split("/", 1)[1]: (time, v) for k, v in series.items() if k.startswith("local_fraction/")}
     if local and any(v < 1.0 for _, vals in local.values() for v in vals if v == v):
         plots.append(Plot("core-local-fraction", "Accesses local to the VM's NUMA node", "time (s)",
-                          "local fraction", local))
+                          "local fraction", local,
+                          shows="The fraction of each VM's accesses since the previous tick that were local "
+                                "(a gap: no accesses)."))
     return plots
+
+
+MEMORY_SECTION = "Memory, reclaim and reliability"
+"""The title of the core's section with the host's memory at the end of the run."""
 
 
 def draw_plot(plot: Plot, path: str | Path) -> None:
@@ -251,6 +317,11 @@ nav a{margin-right:1em}
 """
 
 
+def _figure(plot: Plot) -> str:
+    image = f"<img src='{plot.name}.png' alt='{html.escape(plot.title)}'>"
+    return f"<figure>{image}<figcaption>{html.escape(plot.shows)}</figcaption></figure>" if plot.shows else image
+
+
 def _html(report: Report) -> str:
     d = report.data
     parts = [
@@ -268,22 +339,24 @@ def _html(report: Report) -> str:
         ("machine memory", f"{d['host']['memory_pages'] * 4096 / 2**30:.2f} GiB"),
         ("NUMA nodes", d["host"]["numa_nodes"]),
         ("plugins", ", ".join(d["plugins"]) or "none"),
-        ("virtual time", f"{d['time']['virtual_seconds']:.4f} s"),
-        ("real time", f"{d['time']['real_seconds']:.2f} s"),
+        ("time", time_summary(d["time"])),
         ("seed", d["scenario"]["seed"]),
     ]
     parts.append("<section id='host'><h2>Host and VMs</h2>" + _table(host_rows))
-    columns = ("pages", "home node", "accesses", "remote", "faults", "traced", "write traps")
+    columns = ("pages", "home node", "accesses", "remote", "faults", "traced", "write traps", "guest traps")
     vm_head = "<tr><th>VM</th>" + "".join(f"<th>{k}</th>" for k in columns)
     vm_rows = "".join(
         f"<tr><th>{html.escape(n)}</th>" + "".join(
             f"<td>{_fmt(v.get(k, 0))}</td>" for k in ("pages", "home_node", "accesses", "remote", "faults", "traced",
-                                                       "write_traps")) + "</tr>"
+                                                       "write_traps", "guest_traps")) + "</tr>"
         for n, v in d["vms"].items())
     parts.append(f"<table>{vm_head}</tr>{vm_rows}</table>")
+    parts.append("<p class='sub'>faults, traced and write traps: every trap of the VM's memory delivered to the "
+                 "plugins, of its guest's accesses and of its disk I/O alike; guest traps: those of its guest's "
+                 "own accesses (what a trap budget is charged).</p>")
     for plot in report.plots:
         if plot.name.startswith("core-"):
-            parts.append(f"<img src='{plot.name}.png' alt='{html.escape(plot.title)}'>")
+            parts.append(_figure(plot))
     parts.append("</section>")
     for section, meta in zip(report.sections, d["sections"]):
         parts.append(f"<section id='{_slug(section.plugin + '-' + section.title)}'>")
@@ -292,7 +365,7 @@ def _html(report: Report) -> str:
             parts.append(f"<p>{html.escape(section.text)}</p>")
         parts.append(_table(_scalars(meta["metrics"])))
         for plot in section.plots:
-            parts.append(f"<img src='{plot.name}.png' alt='{html.escape(plot.title)}'>")
+            parts.append(_figure(plot))
         parts.append("</section>")
     parts.append("<p class='sub'>Every figure is also in report.json.</p></body></html>\n")
     return "\n".join(parts)

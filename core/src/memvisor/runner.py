@@ -14,6 +14,7 @@ import structlog
 from memvisor.backend import AccessResult, Capability
 from memvisor.errors import BackendError, ScenarioError, UserError
 from memvisor.host import VM, Host
+from memvisor.pacing import Pacing
 from memvisor.report import Report
 from memvisor.scenario import Scenario, Table
 
@@ -82,6 +83,7 @@ class ScenarioRun:
                     self.host.fill_page_cache(vm, disk, spec.disk["page_cache"])
             if spec.workload:
                 self.workloads[vm.name] = self.make_workload(spec.workload, vm, f"vm[{spec.name}].workload")
+        self.pacing = Pacing(self.host)  # batches on a real clock
         self._planned = sum(_step_seconds(s) for s in scenario.timeline) or 1.0
         self._done = 0.0
 
@@ -116,6 +118,10 @@ class ScenarioRun:
         handler to finish the trap work queued before it — how a guest trapping in a loop would
         starve the others — unless that guest has a trap budget (:mod:`memvisor.budgets`): then
         its batches are cut to the traps it may take, and it waits while it is in debt.
+
+        On a real clock a batch takes real time by itself: VMs run their batches in turn, each
+        cut to what its recent costs fit in half a tick interval (:mod:`memvisor.pacing`), so
+        that ticks fire at their interval between batches and the step ends on time.
         """
         host = self.host
         running = {vm.name: vm for vm in (vms or host.vms.values()) if vm.name in self.workloads}
@@ -126,31 +132,41 @@ class ScenarioRun:
         handler = [start] * host.config.handler_threads  # when each handler thread is free
         # On a real clock the handler's work already took its time while the batch ran.
         virtual = Capability.VIRTUAL_TIME in host.backend.capabilities
+        pacing = None if virtual else self.pacing
 
         def ready(name: str) -> float:
-            return max(clock[name], host.budgets.ready_at(running[name]), host.now)
+            at = max(clock[name], host.budgets.ready_at(running[name]))
+            # On a real clock every VM that can run has come to now: the one that waited
+            # longest (its last batch ended first) goes next.
+            return max(at, host.now) if virtual else at
 
         while running:
             name = min(running, key=ready)
-            vm, at = running[name], ready(name)
+            vm, at = running[name], max(ready(name), host.now)
             if (vm.name not in host.vms or (end is not None and at >= end)
                     or (accesses is not None and made[name] >= accesses)):
                 del running[name]  # destroyed meanwhile, or done
                 continue
             if at > host.now:
-                host.advance(at - host.now)
+                host.wait_until(at)
                 self._report_progress(host.now - start)
             size = self.scenario.batch if accesses is None else min(self.scenario.batch, accesses - made[name])
-            step = self._pending.pop(name, None) or self.workloads[name].next_batch(size)
+            step = self._next_step(name, size if pacing is None else pacing.size(vm, size))
             if step is None:
                 del running[name]
                 continue
+            if pacing is not None and not hasattr(self.workloads[name], "take_io"):  # I/O batches run whole
+                step = self._keep_rest(name, step, pacing.cut(vm, step[0], step[1]))
             result, seconds_taken = self._run_batch(vm, step)
             made[name] += result.accesses
-            if result.accesses < len(step[0]):  # cut at the VM's trap budget: the rest comes next
-                self._pending[name] = (step[0][result.accesses:], step[1][result.accesses:])
+            self._keep_rest(name, step, result.accesses)  # cut at the VM's trap budget: the rest comes next
+            if pacing is not None:  # the batch took its time: ticks due meanwhile fire now
+                pacing.learn(vm, result, seconds_taken)
+                clock[name] = host.now
+                host.wait_until(host.now)
+                continue
             wait = 0.0
-            if result.handler_seconds and virtual:  # its traps queue behind the others' trap work
+            if result.handler_seconds:  # its traps queue behind the others' trap work
                 thread = min(range(len(handler)), key=handler.__getitem__)
                 wait = max(0.0, handler[thread] - host.now)
                 handler[thread] = max(handler[thread], host.now) + result.handler_seconds
@@ -158,10 +174,29 @@ class ScenarioRun:
             clock[name] = host.now + seconds_taken + wait
         self._clocks.update(clock)
         target = end if end is not None else max(clock.values(), default=host.now)
-        if target > host.now:
-            host.advance(target - host.now)  # time passes to the end (or the last batch's end)
+        host.wait_until(target)  # time passes to the end (or the last batch's end)
         self._done += host.now - start
         self._report_progress(0.0)
+
+    def _next_step(self, name: str, size: int):
+        """The next ``size`` accesses of ``name``: the rest of a batch cut earlier first, else
+        a new batch of its workload (None when it is exhausted)."""
+        step = self._pending.pop(name, None)
+        if step is None:
+            return self.workloads[name].next_batch(size)
+        return self._keep_rest(name, step, size)
+
+    def _keep_rest(self, name: str, step, keep: int):
+        """Keep the accesses of ``step`` after the first ``keep`` for ``name``'s next batch
+        (before any kept earlier); returns the first ``keep``."""
+        if keep >= len(step[0]):
+            return step
+        rest = (step[0][keep:], step[1][keep:])
+        later = self._pending.pop(name, None)
+        if later is not None:
+            rest = (np.concatenate([rest[0], later[0]]), np.concatenate([rest[1], later[1]]))
+        self._pending[name] = rest
+        return step[0][:keep], step[1][:keep]
 
     def _run_batch(self, vm: VM, step) -> tuple[AccessResult, float]:
         """One batch of ``vm``'s workload with the disk I/O that comes with it; returns the

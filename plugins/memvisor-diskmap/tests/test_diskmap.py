@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memvisor_diskmap import KIND, DiskmapPlugin
-from memvisor_diskmap.index import DiskIndex, scan_image
+from memvisor_diskmap.index import DiskIndex, sample_keys, scan_image
 
 from memvisor import PAGE_SIZE
 from memvisor.checkpoint import CheckpointReader
@@ -255,9 +255,13 @@ def test_scenario_end_to_end_with_pagecache_swap_error_snapshot_and_migration():
     assert core["memory_error_repaired"] + core["memory_error_lost"] == 32 and core["memory_error_repaired"] > 0
 
 
-def test_migrate_command_with_an_image_sends_disk_references(tmp_path):
-    """`memvisor migrate --image --disk --plugin diskmap --set diskmap.scan=true` finds the
-    image's pages that are disk blocks by content and sends them as references."""
+@pytest.mark.parametrize("options", [["--plugin", "diskmap", "--set", "diskmap.scan=true"], []],
+                         ids=["diskmap-named", "disk-alone"])
+def test_migrate_command_with_an_image_sends_disk_references(tmp_path, options):
+    """`memvisor migrate --image M --disk D` finds the image's pages that are disk blocks by
+    content and sends them as references, and says so: with diskmap named, and with the disk
+    alone (diskmap, scanning, is enabled because the disk was named; it once sent none unless
+    `--plugin diskmap --set diskmap.scan=true` was given too)."""
     disk = ContentSpec.parse("text", "d").fill(256, 5, np.arange(256))
     mem = ContentSpec.parse({"zero": 0.5, "random": 0.5}, "m").fill(128, 6, np.arange(128))
     mem[:40] = disk[100:140]
@@ -265,10 +269,13 @@ def test_migrate_command_with_an_image_sends_disk_references(tmp_path):
     (tmp_path / "m.img").write_bytes(mem.tobytes())
     out = tmp_path / "o.json"
     done = subprocess.run([sys.executable, "-m", "memvisor", "migrate", "--image", str(tmp_path / "m.img"),
-                           "--disk", str(tmp_path / "d.img"), "--plugin", "diskmap", "--set", "diskmap.scan=true",
-                           "--json", str(out)], capture_output=True, text=True)
+                           "--disk", str(tmp_path / "d.img"), *options, "--json", str(out)],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads(out.read_text())["records"][KIND] == 40
+    assert done.stdout.startswith(f"disk references to {tmp_path / 'd.img'}: plugin diskmap (scan = true)")
+    figures = json.loads(out.read_text())
+    assert figures["records"][KIND] == 40
+    assert figures["disk_references"] == {"plugin": "diskmap", "settings": {"scan": True}}
 
 
 def test_swap_then_restore_then_disk_write_keeps_every_page(tmp_path):
@@ -330,3 +337,70 @@ def test_verify_finds_mappings_that_no_longer_hold():
     kept = cache[host.backend.present(vm, cache)][0]
     host.backend.write(vm, np.array([kept]), np.full((1, PAGE_SIZE), 7, np.uint8))  # in place, no trap
     assert plugin.verify(vm) == 2
+
+
+def numbered_blocks(count: int, seed: int = 3) -> np.ndarray:
+    """``count`` blocks equal but for bytes 8-15, which hold the block's number (records
+    numbered in their first bytes)."""
+    blocks = np.repeat(np.random.default_rng(seed).integers(0, 256, (1, PAGE_SIZE), dtype=np.uint8), count, axis=0)
+    blocks[:, 8:16] = np.arange(count, dtype=np.uint64).view(np.uint8).reshape(count, 8)
+    return blocks
+
+
+def test_blocks_that_differ_only_in_a_few_bytes_are_all_found(tmp_path):
+    """A disk of 1,024 blocks identical but for bytes 8-15 and an image holding copies of all
+    of them (shuffled): every copy is found, at the block that holds its bytes — the index
+    once verified only the first block whose sampled words matched, and found one."""
+    disk = numbered_blocks(1024)
+    order = np.random.default_rng(1).permutation(1024)
+    index = DiskIndex(disk)
+    found = index.lookup(disk[order])
+    assert (found == order).all()
+    (tmp_path / "d.img").write_bytes(disk.tobytes())
+    (tmp_path / "m.img").write_bytes(disk[order].tobytes())
+    assert scan_image(tmp_path / "m.img", tmp_path / "d.img").pages_on_disk == 1024
+
+
+def test_every_block_of_a_shared_key_is_tried():
+    """2,048 different blocks share one key (they differ only in words the key does not
+    sample), half of them on the disk, some twice: each copy in the image is found at a block
+    with its bytes, the other half is not found, and equal blocks are indexed once."""
+    blocks = numbered_blocks(2048)
+    assert len(np.unique(sample_keys(blocks))) == 1
+    disk, absent = blocks[::2], blocks[1::2]
+    index = DiskIndex(np.concatenate([disk, disk[:100]]))
+    assert len(index) == 1024
+    order = np.random.default_rng(2).permutation(1024)
+    assert (index.lookup(disk[order]) == order).all()
+    assert (index.lookup(absent) == -1).all()
+
+
+def digest_count(image: np.ndarray, disk: np.ndarray) -> int:
+    """Non-zero pages of ``image`` whose bytes are some block of ``disk``: an independent,
+    byte-for-byte count (a set of the blocks' bytes)."""
+    on_disk = {bytes(block) for block in disk if block.any()}
+    return sum(bytes(page) in on_disk for page in image if page.any())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scan_equals_a_byte_for_byte_count_on_random_images(tmp_path, seed):
+    """`diskmap scan` counts exactly the non-zero pages a byte-for-byte comparison finds, on
+    random images with planted copies of disk blocks: two families of numbered records (each
+    sharing a key), equal blocks, copies changed by one byte, and zero pages."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.integers(0, 256, (300, PAGE_SIZE), dtype=np.uint8), numbered_blocks(200, seed),
+             numbered_blocks(64, seed + 100)[rng.permutation(64)[:40]], np.zeros((20, PAGE_SIZE), np.uint8)]
+    disk = np.concatenate(parts)
+    disk = np.concatenate([disk, disk[rng.integers(0, len(disk), 50)]])[rng.permutation(len(disk) + 50)]
+    copies = disk[rng.integers(0, len(disk), 400)]
+    changed = disk[rng.integers(0, len(disk), 100)].copy()
+    changed[np.arange(100), rng.integers(0, PAGE_SIZE, 100)] ^= np.uint8(1 << int(rng.integers(8)))
+    strangers = rng.integers(0, 256, (100, PAGE_SIZE), dtype=np.uint8)
+    image = np.concatenate([copies, changed, numbered_blocks(64, seed + 100), numbered_blocks(300, seed), strangers,
+                            np.zeros((50, PAGE_SIZE), np.uint8)])
+    image = image[rng.permutation(len(image))]
+    (tmp_path / "d.img").write_bytes(disk.tobytes())
+    (tmp_path / "m.img").write_bytes(image.tobytes())
+    result = scan_image(tmp_path / "m.img", tmp_path / "d.img")
+    assert result.pages_on_disk == digest_count(image, disk)
+    assert result.zero_pages == int((~image.any(axis=1)).sum())

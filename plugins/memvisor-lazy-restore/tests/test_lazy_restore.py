@@ -54,7 +54,7 @@ def test_sequential_touch_faults_once_per_64_pages(tmp_path):
         host.advance(model.access(host, vm, np.arange(start, start + 512), np.zeros(512, bool)).seconds)
     with CheckpointReader(path) as reader:
         blocks = reader.storage_blocks
-    assert job.stats["faults"] <= vm.pages // 64
+    assert job.stats["fault_windows"] <= vm.pages // 64
     assert job.stats["read_calls"] == 3 + blocks  # open (3) + one read per storage block
     assert job.stats["pages_prefetched"] == 0 and job.stats["pages_loaded"] == vm.pages
     model.check(host)
@@ -224,7 +224,8 @@ def test_lazy_restore_in_a_scenario_reports_its_figures():
     report = ScenarioRun(scenario).run()
     assert [j["method"] for j in report.metric("memvisor", "jobs")] == ["stop-the-world", "lazy"]
     (restore,) = report.metric("lazy-restore", "restores")
-    for key in ("first_access_s", "read_calls", "bytes_read", "faults", "pages_prefetched", "pages_never_touched"):
+    for key in ("first_access_s", "read_calls", "bytes_read", "fault_windows", "pages_prefetched",
+                "pages_never_touched"):
         assert restore[key] is not None
     assert restore["first_access_s"] < 0.01
     for bad, match in (({"prefetch": "x"}, "prefetch"), ({"prefetch_share": 0}, "prefetch_share"),

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from memvisor.errors import UserError
@@ -75,3 +76,44 @@ def test_workloads_and_sizes_parse():
     assert vm_pages_of(1) == 262144
     with pytest.raises(UserError):
         parse_workload("phased:3")
+
+
+def test_t90_and_t99_are_when_the_plotted_series_first_reaches_the_level():
+    """t90 / t99 of every heuristic are the first time after the move at which the plotted
+    local fraction reaches 90% / 99%: never a tick sampled before the move (which once gave
+    2.2e-16 s for all six: a tick due at the move's instant, stamped a rounding error after it,
+    whose accesses were all local because they came before the move)."""
+    from memvisor_numa.compare import compare
+
+    rows, series = compare(16384, {"kind": "zipf", "alpha": 0.99}, HEURISTICS, pre=0.5, post=0.45,
+                           settings={"pages_per_tick": 512})
+    for name, row in rows.items():
+        times, local = np.asarray(series[name][0]), np.asarray(series[name][1])
+        for level, key in ((0.90, "t90_s"), (0.99, "t99_s")):
+            reached = times[(times > 0) & (local >= level)]
+            if len(reached):
+                assert row[key] == pytest.approx(reached[0], abs=1e-9), (name, key)
+            else:
+                assert row[key] is None, (name, key)
+        # A heuristic moving 512 of 16,384 pages a tick needs ticks, not a rounding error.
+        assert row["t90_s"] is not None and row["t90_s"] >= 0.01, name
+    assert rows["scan"]["t90_s"] < rows["address"]["t90_s"]
+
+
+def test_the_bench_measures_what_numa_compare_prints_on_its_defaults(monkeypatch):
+    """`memvisor bench numa`'s t90 cases run `numa compare`'s default scenario: their values
+    are the command's t90s (they once differed: the bench ran 3 s of history, the command
+    0.5 s, and printed 0.000). Scaled down here to a 64 MiB VM and 0.1 s of history."""
+    from memvisor_numa import bench, compare
+
+    monkeypatch.setattr(compare, "DEFAULT_VM_GIB", 1 / 16)
+    monkeypatch.setattr(compare, "DEFAULT_PRE", 0.1)
+    bench.t90.cache_clear()
+    try:
+        rows, _ = compare.compare(compare.vm_pages_of(compare.DEFAULT_VM_GIB), parse_workload("zipf:0.99"),
+                                  ("scan", "address"), seed=bench.SEED)
+        cases = {case.name: case for case in bench.cases()}
+        assert cases["t90-scan"].measure(None) == rows["scan"]["t90_s"] > 0
+        assert cases["t90-scan"].baseline.measure(None) == rows["address"]["t90_s"] > rows["scan"]["t90_s"]
+    finally:
+        bench.t90.cache_clear()

@@ -113,7 +113,7 @@ class CoreActions:
         """One section: machine memory the VMs use against their size, the pages each plugin
         reclaimed under memory pressure, the plugins that failed in a hook and the VMs stopped."""
         from memvisor import PAGE_SIZE
-        from memvisor.report import ReportSection
+        from memvisor.report import MEMORY_SECTION, ReportSection
 
         backend = host.backend
         vm_pages = sum(vm.pages for vm in host.vms.values())
@@ -130,7 +130,7 @@ class CoreActions:
             "plugin_failures_by_plugin": _count(f"{f['plugin']}:{f['hook']}" for f in host.plugin_failures),
             "vms_stopped": {vm.name: vm.stopped for vm in host.vms.values() if vm.stopped},
         }
-        return ReportSection("memvisor", "Memory, reclaim and reliability", metrics,
+        return ReportSection("memvisor", MEMORY_SECTION, metrics,
                              text="VM memory against machine memory (overcommit), machine pages the techniques "
                                   "save now, pages each plugin reclaimed under memory pressure, plugins that "
                                   "failed inside a hook (isolated: docs/reliability.md) and VMs stopped.")

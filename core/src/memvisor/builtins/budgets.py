@@ -27,6 +27,9 @@ class CoreBudgets:
                 times, rate, seconds = (list(column) for column in zip(*use.trap_series))
                 took = np.cumsum(seconds).tolist()  # handler time taken so far: its slope is the share
                 rates[name] = (times, rate)
+                if use.handler_s > took[-1]:  # handler work after the last tick: the run's end
+                    took.append(use.handler_s)
+                    times = [*times, max(host.now, times[-1])]
                 handler[name] = (times, took)
                 # one line per budget value: VMs under the host's default share it
                 if use.budget.trap_rate is not None:
@@ -39,10 +42,14 @@ class CoreBudgets:
         plots = []
         if rates:
             plots.append(Plot("trap_rates", "Traps served per second, by VM", "time (s)", "traps per second",
-                              rates, kind="step"))
+                              rates, kind="step",
+                              shows="Each VM's traps per second over each tick interval (its highest: "
+                                    "peak_trap_rate), and the trap-rate budgets."))
         if any(ys[-1] > 0 for name, (_, ys) in handler.items() if not name.startswith("budget")):
             plots.append(Plot("handler_time", "Trap handler time taken so far, by VM", "time (s)",
-                              "handler seconds", handler))
+                              "handler seconds", handler,
+                              ends_at={name: ("vms", name, "handler_s") for name in handler if name in uses},
+                              shows="A budget's line is the handler time its share allows since the first tick."))
         limited = any(u.budget != type(u.budget)() for u in uses.values())
         return ReportSection(
             "memvisor", "Budgets", {"vms": {name: use.to_json() for name, use in uses.items()},

@@ -52,9 +52,10 @@ def _summary(report, page) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from memvisor.report import time_summary
+
     d = report.data
-    table = Table(title=f"{d['scenario']['name']}: {d['time']['virtual_seconds']:.3f} s virtual, "
-                        f"{d['time']['real_seconds']:.1f} s real", title_justify="left")
+    table = Table(title=f"{d['scenario']['name']}: {time_summary(d['time'])}", title_justify="left")
     for column in ("VM", "accesses", "faults", "traced", "write traps", "remote"):
         table.add_column(column, justify="right" if column != "VM" else "left")
     for name, vm in d["vms"].items():

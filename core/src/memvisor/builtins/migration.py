@@ -121,13 +121,36 @@ def _table(rows: list[dict]) -> None:
     Console().print(table)
 
 
+DISK_REFERENCES = "diskmap"
+"""The plugin that sends pages equal to disk blocks as references (memvisor-diskmap). The
+command enables it by name when a disk is named; the core never imports it."""
+
+
+def disk_reference_plugins(plugins: list[str], settings: dict) -> tuple[list[str], dict, str | None]:
+    """The plugins and settings of ``migrate --image --disk``: a memory image's pages were
+    never read from its disk, so only a plugin that finds disk blocks by content can send
+    references; naming the disk asks for them. Returns (plugins, settings, the plugin that
+    sends them or None when it is not installed)."""
+    from memvisor.plugins import installed_plugins
+
+    if not any(p.name == DISK_REFERENCES and p.error is None for p in installed_plugins()):
+        return plugins, settings, None
+    settings = {**settings, DISK_REFERENCES: {"scan": True, **settings.get(DISK_REFERENCES, {})}}
+    return (plugins if DISK_REFERENCES in plugins else [*plugins, DISK_REFERENCES]), settings, DISK_REFERENCES
+
+
 def migrate_image(image: str, disk: str | None, plugins: list[str], settings: dict, options) -> dict:
     """Migrate a raw memory image (a VM that does not run) with its raw disk image attached;
-    returns the migration's figures."""
+    returns the migration's figures, with ``disk_references``: the plugin that could send
+    pages as references to ``disk`` and its settings (None without a disk or when it is not
+    installed)."""
     from memvisor.errors import UserError
     from memvisor.host import Host, HostConfig
     from memvisor.migration import LiveMigration
 
+    referrer = None
+    if disk and options.records:
+        plugins, settings, referrer = disk_reference_plugins(plugins, settings)
     path = Path(image)
     if not path.is_file():
         raise UserError(f"{image}: no such memory image")
@@ -147,7 +170,8 @@ def migrate_image(image: str, disk: str | None, plugins: list[str], settings: di
     migration.run()
     if options.postcopy:
         migration.finish_postcopy()
-    return migration.result.to_json()
+    by = None if referrer is None else {"plugin": referrer, "settings": dict(settings[referrer])}
+    return {**migration.result.to_json(), "disk_references": by}
 
 
 def _settings(pairs: tuple[str, ...]) -> dict:
@@ -188,6 +212,13 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
     if image is not None:
         options = MigrationOptions(postcopy=postcopy, records=not no_records)
         figures = migrate_image(image, disk, list(plugins), _settings(settings), options)
+        if disk and not no_records and figures["disk_references"] is None:
+            click.echo(f"memvisor migrate: --disk {disk}: no disk references without the {DISK_REFERENCES} "
+                       f"plugin (pip install memvisor-{DISK_REFERENCES}); every page was sent as data", err=True)
+        elif disk:
+            by = figures["disk_references"]
+            chosen = ", ".join(f"{key} = {json.dumps(value)}" for key, value in by["settings"].items())
+            click.echo(f"disk references to {disk}: plugin {by['plugin']} ({chosen}); records by kind below")
         if json_out:
             Path(json_out).write_text(json.dumps(figures, indent=2) + "\n")
         _table([figures])

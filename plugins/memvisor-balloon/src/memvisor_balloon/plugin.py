@@ -475,11 +475,14 @@ class BalloonPlugin:
         plots = [
             Plot("balloon-reclaimed", "Machine memory reclaimed by ballooning", "time (s)", "MiB",
                  {"reclaimed": (t, mib(self.series["reclaimed_pages"])), "free": (t, mib(self.series["free_pages"]))},
-                 kind="step"),
+                 kind="step", ends_at={"reclaimed": ("reclaimed_mib",)},
+                 shows="free: the host's free memory, sampled with the balloons."),
             Plot("balloon-size", "Balloon size per VM", "time (s)", "MiB",
-                 {name: (t, mib(sizes)) for name, sizes in self.sizes.items()}, kind="step"),
+                 {name: (t, mib(sizes)) for name, sizes in self.sizes.items()}, kind="step", scale=1 / MIB,
+                 ends_at={name: ("vms", name, "balloon_pages") for name in self.sizes}),
             Plot("balloon-pressure", "Memory pressure (0: free memory at the host's target, 1: none free)", "time (s)",
-                 "pressure level", {"pressure": (t, self.series["level"])}, kind="step"),
+                 "pressure level", {"pressure": (t, self.series["level"])}, kind="step",
+                 shows="The pressure level each time the balloons were sampled."),
         ]
         metrics = {
             "policy": self.settings.policy,
@@ -503,7 +506,9 @@ class BalloonPlugin:
         return ReportSection(NAME, "Ballooning", metrics, plots,
                              text="Balloon pages share one zero-filled page per VM; a guest write to it resets "
                                   "that VM's balloon. Under memory pressure each VM's target follows the "
-                                  f"{self.settings.policy} policy (docs/balloon.md).")
+                                  f"{self.settings.policy} policy (docs/balloon.md). mrc_miss_ratio_increase: "
+                                  "the rise in miss ratio the MRC-guided targets allowed (null: no MRC plugin "
+                                  "answered).")
 
     # -- registration -------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def sequential_faults(_context=None) -> float:
         gpps = np.arange(start, min(vm.pages, start + BATCH), dtype=np.int64)
         host.advance(host.access(vm, gpps, np.zeros(len(gpps), dtype=bool)).seconds)
     assert job.stats["pages_loaded"] == vm.pages
-    return float(job.stats["faults"])
+    return float(job.stats["fault_windows"])
 
 
 def working_set(lazy: bool) -> float:

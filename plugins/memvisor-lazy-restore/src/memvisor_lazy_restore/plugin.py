@@ -130,7 +130,7 @@ class LazyRestore:
         self.busy_until = host.now
         self.failed: str | None = None
         self.job = RestoreJob(vm.name, str(self.request.path), "lazy", self.started, resumed=host.now)
-        self.counts = {"faults": 0, "fault_pages": 0, "pages_loaded_on_fault": 0, "pages_prefetched": 0,
+        self.counts = {"fault_windows": 0, "fault_pages": 0, "pages_loaded_on_fault": 0, "pages_prefetched": 0,
                        "page_blocks_decoded": 0, "storage_blocks_loaded_whole": 0}
         self.progress: list[tuple[float, int, int]] = [(host.now, 0, 0)]
         self.ended = False
@@ -232,10 +232,10 @@ class LazyRestore:
         pages = np.unique(np.concatenate([span, *extra])) if extra else span
         loaded, _ = self._load(pages)
         self.faulted[own] = True
-        self.counts["faults"] += len(windows)  # one per window: later touches of it find it present
+        self.counts["fault_windows"] += len(windows)  # later touches of a window find it present
         self.counts["fault_pages"] += len(own)
         self.counts["pages_loaded_on_fault"] += loaded
-        self._update_stats()
+        self._note_progress()
         return own
 
     def prefetch(self, now: float) -> None:
@@ -259,8 +259,7 @@ class LazyRestore:
                 seconds = time.perf_counter() - real
             self.counts["pages_prefetched"] += loaded
             self.busy_until = max(self.busy_until, self.job.resumed) + seconds / self.share
-        self.progress.append((now, self.counts["pages_loaded_on_fault"], self.counts["pages_prefetched"]))
-        self._update_stats()
+        self._note_progress(now)
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -274,12 +273,22 @@ class LazyRestore:
             self.reader.close()
             self.reader = None
         backend = self.host.backend
+        self._note_progress()
         if Capability.ACCESSED in backend.capabilities and self.vm.name in self.host.vms:
             # Pages the guest faulted on are touched; the others tell by their accessed bit
             # (populate clears it), read since the restore began.
             maybe = np.flatnonzero(self.loaded & ~self.faulted)
             touched = self.host.take_accessed(self.vm, "lazy-restore", maybe) if len(maybe) else np.zeros(0, bool)
             self.job.stats["pages_never_touched"] = int(np.count_nonzero(~touched))
+        self._update_stats()
+
+    def _note_progress(self, now: float | None = None) -> None:
+        """A point of the progress plot (pages loaded on fault and prefetched so far) and the
+        job's figures, so that the plot ends where the table does."""
+        point = (self.host.now if now is None else now, self.counts["pages_loaded_on_fault"],
+                 self.counts["pages_prefetched"])
+        if self.progress[-1][1:] != point[1:]:
+            self.progress.append(point)
         self._update_stats()
 
     def _update_stats(self) -> None:
@@ -401,13 +410,17 @@ class LazyRestorePlugin:
         if not restores:
             return None
         jobs: list[dict[str, Any]] = [r.job.to_json() for r in restores]
-        series = {}
+        series, ends_at = {}, {}
         for i, r in enumerate(restores):
             t, on_fault, prefetched = (list(c) for c in zip(*r.progress))
-            series[f"{r.vm.name} #{i} on fault"] = (t, on_fault)
-            series[f"{r.vm.name} #{i} prefetched"] = (t, prefetched)
-        plot = Plot("lazy-restore-progress", "Lazy restore: pages loaded", "time (s)", "pages", series, kind="step")
+            for label, values, key in ((f"{r.vm.name} #{i} on fault", on_fault, "pages_loaded_on_fault"),
+                                       (f"{r.vm.name} #{i} prefetched", prefetched, "pages_prefetched")):
+                series[label] = (t, values)
+                ends_at[label] = ("restores", i, key)
+        plot = Plot("lazy-restore-progress", "Lazy restore: pages loaded", "time (s)", "pages", series, kind="step",
+                    ends_at=ends_at)
         return ReportSection(NAME, "Lazy checkpoint restore", {"restores": jobs}, [plot],
-                             text="Time to the first guest access, read calls and bytes, faults (one per window "
-                                  "a guest touching pages one at a time would take), pages loaded on fault and "
-                                  "prefetched, pages loaded that the guest never touched.")
+                             text="Time to the first guest access, read calls and bytes, fault_windows (faults a "
+                                  "guest touching pages one at a time would take: one per window), fault_pages "
+                                  "(faulting pages delivered), pages loaded on fault and prefetched, pages loaded "
+                                  "that the guest never touched.")

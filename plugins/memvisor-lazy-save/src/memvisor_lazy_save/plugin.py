@@ -434,9 +434,9 @@ class LazySavePlugin:
         if not self.finished and not self.saves:
             return None
         jobs: list[dict[str, Any]] = [s.job.to_json() for s in self.finished + list(self.saves.values())]
-        plots = [Plot("lazy-save-progress", "Lazy save: pages saved", "time (s)", "pages",
-                      {f"{s.vm.name} #{i}": tuple(zip(*s.progress)) for i, s in enumerate(self.finished)},
-                      kind="step")] if self.finished else []
+        series = {f"{s.vm.name} #{i}": tuple(zip(*s.progress)) for i, s in enumerate(self.finished)}
+        plots = [Plot("lazy-save-progress", "Lazy save: pages saved", "time (s)", "pages", series, kind="step",
+                      ends_at={label: ("saves", i, "pages") for i, label in enumerate(series)})] if series else []
         return ReportSection(NAME, "Lazy checkpoint save", {"saves": jobs}, plots,
                              text="Stop time (write-protecting every page) apart from the total save time; "
                                   "write calls, bytes, compression ratio and throughput; copy-before-write saves.")

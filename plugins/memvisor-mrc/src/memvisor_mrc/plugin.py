@@ -232,8 +232,10 @@ class MRCPlugin:
         per_vm = {}
         for name, state in self.vms.items():
             per_vm[name] = state.final if state.final is not None else self._summary(host, state)
+        curves = {name: _mib_series(m) for name, m in per_vm.items() if "miss_ratio" in m}
         final = Plot("mrc-final", "Miss-ratio curves (LRU), end of run", "memory (MiB, log scale)", "miss ratio",
-                     {name: _mib_series(m) for name, m in per_vm.items()}, logx=True)
+                     curves, logx=True, ends_at={name: ("vms", name, "miss_ratio", -1) for name in curves},
+                     shows="Each VM's curve is its miss_ratio at each cache_bytes of the table.")
         plots = [final]
         for name, state in self.vms.items():
             if len(state.snapshots) < 2:
@@ -241,14 +243,20 @@ class MRCPlugin:
             chosen = _spread(state.snapshots, 5)
             plots.append(Plot(f"mrc-over-time-{_slug(name)}", f"{name}: miss-ratio curve over time",
                               "memory (MiB, log scale)", "miss ratio",
-                              {f"t={snap['time']:.3g}s": _mib_series(snap) for snap in chosen}, logx=True))
+                              {f"t={snap['time']:.3g}s": _mib_series(snap) for snap in chosen}, logx=True,
+                              shows=f"The curve at {len(chosen)} of the {len(state.snapshots)} snapshots "
+                                    "(one every refresh_s), the last at the end of the run."))
         if any(len(st.snapshots) >= 2 for st in self.vms.values()):
             target = f"{s.miss_ratios[0]:g}"
+            # A curve that never comes down to the target has no working set there: a gap, not 0.
+            sets = {name: ([snap["time"] for snap in st.snapshots],
+                           [_pages_or_nan(snap["working_set_pages"].get(target)) * PAGE_SIZE / MIB
+                            for snap in st.snapshots])
+                    for name, st in self.vms.items() if st.snapshots}
             plots.append(Plot("mrc-working-set", f"Working-set size at miss ratio {target} over time", "time (s)",
-                              "MiB", {name: ([snap["time"] for snap in st.snapshots],
-                                             [(snap["working_set_pages"].get(target) or 0) * PAGE_SIZE / MIB
-                                              for snap in st.snapshots])
-                                      for name, st in self.vms.items() if st.snapshots}))
+                              "MiB", sets, scale=PAGE_SIZE / MIB,
+                              ends_at={name: ("vms", name, "working_set_pages", target) for name in sets},
+                              shows="A gap: the curve did not come down to that miss ratio then."))
         settings = {"rate": s.rate, "sample_size": s.sample_size, "untrace_period_s": s.untrace_period,
                     "refresh_s": s.refresh, "estimator": s.estimator, "seed": s.seed}
         return ReportSection(
@@ -259,8 +267,9 @@ class MRCPlugin:
             plots=plots,
             text=("LRU miss ratio against memory size for each VM, estimated online from a traced spatial "
                   "sample of its pages (SHARDS), with a model of the accesses that untraced periods hide. "
-                  "Working sets: smallest memory reaching each miss ratio; recommended: within "
-                  f"{s.tolerance:g} of the curve's floor."),
+                  "Working sets: smallest memory reaching each miss ratio (null: the curve never comes "
+                  f"down to it); recommended: within {s.tolerance:g} of the curve's floor. A null setting "
+                  "is not set."),
         )
 
     # -- helpers -------------------------------------------------------------------------------
@@ -321,6 +330,10 @@ def _accesses(host, vm) -> int:
     """The VM's access clock: accesses of every batch finished so far."""
     counters = host.metrics.counters
     return int(counters[vm.name]["accesses"]) if vm.name in counters else 0
+
+
+def _pages_or_nan(pages: int | None) -> float:
+    return float("nan") if pages is None else float(pages)
 
 
 def _mib_series(points: Mapping[str, list]) -> tuple[list, list]:

@@ -1,11 +1,12 @@
 """``memvisor bench numa``: how soon a hot-first heuristic makes a moved VM's accesses local,
 against address order, and what the plugin costs in real time.
 
-Every case runs the same scenario (:func:`memvisor_numa.compare.compare_scenario`): a 4 GiB VM
-(1,048,576 pages) with zipf(0.99) accesses on node 1 of a two-node host, the default migration
-bandwidth (4 GiB/s, 10,485 pages per 10 ms tick); it runs ``PRE`` seconds (32 scans of history
-for the aging heuristics), its virtual CPUs move to node 0, and it runs ``POST`` seconds more,
-long enough for address order to pass 90% local accesses.
+Every case runs the scenario of ``memvisor numa compare`` on its defaults
+(:func:`memvisor_numa.compare.compare_scenario`): a 4 GiB VM (1,048,576 pages) with zipf(0.99)
+accesses on node 1 of a two-node host, the default migration bandwidth (4 GiB/s, 10,485 pages
+per 10 ms tick); it runs 3 s (32 scans of history for the aging heuristics), its virtual CPUs
+move to node 0, and it runs 1.2 s more, long enough for address order to pass 99% local
+accesses.
 
 - ``t90-<heuristic>``: virtual seconds from the move to 90% local accesses; baseline address
   order. Virtual time is deterministic, so one run is exact; the ratio is the figure (below
@@ -24,23 +25,14 @@ import functools
 
 from memvisor.bench import Baseline, BenchCase
 
-VM_PAGES = 1 << 20
-"""A 4 GiB VM."""
-
 WORKLOAD = {"kind": "zipf", "alpha": 0.99}
-PRE = 3.0
-"""Seconds before the move: 32 scan windows of one access per page each (about 0.1 s each)."""
-
-POST = 1.2
-"""Seconds after the move: address order reaches 90% local after about 0.93 s."""
-
 SEED = 1
 
 
 def _run(heuristic: str | None):
-    from memvisor_numa.compare import run_heuristic
+    from memvisor_numa.compare import DEFAULT_VM_GIB, run_heuristic, vm_pages_of
 
-    return run_heuristic(heuristic, VM_PAGES, WORKLOAD, seed=SEED, pre=PRE, post=POST)
+    return run_heuristic(heuristic, vm_pages_of(DEFAULT_VM_GIB), WORKLOAD, seed=SEED)
 
 
 @functools.cache

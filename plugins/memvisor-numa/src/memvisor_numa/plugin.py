@@ -34,6 +34,8 @@ class Move:
     :ivar new_node: node after (the migration's target).
     :ivar migrated_pages: pages migrated while this move was the latest.
     :ivar stopped: when the stop rule ended the migration, or None.
+    :ivar first_sample: index of the first locality sample taken after the move (every
+        access it counts came after the move).
     """
 
     time: float
@@ -41,6 +43,7 @@ class Move:
     new_node: int
     migrated_pages: int = 0
     stopped: float | None = None
+    first_sample: int = 0
 
 
 @attrs.define(eq=False)
@@ -140,8 +143,16 @@ class NumaPlugin:
         st = self.vms[vm.name]
         if st.active:
             self._stop(host, st, stopped=None)
-        st.moves.append(Move(move.time, move.old_node, move.new_node))
+        # Close the locality window at the move: the accesses before it are not evidence of
+        # how fast the migration made them local (a tick due at the move's instant, sampled
+        # before it, once passed for 100% local a float-rounding instant after the move).
+        self._sample_locality(host, st, host.now)
+        st.moves.append(Move(move.time, move.old_node, move.new_node, first_sample=len(st.times)))
         self._begin(host, st)
+        # Migration starts at the move, with what is left of this tick's budget, not a tick later.
+        migrate_before = self.migrate_seconds
+        self.drain(host, st)
+        started += self.migrate_seconds - migrate_before  # the copies are not the plugin's own time
         self.real_seconds += time.perf_counter() - started
 
     @hookimpl
@@ -165,7 +176,7 @@ class NumaPlugin:
         migrate_before = self.migrate_seconds
         self.budget_left = self.settings.pages_per_tick
         for st in list(self.vms.values()):
-            local = self._sample_locality(host, st, tick.now)
+            local = self._sample_locality(host, st, host.now)
             scan = self.heuristic.ages and self._scan_due(st, tick.number)
             if scan:
                 self._scan(host, st)
@@ -237,7 +248,9 @@ class NumaPlugin:
             self._stop(host, st, stopped=now)
 
     def _sample_locality(self, host: Host, st: VmNuma, now: float) -> float:
-        """Fraction of the VM's accesses since the last tick that were local (NaN if none).
+        """Fraction of the VM's accesses since the last sample that were local (NaN if none),
+        kept as the sample at ``now`` (the host's time: the accesses counted are those made
+        up to it, as in the core's own series).
 
         Read from the core's counters, which the core keeps per VM for its own report.
         """
@@ -385,14 +398,16 @@ class NumaPlugin:
         moves = []
         for index, move in enumerate(st.moves):
             until = st.moves[index + 1].time if index + 1 < len(st.moves) else float("inf")
+            # Only the samples whose accesses all came after the move.
+            after = slice(move.first_sample, None)
             moves.append({
                 "time_s": move.time, "old_node": move.old_node, "new_node": move.new_node,
-                "t90_s": time_to_reach(times, local, move.time, 0.90, until),
-                "t99_s": time_to_reach(times, local, move.time, 0.99, until),
+                "t90_s": time_to_reach(times[after], local[after], move.time, 0.90, until),
+                "t99_s": time_to_reach(times[after], local[after], move.time, 0.99, until),
                 "migrated_pages": move.migrated_pages, "stopped_s": move.stopped,
             })
         wasted = int(st.untouched.sum()) if st.untouched is not None else 0
-        after = times > st.moves[0].time if st.moves else np.zeros(len(times), bool)
+        after = np.arange(len(times)) >= (st.moves[0].first_sample if st.moves else len(times))
         finite = after & np.isfinite(local)
         return {
             "migrated_pages": st.migrated, "migrated_bytes": st.migrated * PAGE_SIZE, "wasted_pages": wasted,
@@ -423,12 +438,17 @@ class NumaPlugin:
         plots = []
         if series:
             plots.append(Plot("numa-local-fraction", f"Local accesses over time ({self.settings.heuristic})",
-                              "time (s)", "local fraction", series))
+                              "time (s)", "local fraction", series,
+                              shows="The fraction of each moved VM's accesses since the previous sample that "
+                                    "were local (a sample at every tick and at each move); t90_s and t99_s "
+                                    "are when it first reached 0.9 and 0.99 after the move."))
         return ReportSection(
             plugin="numa", title="NUMA migration", metrics=metrics, plots=plots,
             text=("After a VM's virtual CPUs move, its pages are migrated to the new node "
                   f"({self.settings.heuristic} order, at most {self.settings.pages_per_tick} pages per tick). "
-                  "t90_s / t99_s: virtual seconds from the move until 90% / 99% of a tick's accesses are local; "
-                  "wasted_pages: migrated pages the guest did not touch afterwards."),
+                  "t90_s / t99_s: seconds from the move until 90% / 99% of a tick's accesses are local "
+                  "(null: not reached); wasted_pages: migrated pages the guest did not touch afterwards; "
+                  "heat_source: where the mrc heuristic's order came from (null: not asked); "
+                  "mean_local_fraction_after_move: null for a VM that did not move."),
         )
 

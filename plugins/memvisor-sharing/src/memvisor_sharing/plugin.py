@@ -586,6 +586,8 @@ class SharingPlugin:
         """The estimate with its history, what was reclaimed, and large pages broken and kept."""
         if self.vms and self.shards == 1:  # the figures as of now (a sharded table: as of each shard's
             self.refresh(host)             # latest rebuild, not one more rebuild of every shard)
+        if self.vms and (not self.history or self.history[-1]["time"] != host.now):
+            self._sample(host.now)  # the plot ends where the table does
         plots = []
         if self.history:
             t = [h["time"] for h in self.history]
@@ -594,19 +596,25 @@ class SharingPlugin:
                               {"estimated": (t, [h["estimated_pages"] * mib for h in self.history]),
                                "saved now": (t, [h["saved_pages"] * mib for h in self.history]),
                                "left in large pages": (t, [h["in_large_pages"] * mib for h in self.history])},
-                              kind="step"))
+                              kind="step", scale=mib,
+                              ends_at={"estimated": ("estimated_reclaimable_pages",), "saved now": ("saved_pages",),
+                                       "left in large pages": ("remaining_in_large_pages",)}))
         counts = [c for summary in self._summaries.values() for _, c in summary.large.values()]
         if counts and sum(len(c) for c in counts):
             r = np.sort(np.concatenate(counts))[::-1]
             # A bar each for a few large pages; a staircase for thousands (a bar is a patch to draw).
             plots.append(Plot("sharing-large-pages", "Reclaimable subpages per intact large page", "large pages (rank)",
                               "pages", {"reclaimable": (np.arange(len(r)), r)},
-                              kind="bar" if len(r) <= _MAX_BARS else "step"))
+                              kind="bar" if len(r) <= _MAX_BARS else "step",
+                              shows="The intact large pages at the end, most reclaimable subpages first "
+                                    "(together: remaining_in_large_pages)."))
         return ReportSection(
             plugin=NAME, title="Page sharing in large pages", metrics=self.metrics(host), plots=plots,
             text="Machine pages that sharing could reclaim (estimate, by 4 KiB fingerprints verified byte for "
                  "byte, or identity for identity, before any share), what the plugin reclaimed, and the large "
-                 "pages it broke up under memory pressure, most reclaimable first.")
+                 "pages it broke up under memory pressure, most reclaimable first (reclaimed_per_broken_large_page: "
+                 "null when none was broken; pages_hashed_per_s: null before the first hash; a host of more than "
+                 "one table shard reports each shard as of its latest rebuild).")
 
     # -- registration -------------------------------------------------------------------------
 

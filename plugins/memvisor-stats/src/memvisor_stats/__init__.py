@@ -68,7 +68,8 @@ class StatsPlugin:
         plots = []
         if self.timeline:
             times, traps = zip(*self.timeline)
-            plots.append(Plot("stats-traps", "Trapped pages per tick", "time (s)", "pages", {"traps": (times, traps)}))
+            plots.append(Plot("stats-traps", "Trapped pages per tick", "time (s)", "pages", {"traps": (times, traps)},
+                              shows="Pages delivered in every event hook (all VMs) since the previous tick."))
         return ReportSection(
             plugin="stats",
             title="Event counts",
