@@ -43,6 +43,10 @@ ORDERS = ("reclaimable", "address")
 """Orders in which large pages are broken up under pressure."""
 
 _CHUNK = 8192  # source pages verified and shared per step: bounds the bytes read at once (32 MiB)
+PRESSURE_SHARDS = 8
+"""Shards of the table a memory pressure event rebuilds at most on a host of several (about 8 s
+of work at 1 TiB): sharing then gives what it can quickly and leaves the rest of the deficit to
+the other reclaimers."""
 _MAX_BARS = 256  # large pages drawn as bars at most (more: a staircase)
 _SCAN_CHUNK = 1 << 20  # pages fingerprinted at a time (fingerprints are 8 bytes: 8 MiB)
 SHARD_PAGES = 1 << 22
@@ -292,6 +296,17 @@ class SharingPlugin:
         # Zero pages are in shard 0: its count of them is kept current between its rebuilds.
         self._summaries.setdefault(0, _Summary()).on_zero += len(pages)
 
+    def _pressure_shards(self) -> list[int]:
+        """The shards a pressure event rebuilds: every one on a host of one shard; else at most
+        :data:`PRESSURE_SHARDS`, those whose latest table promised most first, then those never
+        built (the rest of the deficit is for the other reclaimers, and later ticks)."""
+        if self.shards == 1:
+            return [0]
+        known = sorted((s for s, summary in self._summaries.items() if summary.total > 0),
+                       key=lambda s: -self._summaries[s].total)
+        unknown = [s for s in range(self.shards) if s not in self._summaries]
+        return (known + unknown)[:PRESSURE_SHARDS]
+
     def _share_scanned_zero(self, host) -> None:
         """Under pressure: map the pages last hashed as zero that are not on the zero page yet
         (each is checked: its fingerprint now must still be 0) without building a table."""
@@ -500,8 +515,7 @@ class SharingPlugin:
             self.scan(host, sum(s.vm.pages for s in self.vms.values()), unscanned_only=True, urgent=True)
         self._share_scanned_zero(host)  # and those hashed before, still waiting for a second scan
         estimated = self.zero_mapped - zero_before  # what is left to reclaim, before this event
-        # Shard after shard (all of them unless the target is met first): build, share.
-        for shard in range(self.shards):
+        for shard in self._pressure_shards():  # build, share, until the target is met
             if backend.free_pages() >= target:
                 break
             table = self.refresh(host, urgent=True, shard=shard)
@@ -510,7 +524,8 @@ class SharingPlugin:
         broken = estimated_breakup = 0
         freed_breakup = 0
         while self.can_split and backend.free_pages() < target:
-            self.refresh(host, urgent=True)
+            if self.shards == 1:
+                self.refresh(host, urgent=True)
             vm_of, index, gain = self._candidates(host)
             if not len(index):
                 break
@@ -520,8 +535,14 @@ class SharingPlugin:
                 backend.split(self._scans[i].vm, index[:take][vm_of[:take] == i])
             broken += take
             estimated_breakup += int(gain[:take].sum())
-            for shard in range(self.shards):
+            if self.shards > 1:  # their zero subpages need no table; the rest as far as the budget goes
+                free_before = backend.free_pages()
+                self._share_scanned_zero(host)
+                freed_breakup += backend.free_pages() - free_before
+            for shard in self._pressure_shards():
                 freed_breakup += self._share(host, self.refresh(host, urgent=True, shard=shard), shard)
+            if self.shards > 1:
+                break  # one round per event: what the budget of shards could not share waits for ticks
         self.large_broken += broken
         self.reclaimed_by_breakup += freed_breakup
         freed = backend.free_pages() - before
