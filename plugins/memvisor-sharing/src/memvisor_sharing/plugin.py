@@ -43,10 +43,10 @@ ORDERS = ("reclaimable", "address")
 """Orders in which large pages are broken up under pressure."""
 
 _CHUNK = 8192  # source pages verified and shared per step: bounds the bytes read at once (32 MiB)
-PRESSURE_SHARDS = 8
-"""Shards of the table a memory pressure event rebuilds at most on a host of several (about 8 s
-of work at 1 TiB): sharing then gives what it can quickly and leaves the rest of the deficit to
-the other reclaimers."""
+PRESSURE_SHARDS = 4
+"""Shards of the table a memory pressure event rebuilds at most on a host of several (a few
+seconds of work at 1 TiB): sharing then gives what it can quickly and leaves the rest of the
+deficit to the other reclaimers."""
 _MAX_BARS = 256  # large pages drawn as bars at most (more: a staircase)
 _SCAN_CHUNK = 1 << 20  # pages fingerprinted at a time (fingerprints are 8 bytes: 8 MiB)
 SHARD_PAGES = 1 << 22
@@ -535,14 +535,12 @@ class SharingPlugin:
                 backend.split(self._scans[i].vm, index[:take][vm_of[:take] == i])
             broken += take
             estimated_breakup += int(gain[:take].sum())
-            if self.shards > 1:  # their zero subpages need no table; the rest as far as the budget goes
+            if self.shards > 1:  # their zero subpages need no table; their duplicates wait for ticks
                 free_before = backend.free_pages()
                 self._share_scanned_zero(host)
                 freed_breakup += backend.free_pages() - free_before
-            for shard in self._pressure_shards():
-                freed_breakup += self._share(host, self.refresh(host, urgent=True, shard=shard), shard)
-            if self.shards > 1:
-                break  # one round per event: what the budget of shards could not share waits for ticks
+                break  # one round per event
+            freed_breakup += self._share(host, self.refresh(host, urgent=True), 0)
         self.large_broken += broken
         self.reclaimed_by_breakup += freed_breakup
         freed = backend.free_pages() - before
