@@ -250,3 +250,28 @@ def test_sharing_scanner_keeps_within_each_vms_scan_budget():
     assert use["free"].scan_pages >= 100 * 2048 * 0.9 and use["free"].scan_refused == 0
     assert plugin.vms["limited"].scanned.sum() < limited.pages and plugin.vms["free"].scanned.all()
     assert free.pages == 4096
+
+
+@pytest.mark.parametrize("model", ["bytes", "identity"])
+def test_a_table_cut_in_shards_counts_and_shares_as_one_table(monkeypatch, model):
+    """With the table cut in shards (made small here: 1,024 pages a shard), a rebuild of every
+    shard gives the estimate a single table gives, the brute-force count, and ticks rebuilding
+    one shard each share as much in the end."""
+    import memvisor_sharing.plugin as sharing
+
+    monkeypatch.setattr(sharing, "SHARD_PAGES", 1024)
+    host, plugin = make_host({"pages_per_tick": 2048, "across": [["a", "b"]]}, contents=model)
+    for name, seed in (("a", 1), ("b", 2)):
+        host.create_vm(name, 2048, contents=SPEC, seed=seed)
+    assert plugin.shards == 4
+    ref = ReferenceMemory()
+    ref.follow_all(host)
+    expected = brute_force(host, [["a", "b"]])
+    scan_all(host, plugin, passes=2)
+    for _ in range(plugin.shards):  # a tick per shard: each shard's small pages are shared
+        host.advance(host.tick_interval)
+    plugin.refresh(host)
+    assert plugin.estimated == expected
+    assert plugin.saved == expected  # everything was in small pages: all of it is shared
+    ref.check(host)
+    host.backend.check_invariants()

@@ -121,6 +121,24 @@ def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _in_shard(scan: _VMScan, mask: np.uint64, shard: int) -> np.ndarray:
+    """The scanned pages of a VM whose fingerprint's low bits are ``shard``: a chunk at a time
+    into buffers made once, so a pass over a 64 GiB VM allocates 9 MiB, not 200 MiB (system
+    time, the kernel mapping fresh temporaries, was 30% of the CPU time of a 1 TiB run)."""
+    n = scan.vm.pages
+    words = np.empty(min(n, _SCAN_CHUNK), np.uint64)
+    hit = np.empty(min(n, _SCAN_CHUNK), bool)
+    parts = []
+    for start in range(0, n, _SCAN_CHUNK):
+        end = min(n, start + _SCAN_CHUNK)
+        w, h = words[: end - start], hit[: end - start]
+        np.bitwise_and(scan.hash[start:end], mask, out=w)
+        np.equal(w, np.uint64(shard), out=h)
+        np.logical_and(h, scan.scanned[start:end], out=h)
+        parts.append(np.flatnonzero(h) + start)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 class SharingPlugin:
     """Page sharing with small pages inside large pages: scan, estimate, break up under pressure.
 
@@ -365,8 +383,7 @@ class SharingPlugin:
         parts, on_zero = [], 0
         mask = np.uint64(self.shards - 1)
         for index, scan in enumerate(scans):
-            keep = scan.scanned if self.shards == 1 else scan.scanned & ((scan.hash & mask) == np.uint64(shard))
-            gpps = np.flatnonzero(keep)
+            gpps = np.flatnonzero(scan.scanned) if self.shards == 1 else _in_shard(scan, mask, shard)
             mpns = backend.mpns(scan.vm, gpps)
             valid = mpns == scan.seen_mpn[gpps]
             scan.scanned[gpps[~valid]] = False
