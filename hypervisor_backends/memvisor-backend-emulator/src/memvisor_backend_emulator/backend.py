@@ -153,16 +153,17 @@ class EmulatorBackend(Backend):
         st = self._state(vm)
         gpps = self._pages(vm, gpps)
         writes = np.asarray(writes, dtype=bool)
-        counts = self._settle(vm, st, gpps, writes)
-        mpns = st.p2m[gpps]
-        st.flags[gpps] |= ACCESSED
+        counts, flags = self._settle(vm, st, gpps, writes)
+        # The flags as the last round read them are current (nothing trapped after it): set the
+        # bits without reading them again (each gather into a large VM's table costs a cache miss).
+        st.flags[gpps] = flags | ACCESSED
         if writes.any():
             written = gpps[writes]
-            st.flags[written] |= DIRTY
-            self.store.stamp(mpns[writes], stamp)
+            st.flags[written] = flags[writes] | (ACCESSED | DIRTY)
+            self.store.stamp(st.p2m[written], stamp)
         remote = 0
         if self.memory.nodes > 1:
-            remote = int(np.count_nonzero(self.memory.node_of(mpns) != vm.home_node))
+            remote = int(np.count_nonzero(self.memory.node_of(st.p2m[gpps]) != vm.home_node))
         c = self.costs
         handler = sum(counts) * c.trap_ns * 1e-9 + self._take_charged()
         seconds = (len(gpps) - remote) * c.dram_local_ns * 1e-9 + remote * c.dram_remote_ns * 1e-9 + handler
@@ -199,8 +200,10 @@ class EmulatorBackend(Backend):
         charged, self._charged = self._charged, 0.0
         return charged
 
-    def _settle(self, vm: VM, st: _VMState, gpps: np.ndarray, writes: np.ndarray) -> tuple[int, int, int]:
-        """Deliver the traps of a batch until none is left; returns (faults, traced, writes)."""
+    def _settle(self, vm: VM, st: _VMState, gpps: np.ndarray,
+                writes: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+        """Deliver the traps of a batch until none is left; returns (faults, traced, writes) and
+        the pages' flags as they are then."""
         faults = traced = write_traps = 0
         self._in_batch = True
         try:
@@ -209,7 +212,7 @@ class EmulatorBackend(Backend):
                 trap = (f & (PRESENT | TRACED)) != PRESENT
                 trap |= writes & ((f & (PROTECTED | COW)) != 0)
                 if not trap.any():
-                    return faults, traced, write_traps
+                    return (faults, traced, write_traps), f
                 where = np.flatnonzero(trap)
                 pages, first = _first_touch(gpps[where])
                 positions = where[first]
