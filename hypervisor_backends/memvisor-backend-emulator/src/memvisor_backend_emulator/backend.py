@@ -155,11 +155,16 @@ class EmulatorBackend(Backend):
         writes = np.asarray(writes, dtype=bool)
         counts, flags = self._settle(vm, st, gpps, writes)
         # The flags as the last round read them are current (nothing trapped after it): set the
-        # bits without reading them again (each gather into a large VM's table costs a cache miss).
-        st.flags[gpps] = flags | ACCESSED
+        # bits without reading them again, and only where they are not set yet (hot pages keep
+        # theirs between readers): each access to a large VM's table is a cache miss.
+        fresh = (flags & ACCESSED) == 0
+        if fresh.any():
+            st.flags[gpps[fresh]] = flags[fresh] | ACCESSED
         if writes.any():
             written = gpps[writes]
-            st.flags[written] = flags[writes] | (ACCESSED | DIRTY)
+            clean = (flags[writes] & DIRTY) == 0
+            if clean.any():
+                st.flags[written[clean]] = flags[writes][clean] | (ACCESSED | DIRTY)
             self.store.stamp(st.p2m[written], stamp)
         remote = 0
         if self.memory.nodes > 1:
