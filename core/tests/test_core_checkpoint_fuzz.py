@@ -374,7 +374,7 @@ def zstd_rle_frame(declared: int, block: int) -> bytes:
 @pytest.mark.parametrize(
     ("declared", "block", "message"),
     [
-        (1 << 40, 1 << 17, "declares 1099511627776 bytes, the block holds 16384"),
+        (1 << 40, 1 << 17, "declares 1099511627776 bytes, expected 16384 bytes"),
         (4 * PAGE_SIZE, 1 << 17, "zstd: "),  # declares the right size, holds more
         (4 * PAGE_SIZE, 100, "zstd: "),  # declares the right size, holds less
     ],
@@ -426,3 +426,65 @@ def test_forged_block_is_caught_only_by_the_mac(valid_keyed, tmp_path):
         assert data[0, :8].tobytes() == b"FORGED!!"
     with pytest.raises(CheckpointError, match="MAC mismatch"):
         CheckpointReader(path, key=KEY)
+
+
+def _empty_sections(n: int) -> bytes:
+    """``n`` empty optional sections of distinct tags (``x`` and a 3-byte number): a tag twice
+    is refused as a duplicate at once."""
+    sections = np.zeros(n, np.dtype([("tag", "S4"), ("reserved", "<u4"), ("length", "<u8")]))
+    numbers = np.arange(n, dtype=">u4").view("u1").reshape(n, 4)
+    numbers[:, 0] = ord("x")
+    sections["tag"] = numbers.copy().view("S4").ravel()
+    return sections.tobytes()
+
+
+def _metadata_only(path, vm_pages, zero=None, extra_sections=0):
+    """A checkpoint of no data: ``zero`` ranges, ``extra_sections`` empty optional sections (or
+    these bytes of sections)."""
+    import os
+
+    file_id = os.urandom(16)
+    header = L.pack_header(flags=0, page_size=PAGE_SIZE, vm_pages=vm_pages, codec=1, level=1, checksum_size=16,
+                           block_pages=64, file_id=file_id)
+    empty = np.empty(0, L.RANGE_DTYPE)
+    meta = L.pack_metadata(np.empty(0, L.SBLOCK_DTYPE), np.empty(0, L.PBLOCK_DTYPE), empty,
+                           empty if zero is None else zero) + (
+        extra_sections if isinstance(extra_sections, bytes) else _empty_sections(extra_sections))
+    trailer = L.pack_trailer(header=header, meta=meta, meta_offset=L.HEADER_SIZE, file_id=file_id, key64=None)
+    path.write_bytes(header + meta + trailer)
+    return path
+
+
+def test_many_empty_sections_are_refused_without_walking_them(tmp_path):
+    """Sections cost work each, not per byte: more than MAX_SECTIONS is refused (4 million took
+    15 s to walk before)."""
+    path = _metadata_only(tmp_path / "sections.ckpt", 16, extra_sections=400_000)
+    with pytest.raises(CheckpointError, match=f"more than {L.MAX_SECTIONS} sections"):
+        CheckpointReader(path)
+    assert CheckpointReader(_metadata_only(tmp_path / "few.ckpt", 16, extra_sections=8)).vm_pages == 16
+    with pytest.raises(CheckpointError, match="duplicate section"):
+        CheckpointReader(_metadata_only(tmp_path / "twice.ckpt", 16, extra_sections=_empty_sections(1) * 2))
+
+
+def test_a_restore_larger_than_its_file_system_is_refused(tmp_path):
+    """A checkpoint that declares 2^38 zero pages (1 PiB) is refused before the image is made."""
+    from memvisor.checkpoint import restore_image
+
+    zero = np.array([(0, 1 << 38)], L.RANGE_DTYPE)
+    path = _metadata_only(tmp_path / "huge.ckpt", 1 << 38, zero=zero)
+    with pytest.raises(CheckpointError, match="is larger than its file system"):
+        restore_image(path, tmp_path / "huge.raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.ckpt"]
+
+
+def test_a_short_key_file_is_one_line_and_nothing_else(tmp_path):
+    """A key file that is too short: the one line, and no 'Exception ignored' traceback from
+    the reader's clean-up."""
+    import subprocess
+    import sys
+
+    ckpt = _metadata_only(tmp_path / "c.ckpt", 16)
+    (tmp_path / "short.key").write_bytes(b"12345")
+    proc = subprocess.run([sys.executable, "-m", "memvisor", "checkpoint", "verify", str(ckpt), "--key-file",
+                           str(tmp_path / "short.key")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "holds 5 bytes" in proc.stderr, proc.stderr

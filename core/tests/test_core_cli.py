@@ -82,3 +82,35 @@ def test_hook_tracing_logs_every_hook_call(tmp_path):
     proc = memvisor("run", str(path), "--out", str(tmp_path / "o"), "--quiet", env={"MEMVISOR_TRACE_HOOKS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "hook call" in proc.stderr and "memvisor_tick" in proc.stderr and "memvisor_vm_created" in proc.stderr
+
+
+def test_usage_errors_and_environment_are_one_line():
+    """click's own usage errors, a bad MEMVISOR_LOG and a group without its command: one line
+    on standard error, exit status 2."""
+    for args, env, message in [
+        (("checkpoint", "save"), None, "memvisor checkpoint save: Missing argument 'IMAGE'"),
+        (("run", "--no-such-option"), None, "No such option '--no-such-option'"),
+        (("checkpoint",), None, "memvisor checkpoint: give a command (inspect, restore, save, verify"),
+        (("plugins",), {"MEMVISOR_LOG": "bogus"}, "MEMVISOR_LOG='bogus': not a log level"),
+        (("checkpoint", "save", "x", "y", "--buffer", "1GB"), None, "GB is a decimal unit"),
+    ]:
+        proc = memvisor(*args, env=env)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert proc.stderr.startswith("memvisor: error: ") and message in proc.stderr, (args, proc.stderr)
+
+
+def test_a_plugin_command_that_is_missing_names_its_distribution():
+    """`memvisor sharing` when the plugin is blocked (or not installed) says where it comes
+    from, not "No such command"."""
+    proc = memvisor("sharing", "estimate", env={"MEMVISOR_DISABLE_PLUGINS": "sharing"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "'sharing' comes from" in proc.stderr and "memvisor-sharing" in proc.stderr
+
+
+def test_an_allow_list_without_the_backend_says_so(tmp_path):
+    """MEMVISOR_PLUGINS=stats leaves the emulator out: the line says so, not 'unknown backend'."""
+    path = tmp_path / "s.toml"
+    path.write_text('[host]\nmemory = "16MiB"\n[[vm]]\nmemory = "4MiB"\n')
+    proc = memvisor("run", str(path), "--out", str(tmp_path / "o"), env={"MEMVISOR_PLUGINS": "stats"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "backend 'emulator': installed, but MEMVISOR_PLUGINS=stats leaves it out" in proc.stderr

@@ -209,6 +209,86 @@ def test_migrate_command_with_an_image(tmp_path):
     assert done.returncode == 2 and "SCENARIO or --image" in done.stderr
 
 
+def test_intact_records_the_destination_was_not_owed_abort():
+    """Records with a valid checksum that no source of this VM sends — pages outside the VM, a
+    page twice, more than a record may carry, out of sequence, not owed in the round — are
+    refused before anything is allocated or installed on their word."""
+    from memvisor.migration.live import Destination
+    from memvisor.migration.stream import StreamViolation
+
+    host = small_host(memory_pages=1024)
+    vm = host.create_vm("d", 64)
+    dest = Destination(host, vm, compressed=False)
+    assert dest.receive(stream.encode("round", np.empty(0), stream.pack_ranges(np.arange(8), 1), 0)) == "ok"
+    for wire, message in [
+        (stream.encode("zero", np.array([3, 2**40]), b"", 1), "outside the VM"),
+        (stream.encode("zero", np.array([3, 3]), b"", 1), "a page twice"),
+        (stream.encode("zero", np.arange(20000) % 64, b"", 1), "more than 16384"),
+        (stream.encode("zero", np.array([1]), b"", 7), "where record 1 was expected: out of order"),
+        (stream.encode("zero", np.array([1]), b"", 0), "replayed or duplicated"),
+        (stream.encode("zero", np.array([9]), b"", 1), "not owed"),
+        (stream.encode("switch", np.empty(0), stream.pack_ranges(np.empty(0), 0), 1),
+         "round 1 ended with 8 pages owed"),
+    ]:
+        with pytest.raises(StreamViolation, match=message):
+            dest.receive(wire)
+    assert dest.missing.all()
+    short = stream.encode("disk-ref", np.array([1]), b"\x01\x18", 1)
+    assert dest.receive(short) == "refused"  # a payload too short for its header: damaged
+
+
+def test_opaque_records_keep_their_place_in_the_sequence():
+    """A transport's own records (memvisor-qemu's QEMU bytes) are handed back to the caller in
+    sequence, never installed; replayed, carrying pages or of a kind not declared opaque,
+    they are refused like any record."""
+    from memvisor.migration.live import Destination
+    from memvisor.migration.stream import StreamViolation
+
+    host = small_host(memory_pages=1024)
+    vm = host.create_vm("d", 64)
+    host.backend.unmap(vm, np.arange(64))
+    dest = Destination(host, vm, compressed=False, opaque=("carrier",))
+    opaque = stream.encode("carrier", np.empty(0), b"\x00bytes of the transport", 0)
+    assert dest.take(stream.decode(opaque, 64)) == "opaque"
+    assert dest.receive(stream.encode("round", np.empty(0), stream.pack_ranges(np.arange(2), 1), 1)) == "ok"
+    assert dest.receive(stream.encode("zero", np.arange(2), b"", 2)) == "ok"
+    assert dest.missing.sum() == 62
+    with pytest.raises(StreamViolation, match="replayed"):
+        dest.take(stream.decode(opaque, 64))
+    with pytest.raises(StreamViolation, match="carrier record with pages"):
+        dest.receive(stream.encode("carrier", np.array([5]), b"", 3))
+    assert Destination(host, vm, compressed=False).receive(opaque) == "refused"  # not declared: a plugin's record
+
+
+def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort():
+    """The link drops while the destination pulls a page after the switch-over: one
+    MigrationAborted, the destination's VM and its fault handler gone, the source running."""
+    from memvisor.migration import MigrationAborted
+    from memvisor.migration.live import _PostCopyFaults
+
+    source, destination = hosts()
+    vm = source.create_vm("a", 128, contents=CONTENTS)
+    switched = []
+
+    def link(index, wire):
+        if stream.decode(wire).kind == "switch":
+            switched.append(index)
+        elif switched:
+            raise ConnectionResetError("link dropped")
+        return wire
+
+    migration = LiveMigration(source, vm, destination, MigrationOptions(postcopy=True, max_rounds=1),
+                              link=Link(link))
+    migration.run(Guest(source, vm, 1, 200, 1.0))
+    assert migration.missing.any() and "a" in destination.vms
+    with pytest.raises(MigrationAborted, match="'a' aborted.*ConnectionResetError: link dropped"):
+        destination.access(migration.dest_vm, np.flatnonzero(migration.missing)[:4], np.zeros(4, bool))
+    assert "a" not in destination.vms and vm.stopped is None
+    assert not [p for p in destination.pm.get_plugins() if isinstance(p, _PostCopyFaults)]
+    with pytest.raises(MigrationAborted):
+        migration.finish_postcopy()
+
+
 def test_migrate_command_says_when_a_named_disk_cannot_be_used(tmp_path):
     """`memvisor migrate --image IMAGE --disk DISK` without the plugin that sends disk
     references says so in one line (the migration still runs, every page as data) rather than

@@ -74,13 +74,59 @@ def test_bad_scenario_names_the_key(tmp_path, mutation, key):
     assert str(info.value).startswith(f"{path}: {key}: ")
 
 
+@pytest.mark.parametrize("mutation, message", [
+    (('memory = "64MiB"', 'memory = "1GB"'),
+     'host.memory: \'1GB\': GB is a decimal unit; memory sizes use binary units ("1GiB")'),
+    (('memory = "64MiB"', 'memory = "1' + "0" * 400 + 'TiB"'), "host.memory: '1000"),
+    (('memory = "64MiB"', 'memory = "64TiB"'), "host.memory: a host of 64.0 TiB is larger than this machine's memory"),
+    (('memory = "64MiB"', 'memroy = "64MiB"'), "host.memroy: unknown key (did you mean 'memory'?)"),
+    (('tick = "1ms"', 'tick = nan'), "host.tick: a duration must be a finite number, got nan"),
+    (('tick = "1ms"', 'tick = "1ns"'), "host.tick: must be from 1 us to a week"),
+    (('tick = "1ms"', 'tick = 1e-300'), "host.tick: must be from 1 us to a week"),
+    (('batch = 4096', 'batch = 1000000000000'), "host.batch: must be a whole number from 1 to 16,777,216"),
+    (('batch = 4096', 'handler_threads = 100000000'), "host.handler_threads: must be a whole number from 1 to 1,024"),
+    (('batch = 4096', 'low_watermark = nan'), "host.low_watermark: must be a finite number, got nan"),
+    (('name = "a"', 'name = "../a"'), "vm[0].name: the name '../a' may hold only letters"),
+    (('seed = 3', 'seed = -1'), "seed: must be a whole number from 0"),
+    (('for = "5ms"', 'for = "1e400s"'), None),
+])
+def test_hostile_values_are_one_line(tmp_path, mutation, message):
+    """Sizes in decimal units or beyond the machine, non-finite and out-of-range numbers,
+    misspelt keys and names that would become paths: one line naming the key (found when the
+    file is loaded, or when its step runs)."""
+    path = write(tmp_path, GOOD.replace(*mutation, 1))
+    with pytest.raises(ScenarioError) as info:
+        ScenarioRun(load_scenario(path)).run()
+    assert "\n" not in str(info.value)
+    assert message is None or str(info.value).startswith(f"{path}: {message}"), str(info.value)
+
+
+def test_hostile_files_are_one_line(tmp_path):
+    """A binary file, nesting 100,000 deep, 2,000 VMs, a FIFO: one line each, at once."""
+    import os
+
+    from memvisor.errors import UserError
+
+    cases = {"binary.toml": b"\xe1\xff\x00name = 1", "deep.toml": b"a = " + b"[" * 100_000 + b"]" * 100_000,
+             "vms.toml": b'[host]\nmemory = "64MiB"\n' + b'[[vm]]\nmemory = "4KiB"\n' * 2000}
+    expect = {"binary.toml": "not a text file: byte 0 is not UTF-8", "deep.toml": "nested too deeply",
+              "vms.toml": "vm: 2,000 VMs; a scenario has at most 1,024", "fifo.toml": "a FIFO, not a regular file"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    os.mkfifo(tmp_path / "fifo.toml")
+    for name, message in expect.items():
+        with pytest.raises(UserError) as info:
+            load_scenario(tmp_path / name)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
 def test_errors_found_when_running_name_the_step(tmp_path):
     """An unknown action or workload kind is refused before any step runs."""
     path = write(tmp_path, GOOD.replace('do = "move_vcpus"', 'do = "teleport"'))
     with pytest.raises(ScenarioError, match=r"timeline\[1\]\.do: unknown action 'teleport'"):
         ScenarioRun(load_scenario(path)).run()
     path = write(tmp_path, GOOD.replace('kind = "loop"', 'kind = "spiral"'))
-    with pytest.raises(ScenarioError, match=r"vm\[b\]\.workload\.kind: unknown workload 'spiral'"):
+    with pytest.raises(ScenarioError, match=r"vm\[1\]\.workload\.kind: unknown workload 'spiral'"):
         ScenarioRun(load_scenario(path))
 
 

@@ -91,7 +91,7 @@ class Budget:
                     value = parse_size(value.removesuffix("/s"))
                 except ValueError:
                     raise UserError(f"{where}.{key}: {value!r} is not a bandwidth (use e.g. \"100MiB/s\")") from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise UserError(f"{where}.{key}: must be a positive number, got {value!r}")
             if key == "handler_share" and value > 1:
                 raise UserError(f"{where}.{key}: a fraction of the handler's time, at most 1, got {value!r}")

@@ -115,9 +115,9 @@ class ContentSpec:
         options: dict[str, int] = {}
         for key, amount in value.items():
             if key in ("pool_seed", "pool_pages", "run_pages"):
-                least = 0 if key == "pool_seed" else 1
-                if isinstance(amount, bool) or not isinstance(amount, int) or amount < least:
-                    raise UserError(f"{where}: {key}: expected a whole number of at least {least}, got {amount!r}")
+                least, most = (0, 2**63 - 1) if key == "pool_seed" else (1, 2**32)
+                if isinstance(amount, bool) or not isinstance(amount, int) or not least <= amount <= most:
+                    raise UserError(f"{where}: {key}: expected a whole number from {least} to {most}, got {amount!r}")
                 options[key] = amount
                 continue
             kind = ALIASES.get(key, key)

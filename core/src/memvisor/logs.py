@@ -9,11 +9,20 @@ import sys
 
 import structlog
 
+from memvisor.errors import UserError
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+          "critical": logging.CRITICAL}
+"""The values ``MEMVISOR_LOG`` takes (any other is refused in one line)."""
+
 
 def configure_logging() -> None:
-    """Route structlog to standard error at the level ``MEMVISOR_LOG`` names (default warning)."""
-    level_name = os.environ.get("MEMVISOR_LOG", "warning").upper()
-    level = getattr(logging, level_name, logging.WARNING)
+    """Route structlog to standard error at the level ``MEMVISOR_LOG`` names (default warning;
+    :class:`UserError` for a value that is not a level)."""
+    level_name = os.environ.get("MEMVISOR_LOG", "") or "warning"
+    level = LEVELS.get(level_name.strip().lower())
+    if level is None:
+        raise UserError(f"MEMVISOR_LOG={level_name[:40]!r}: not a log level (use one of {', '.join(LEVELS)})")
     if os.environ.get("MEMVISOR_TRACE_HOOKS", "0") not in ("", "0"):
         level = min(level, logging.INFO)
     structlog.configure(

@@ -101,6 +101,19 @@ def _entry_points() -> tuple[metadata.EntryPoint, ...]:
     return tuple(sorted(metadata.entry_points(group=PROJECT_NAME), key=lambda ep: ep.name))
 
 
+def left_out(name: str) -> str | None:
+    """Why installed plugin ``name`` does not load here (the allow- or block-list leaves it
+    out), or None when it is not installed or not left out."""
+    if not any(ep.name == name for ep in _entry_points()):
+        return None
+    allow, block = os.environ.get(ENV_ALLOW), _env_names(ENV_BLOCK) or set()
+    if name in block:
+        return f"installed, but {ENV_BLOCK}={os.environ[ENV_BLOCK]} leaves it out"
+    if allow is not None and name not in (_env_names(ENV_ALLOW) or set()):
+        return f"installed, but {ENV_ALLOW}={allow} leaves it out (add {name} to it)"
+    return None
+
+
 def installed_plugins() -> list[InstalledPlugin]:
     """Every plugin installed in this environment that the allow- and block-lists let through,
     loaded (imports are cached by Python, so this is cheap after the first call)."""
@@ -156,8 +169,11 @@ def new_plugin_manager(
         plugin = installed.get(name)
         if plugin is None:
             if strict:
+                reason = left_out(name)
+                if reason:
+                    raise PluginError(f"plugin {name!r}: {reason}")
                 known = ", ".join(sorted(installed)) or "none"
-                raise PluginError(f"unknown plugin {name!r} (installed: {known})")
+                raise PluginError(f"unknown plugin {str(name)[:60]!r} (installed: {known})")
             continue
         if plugin.error is not None:
             if strict and enabled is not None:

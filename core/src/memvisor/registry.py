@@ -41,12 +41,17 @@ class Registry:
     def __getitem__(self, name: str) -> Any:
         try:
             return self._entries[name]
-        except KeyError:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise PluginError(f"unknown {self.kind} {name!r} (installed: {known})") from None
+        except (KeyError, TypeError):  # a name from input may be any value: a list, a table
+            from memvisor.plugins import left_out
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
+            reason = left_out(name) if isinstance(name, str) else None
+            if reason:
+                raise PluginError(f"{self.kind} {name!r}: {reason}") from None
+            known = ", ".join(sorted(self._entries)[:20]) or "none"
+            raise PluginError(f"unknown {self.kind} {str(name)[:60]!r} (installed: {known})") from None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))

@@ -19,6 +19,7 @@ import attrs
 import numpy as np
 
 import memvisor
+from memvisor.files import atomic_write, path_inside
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.runner import ScenarioRun
@@ -175,11 +176,11 @@ class Report:
         interrupted write never leaves a half report under the final name."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for plot in self.plots:
-            draw_plot(plot, out / f"{plot.name}.png")
-        _atomic_write(out / "report.json", json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        for plot in self.plots:  # a plot's name becomes a file name: it stays in the folder
+            draw_plot(plot, path_inside(out, plot.name, ".png", "a plot name"))
+        atomic_write(out / "report.json", json.dumps(self.data, indent=2, sort_keys=False) + "\n")
         page = out / "report.html"
-        _atomic_write(page, _html(self))
+        atomic_write(page, _html(self))
         return page
 
 
@@ -200,12 +201,6 @@ def time_summary(time: Mapping[str, Any]) -> str:
     if time["clock"] == "virtual":
         return f"{time['virtual_seconds']:.3f} s virtual, {time['real_seconds']:.1f} s real"
     return f"{time['real_seconds']:.1f} s real (real clock)"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _core_plots(metrics: dict) -> list[Plot]:
@@ -267,10 +262,10 @@ def draw_plot(plot: Plot, path: str | Path) -> None:
     # Fixed margins that fit the title and labels of a 7x3.6 in figure: tight_layout measured
     # every text and took half of a plot's time (a fleet report draws tens of plots).
     fig.subplots_adjust(left=0.11, right=0.97, top=0.9, bottom=0.14)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import structlog
 
 from memvisor.backend import AccessResult, Capability
-from memvisor.errors import BackendError, ScenarioError, UserError
+from memvisor.errors import BackendError, GuestDied, ScenarioError, UserError
+from memvisor.files import temp_dir
 from memvisor.host import VM, Host
 from memvisor.pacing import Pacing
 from memvisor.report import Report
@@ -37,17 +37,32 @@ class Step(Table):
         """The VM named by key ``name``."""
         vm_name = self.get(name, str)
         if vm_name not in self.run.host.vms:
-            raise self.error(name, f"no VM named {vm_name!r} (VMs: {', '.join(self.run.host.vms)})")
+            names = list(self.run.host.vms)
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            raise self.error(name, f"no VM named {vm_name[:60]!r} (VMs: {shown})")
         return self.run.host.vms[vm_name]
+
+    def span(self, name: str, default=...) -> float | None:
+        """A duration the host runs through (``for``): at most
+        :data:`~memvisor.limits.MAX_TICKS` ticks of the host's tick interval."""
+        from memvisor.limits import MAX_TICKS
+
+        seconds = self.duration(name, default)
+        if seconds is not None and seconds is not default and seconds / self.run.host.tick_interval > MAX_TICKS:
+            raise self.error(name, f"{self.data[name]!r} is more than {MAX_TICKS:,} ticks of "
+                                   f"{self.run.host.tick_interval:g} s")
+        return seconds
 
     def vms(self, name: str = "vms") -> list[VM]:
         """The VMs named by key ``name`` (a list of names), or every VM when it is absent."""
         names = self.get(name, list, None)
         if names is None:
             return list(self.run.host.vms.values())
+        if not all(isinstance(n, str) for n in names):
+            raise self.error(name, "must be a list of VM names")
         missing = [n for n in names if n not in self.run.host.vms]
         if missing:
-            raise self.error(name, f"no VM named {missing[0]!r}")
+            raise self.error(name, f"no VM named {str(missing[0])[:60]!r}")
         return [self.run.host.vms[n] for n in names]
 
 
@@ -67,13 +82,28 @@ class ScenarioRun:
         except UserError as exc:
             raise UserError(f"{scenario.path}: {exc}") from None
         self.workloads: dict[str, Any] = {}
-        # Files a run makes (checkpoints) live in a private folder removed when the run ends.
-        self._workdir = tempfile.TemporaryDirectory(prefix="memvisor-run-")
+        # Files a run makes (checkpoints) live in a private folder removed when the run ends
+        # (on SIGTERM too; one left by a killed run is removed by the next).
+        self._workdir = temp_dir("run")
         self.workdir = Path(self._workdir.name)
         self.checkpoints: dict[str, str] = {}
         self._clocks: dict[str, float] = {}  # each VM's clock: when its last batch ended
         self._pending: dict[str, tuple] = {}  # the rest of a batch cut at a VM's trap budget
-        for spec in scenario.vms:
+        try:
+            for index, spec in enumerate(scenario.vms):
+                self._create(index, spec)
+        except BaseException:
+            self._workdir.cleanup()
+            raise
+        self.pacing = Pacing(self.host)  # batches on a real clock
+        self._planned = sum(_step_seconds(s) for s in scenario.timeline) or 1.0
+        self._done = 0.0
+
+    def _create(self, index: int, spec) -> None:
+        """Create the scenario's VM ``vm[index]``: one line naming the file and the VM when it
+        cannot be made (the host's memory is full, its disk image is missing...)."""
+        where = f"vm[{index}]"
+        try:
             vm = self.host.create_vm(spec.name, spec.pages, home_node=spec.node, large_pages=spec.large_pages,
                                      contents=spec.contents, seed=spec.seed, budget=spec.budget)
             if spec.disk:
@@ -81,12 +111,10 @@ class ScenarioRun:
                                              contents=spec.disk["contents"], seed=spec.disk["seed"])
                 if spec.disk["page_cache"]:
                     self.host.fill_page_cache(vm, disk, spec.disk["page_cache"])
-            if spec.workload:
-                self.workloads[vm.name] = self.make_workload(spec.workload, vm, f"vm[{spec.name}].workload")
-        self.pacing = Pacing(self.host)  # batches on a real clock
-        self._planned = sum(_step_seconds(s) for s in scenario.timeline) or 1.0
-        self._done = 0.0
-
+        except (UserError, BackendError) as exc:
+            raise ScenarioError(self.scenario.path, where, f"VM {spec.name!r}: {exc}") from None
+        if spec.workload:
+            self.workloads[vm.name] = self.make_workload(spec.workload, vm, f"{where}.workload")
 
     def make_workload(self, spec: dict, vm: VM, where: str):
         """Build a workload from its scenario table for ``vm`` (the rest of a batch of its
@@ -96,13 +124,13 @@ class ScenarioRun:
         kind = spec.get("kind")
         if kind not in registry:
             raise ScenarioError(self.scenario.path, f"{where}.kind",
-                                f"unknown workload {kind!r} (known: {', '.join(registry)})")
+                                f"unknown workload {repr(kind)[:60]} (known: {', '.join(registry)})")
         try:
             workload = registry[kind](dict(spec), vm.pages, vm.seed)
             if hasattr(workload, "bind_disk"):  # a workload that does disk I/O (pagecache)
                 workload.bind_disk(self.host.disk(vm, getattr(workload, "disk", None)))
         except (UserError, BackendError) as exc:
-            raise ScenarioError(self.scenario.path, where, str(exc)) from None
+            raise ScenarioError.within(self.scenario.path, f"{where}: {exc}") from None
         return workload
 
     # -- the guest loop -----------------------------------------------------------------------
@@ -225,18 +253,26 @@ class ScenarioRun:
         started = time.perf_counter()
         actions = self.host.registries["action"]
         timeline = self.scenario.timeline or ({"do": "run", "for": "1s"},)
-        steps = [Step(self, i, dict(s)) for i, s in enumerate(timeline)]
-        for step in steps:
-            if step.action not in actions:
-                raise step.error("do", f"unknown action {step.action!r} (known: {', '.join(actions)})")
         try:
+            steps = [Step(self, i, dict(s)) for i, s in enumerate(timeline)]
+            for step in steps:
+                if step.action not in actions:
+                    raise step.error("do", f"unknown action {step.action[:60]!r} (known: {', '.join(actions)})")
             for step in steps:
                 log.debug("step", index=step.index, action=step.action, time=self.host.now)
                 self.host.metrics.event(self.host.now, "step", action=step.action, index=step.index)
                 actions[step.action](self, step)
                 step.check_unknown()
+        except GuestDied as exc:
+            # A guest killed from outside: the run ends here, with the report of what ran.
+            self.host.metrics.event(self.host.now, "guest_died", error=str(exc))
+            exc.report = self._finish(started)
+            raise
         finally:
             self._workdir.cleanup()
+        return self._finish(started)
+
+    def _finish(self, started: float) -> Report:
         self.host.stop()
         self.host.metrics.sample_memory(self.host)
         return Report.build(self, real_seconds=time.perf_counter() - started)

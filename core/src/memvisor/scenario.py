@@ -7,9 +7,12 @@ See docs/scenarios.md for the whole format.
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 import tomllib
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,41 +21,81 @@ import attrs
 from memvisor import PAGE_SIZE
 from memvisor.errors import ScenarioError, UserError
 from memvisor.host import HostConfig
+from memvisor.limits import MAX_INTEGER
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tib": 1 << 40}
+_DECIMAL_UNITS = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "min": 60.0}
+_NUMBER = re.compile(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([a-zA-Z]*)\s*")
+
+
+def _amount(text: str) -> tuple[Decimal | None, str]:
+    """The number (exact) and the unit of ``"1.5GiB"``-like text of at most 80 characters;
+    ``(None, "")`` when it is not one."""
+    m = _NUMBER.fullmatch(text) if len(text) <= 80 else None
+    return (Decimal(m.group(1)), m.group(2)) if m else (None, "")
+
+
+def _within(value: Any, amount, what: str, limit: float, beyond: str):
+    """``amount`` (read from ``value``) when it is from 0 to ``limit``; else ``ValueError``."""
+    if amount < 0:
+        raise ValueError(f"{what} must not be negative")
+    if amount > limit:
+        raise ValueError(f"{str(value)[:40]!r} is {beyond}")
+    return amount
 
 
 def parse_size(value: Any) -> int:
-    """Bytes from ``"1GiB"``, ``"512MiB"``, ``"4KiB"`` or a plain integer of bytes (binary units:
-    ``GB`` means GiB here, as memory sizes always do)."""
+    """Bytes from ``"1GiB"``, ``"512MiB"``, ``"4KiB"`` (or ``"4K"``), or a plain integer of bytes;
+    at most :data:`memvisor.limits.MAX_SIZE_BYTES`. Binary units only: ``"1GB"`` is refused (it
+    would mean 10^9 bytes, and memory sizes are binary) with a hint."""
+    from memvisor.limits import MAX_SIZE_BYTES, format_bytes
+
     if isinstance(value, bool):
         raise ValueError("a size, such as \"1GiB\"")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size must not be negative")
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ValueError(f"{value!r} is not a size (use e.g. \"1GiB\", \"512MiB\")")
+        size = value
+    elif isinstance(value, str):
+        number, unit = _amount(value)
+        if unit.lower() in _DECIMAL_UNITS:
+            raise ValueError(f"{value!r}: {unit} is a decimal unit; memory sizes use binary units "
+                             f"(\"{number}{_DECIMAL_UNITS[unit.lower()]}\")")
+        if number is None or unit.lower() not in _UNITS:
+            raise ValueError(f"{value[:40]!r} is not a size (use e.g. \"1GiB\", \"512MiB\")")
+        exact = number * _UNITS[unit.lower()]
+        if exact != exact.to_integral_value():
+            raise ValueError(f"{value!r} is not a whole number of bytes")
+        size = int(exact)
+    else:
+        raise ValueError(f"{value!r} is not a size (use e.g. \"1GiB\", \"512MiB\")")
+    return _within(value, size, "a size", MAX_SIZE_BYTES, f"larger than the limit of {format_bytes(MAX_SIZE_BYTES)}")
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from ``"10ms"``, ``"2s"``, ``"1min"`` or a plain number of seconds."""
+    """Seconds from ``"10ms"``, ``"2s"``, ``"1min"`` or a plain number of seconds: finite, not
+    negative and at most :data:`memvisor.limits.MAX_DURATION_S`."""
+    from memvisor.limits import MAX_DURATION_S, finite
+
     if isinstance(value, bool):
         raise ValueError("a duration, such as \"10ms\"")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration must not be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", value)
-        if m and m.group(2) in _TIME_UNITS:
-            return float(m.group(1)) * _TIME_UNITS[m.group(2)]
-    raise ValueError(f"{value!r} is not a duration (use e.g. \"10ms\", \"2s\")")
+        seconds = finite(value, "a duration")
+    elif isinstance(value, str):
+        number, unit = _amount(value)
+        if number is None or unit not in _TIME_UNITS:
+            raise ValueError(f"{value[:40]!r} is not a duration (use e.g. \"10ms\", \"2s\")")
+        seconds = float(number * Decimal(repr(_TIME_UNITS[unit])))
+    else:
+        raise ValueError(f"{value!r} is not a duration (use e.g. \"10ms\", \"2s\")")
+    return _within(value, seconds, "a duration", MAX_DURATION_S,
+                   f"longer than the limit of {MAX_DURATION_S:g} s (a week)")
 
 
 class Table:
@@ -73,24 +116,56 @@ class Table:
         return ScenarioError(self.path, self.key(name), problem)
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        """The value of ``name``, which must be of ``kind``; required when no default is given."""
+        """The value of ``name``, which must be of ``kind``; required when no default is given.
+        A number must be finite and a whole number fit in 64 bits, whatever the key."""
         self._used.add(name)
         if name not in self.data:
             if default is ...:
-                raise self.error(name, "is required")
+                raise self._missing(name)
             return default
         value = self.data[name]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(name, f"must be {names}, got {value!r}")
+            raise self.error(name, f"must be {names}, got {_shown(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(name, f"must be a finite number, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
+            raise self.error(name, f"must fit in 64 bits, got a number of {len(str(abs(value)))} digits")
         return value
 
+    def _missing(self, name: str) -> ScenarioError:
+        """The error for a required key that is absent: a misspelling of it is named first."""
+        unknown = sorted(set(self.data) - self._used)
+        close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6)
+        if close:
+            return self.error(close[0], f"unknown key (did you mean {name!r}?)")
+        return self.error(name, "is required")
+
     def number(self, name: str, default: Any = ..., *, low: float | None = None, high: float | None = None):
-        """A number within ``[low, high]``."""
+        """A finite number within ``[low, high]``."""
         value = self.get(name, (int, float), default)
         if value is not default and ((low is not None and value < low) or (high is not None and value > high)):
             raise self.error(name, f"must be between {low} and {high}, got {value!r}")
+        return value
+
+    def integer(self, name: str, default: Any = ..., *, low: int, high: int) -> int:
+        """A whole number within ``[low, high]`` (every integer a scenario gives has bounds)."""
+        value = self.get(name, int, default)
+        if value is not default and not low <= value <= high:
+            raise self.error(name, f"must be a whole number from {low:,} to {high:,}, got {value!r}")
+        return value
+
+    def name(self, name: str, default: Any = ...) -> str:
+        """A name that becomes a file name or a path segment (:func:`memvisor.files.safe_name`)."""
+        from memvisor.files import safe_name
+
+        value = self.get(name, str, default)
+        if value is not default:
+            try:
+                safe_name(value, "the name")
+            except ValueError as exc:
+                raise self.error(name, str(exc)) from None
         return value
 
     def size(self, name: str, default: Any = ...) -> int:
@@ -98,7 +173,7 @@ class Table:
         self._used.add(name)
         if name not in self.data:
             if default is ...:
-                raise self.error(name, "is required")
+                raise self._missing(name)
             return default
         try:
             return parse_size(self.data[name])
@@ -117,7 +192,7 @@ class Table:
         self._used.add(name)
         if name not in self.data:
             if default is ...:
-                raise self.error(name, "is required")
+                raise self._missing(name)
             return default
         try:
             return parse_duration(self.data[name])
@@ -133,7 +208,8 @@ class Table:
         """Refuse keys that nothing read: a misspelt key must not be silently ignored."""
         unknown = sorted(set(self.data) - self._used)
         if unknown:
-            raise self.error(unknown[0], "unknown key")
+            close = difflib.get_close_matches(unknown[0], sorted(self._used), n=1, cutoff=0.6)
+            raise self.error(unknown[0], "unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 @attrs.frozen
@@ -185,13 +261,20 @@ def _disk(table: Table, vm_pages: int) -> dict[str, Any]:
         raise table.error("size", "give the disk an image path or a size (one of them)")
     if size is not None and (size < PAGE_SIZE or size % PAGE_SIZE):
         raise table.error("size", f"must be a positive multiple of 4KiB, got {table.data.get('size')!r}")
+    if size is not None:  # a generated disk lives in memory
+        from memvisor.limits import check_machine_memory
+
+        try:
+            check_machine_memory(size, "a generated disk")
+        except ValueError as exc:
+            raise table.error("size", str(exc)) from None
     contents_value = table.get("contents", (str, dict), "text")
     try:
         contents = ContentSpec.parse(contents_value, table.key("contents"))
     except UserError as exc:
-        raise ScenarioError(table.path, table.key("contents"), str(exc)) from None
+        raise ScenarioError.within(table.path, exc) from None
     page_cache = table.number("page_cache", 0.0, low=0.0, high=1.0)
-    seed = table.get("seed", int, None)
+    seed = table.integer("seed", None, low=0, high=MAX_INTEGER)
     table.check_unknown()
     return {"path": path, "blocks": None if size is None else size // PAGE_SIZE, "contents": contents,
             "page_cache": float(page_cache), "seed": seed}
@@ -205,55 +288,91 @@ def _budget(table: Table, name: str, base=None):
     try:
         return Budget.parse(budgets.data, table.key(name), base)
     except UserError as exc:
-        raise UserError(f"{table.path}: {exc}") from None
+        raise ScenarioError.within(table.path, exc) from None
 
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check a scenario file."""
     path = Path(path)
+    return parse_scenario(read_toml(path, "scenario file"), path)
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """The table of a TOML file from outside: a regular file of at most
+    :data:`~memvisor.limits.MAX_SCENARIO_BYTES` of UTF-8 text, nested at most
+    :data:`~memvisor.limits.MAX_NESTING` deep. Every problem is a one-line :class:`UserError`."""
+    from memvisor.files import read_regular
+    from memvisor.limits import MAX_SCENARIO_BYTES
+
+    raw = read_regular(path, what, MAX_SCENARIO_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such scenario file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text file: byte {exc.start} is not UTF-8 (a {what} is TOML text)") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
-    return parse_scenario(data, path)
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply") from None
+    check_nesting(data, path)
+    return data
+
+
+def check_nesting(data: Any, path: Path | str) -> None:
+    """:class:`UserError` when tables and arrays nest deeper than
+    :data:`~memvisor.limits.MAX_NESTING` (walked without recursion)."""
+    from memvisor.limits import MAX_NESTING
+
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise UserError(f"{path}: tables or arrays nested more than {MAX_NESTING} deep")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> Scenario:
     """Check a scenario given as a dict (as TOML would give it)."""
     from memvisor.contents import ContentSpec
+    from memvisor.limits import (
+        MAX_BATCH,
+        MAX_DURATION_S,
+        MAX_HANDLER_THREADS,
+        MAX_TIMELINE_STEPS,
+        MAX_VMS,
+        MIN_TICK_S,
+        check_machine_memory,
+    )
 
+    check_nesting(data, path)
     top = Table(path, "", data)
     name = top.get("name", str, Path(str(path)).stem)
     description = top.get("description", str, "")
-    seed = top.get("seed", int, 0)
+    seed = top.integer("seed", 0, low=0, high=MAX_INTEGER)
 
     host = top.table("host")
     memory_pages = host.pages("memory")
-    numa_nodes = host.get("numa_nodes", int, 1)
-    if not 1 <= numa_nodes <= 64:
-        raise host.error("numa_nodes", f"must be between 1 and 64, got {numa_nodes}")
+    try:
+        check_machine_memory(memory_pages * PAGE_SIZE, "a host")
+    except ValueError as exc:
+        raise host.error("memory", str(exc)) from None
+    numa_nodes = host.integer("numa_nodes", 1, low=1, high=64)
     backend = host.get("backend", str, "emulator")
     tick = host.duration("tick", 0.01)
-    if tick <= 0:
-        raise host.error("tick", "must be positive")
-    batch = host.get("batch", int, 65536)
-    if batch < 1:
-        raise host.error("batch", "must be at least 1")
+    if not MIN_TICK_S <= tick <= MAX_DURATION_S:
+        raise host.error("tick", f"must be from {MIN_TICK_S * 1e6:g} us to a week, got {host.data['tick']!r}")
+    batch = host.integer("batch", 65536, low=1, high=MAX_BATCH)
     low = host.number("low_watermark", 0.02, low=0.0, high=1.0)
     high = host.number("high_watermark", 0.05, low=0.0, high=1.0)
     if high < low:
         raise host.error("high_watermark", f"must not be below low_watermark ({low})")
     costs = host.table("costs").data
     backend_options = dict(host.table("backend_options").data)
-    handler_threads = host.get("handler_threads", int, 1)
-    if handler_threads < 1:
-        raise host.error("handler_threads", "must be at least 1")
+    handler_threads = host.integer("handler_threads", 1, low=1, high=MAX_HANDLER_THREADS)
     default_budget = _budget(host, "budgets")
     from memvisor.identity import MODELS
 
@@ -270,33 +389,38 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
     vm_tables = top.get("vm", list, [])
     if not vm_tables:
         raise top.error("vm", "at least one [[vm]] table is required")
+    if len(vm_tables) > MAX_VMS:
+        raise top.error("vm", f"{len(vm_tables):,} VMs; a scenario has at most {MAX_VMS:,}")
     vms, names = [], set()
     for i, raw in enumerate(vm_tables):
         vm = Table(path, f"vm[{i}]", raw)
-        vm_name = vm.get("name", str, f"vm{i}")
+        vm_name = vm.name("name", f"vm{i}")
         if vm_name in names:
             raise vm.error("name", f"two VMs are named {vm_name!r}")
         names.add(vm_name)
         pages = vm.pages("memory")
-        node = vm.get("node", int, 0)
-        if not 0 <= node < numa_nodes:
-            raise vm.error("node", f"must be a NUMA node of the host (0..{numa_nodes - 1}), got {node}")
+        if pages > memory_pages:
+            raise vm.error("memory", f"VM {vm_name!r} of {pages * PAGE_SIZE >> 20} MiB is larger than the host's "
+                                     f"{memory_pages * PAGE_SIZE >> 20} MiB")
+        node = vm.integer("node", 0, low=0, high=numa_nodes - 1)
         large = vm.get("large_pages", bool, False)
         contents_value = vm.get("contents", (str, dict), None)
         try:
             contents = None if contents_value is None else ContentSpec.parse(contents_value, vm.key("contents"))
         except UserError as exc:
-            raise ScenarioError(path, vm.key("contents"), str(exc)) from None
+            raise ScenarioError.within(path, exc) from None
         workload = vm.get("workload", dict, {})
         if workload and "kind" not in workload:
             raise vm.error("workload", "needs a kind, e.g. { kind = \"zipf\" }")
-        vm_seed = vm.get("seed", int, None)
+        vm_seed = vm.integer("seed", None, low=0, high=MAX_INTEGER)
         disk = _disk(vm.table("disk", None), pages) if "disk" in vm.data else None
         budget = _budget(vm, "budgets", default_budget) if "budgets" in vm.data else None
         vm.check_unknown()
         vms.append(VMSpec(vm_name, pages, node, large, contents, workload, vm_seed, disk, budget))
 
     timeline = top.get("timeline", list, [])
+    if len(timeline) > MAX_TIMELINE_STEPS:
+        raise top.error("timeline", f"{len(timeline):,} steps; a timeline has at most {MAX_TIMELINE_STEPS:,}")
     for i, step in enumerate(timeline):
         if not isinstance(step, dict) or not isinstance(step.get("do"), str):
             raise ScenarioError(path, f"timeline[{i}].do", "each step needs do = \"ACTION\" (e.g. \"run\")")

@@ -32,6 +32,8 @@ import zstandard
 
 from memvisor import PAGE_SIZE
 from memvisor.errors import TraceError
+from memvisor.files import open_regular
+from memvisor.limits import BoundedZstdReader, check_budget, format_bytes, memory_budget
 
 FORMATS = ("npy", "csv", "oracleGeneral")
 """Trace formats that :func:`load_trace` reads (``fmt`` values, case-insensitive)."""
@@ -104,9 +106,9 @@ def load_trace(path: str | os.PathLike, *, address: bool = False, fmt: str | Non
         if fmt == "npy":
             pages, writes = _read_npy_trace(name, compressed, address)
         elif fmt == "csv":
-            pages, writes = _parse_csv(_read_bytes(name, compressed), name, address)
+            pages, writes = _parse_csv(_read_bytes(name, compressed, CSV_MEMORY_FACTOR), name, address)
         else:
-            pages, writes = _parse_oracle_general(_read_bytes(name, compressed), name, address)
+            pages, writes = _parse_oracle_general(_read_bytes(name, compressed, BINARY_MEMORY_FACTOR), name, address)
     except TraceError:
         raise
     except zstandard.ZstdError as error:
@@ -144,89 +146,54 @@ def _resolve_format(name: str, compressed: bool, fmt: str | None) -> str:
 def _starts_with_npy_magic(name: str, compressed: bool) -> bool:
     """Whether the (decompressed) file starts like a ``.npy`` file."""
     try:
-        with _open(name, compressed) as fh:
+        with _open(name, compressed, _limit(name, BINARY_MEMORY_FACTOR)) as fh:
             return fh.read(len(_NPY_MAGIC)) == _NPY_MAGIC
     except Exception:  # unreadable or corrupt: the caller reports an unknown format
         return False
 
 
 def _has_zstd_magic(name: str) -> bool:
-    with open(name, "rb") as fh:
+    with os.fdopen(open_regular(name, "trace file", lambda path, problem: TraceError(f"{path}: {problem}")),
+                   "rb") as fh:
         return fh.read(4) == _ZSTD_MAGIC
 
 
-class _ZstdReader:
-    """A file-like reader of zstd data that notices truncation.
+CSV_MEMORY_FACTOR = 40
+"""Bytes of memory parsing one byte of csv text takes at most (offsets of every field and
+line, their values; measured about 35 on one-column traces)."""
+BINARY_MEMORY_FACTOR = 3
+"""The same for ``.npy`` and oracleGeneral data (the array, its int64 copy)."""
 
-    python-zstandard's ``stream_reader`` returns a truncated frame's data without complaint;
-    this reader raises :class:`TraceError` when the input ends inside a frame. Concatenated
-    frames (``pzstd``, ``cat a.zst b.zst``) read as one stream.
-    """
 
-    _INPUT_CHUNK = 1 << 16  # small: zstd expands 100x and more on page traces
+def _limit(name: str, factor: int) -> int:
+    """The most (decompressed) bytes of trace ``name`` that fit this machine's memory budget
+    once parsed, ``factor`` bytes per byte."""
+    return memory_budget() // factor
 
-    def __init__(self, raw: IO[bytes], name: str):
-        self._raw, self._name = raw, name
-        # The shared traces were made with ``zstd --long=31``: a 2 GiB window.
-        self._decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-        self._frame = self._decompressor.decompressobj()
-        self._in_frame = False
-        self._pending = memoryview(b"")
 
-    def _more(self) -> bool:
-        """Decompress more input into ``_pending``; False at the end of the data."""
-        while True:
-            data = self._raw.read(self._INPUT_CHUNK)
-            if not data:
-                if self._in_frame:
-                    raise TraceError(f"{self._name}: truncated: the zstd data ends in the middle of a frame")
-                return False
-            out = []
-            while data:
-                out.append(self._frame.decompress(data))
-                self._in_frame = not self._frame.eof
-                data = b""
-                if self._frame.eof:
-                    data = self._frame.unused_data
-                    self._frame = self._decompressor.decompressobj()
-            joined = b"".join(out)
-            if joined:
-                self._pending = memoryview(joined)
-                return True
-
-    def readinto(self, buffer: memoryview) -> int:
-        """Copy up to ``len(buffer)`` bytes into ``buffer``; 0 only at the end of the data."""
-        if not self._pending and not self._more():
-            return 0
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (all the rest if negative); fewer only at the end of the data."""
-        if size < 0:
-            parts = [bytes(self._pending)]
-            self._pending = memoryview(b"")
-            while self._more():
-                parts.append(bytes(self._pending))
-                self._pending = memoryview(b"")
-            return b"".join(parts)
-        buffer = bytearray(size)
-        got = _read_exactly(self, memoryview(buffer))
-        return bytes(buffer[:got])
+def _trace_error(name: str):
+    return lambda problem: TraceError(f"{name}: {problem}")
 
 
 @contextlib.contextmanager
-def _open(name: str, compressed: bool) -> Iterator[IO[bytes] | _ZstdReader]:
-    """The file for reading, through a decompressing reader when it is zstd data."""
-    with open(name, "rb") as raw:
-        yield _ZstdReader(raw, name) if compressed else raw
+def _open(name: str, compressed: bool, limit: int) -> Iterator[IO[bytes] | BoundedZstdReader]:
+    """The file for reading, a regular file only; compressed data through a reader that
+    refuses to decompress more than ``limit`` bytes (a file of ``limit`` bytes at most)."""
+    with os.fdopen(open_regular(name, "trace file", lambda path, problem: TraceError(f"{path}: {problem}")),
+                   "rb") as raw:
+        if compressed:
+            yield BoundedZstdReader(raw, limit, _trace_error(name), max_window=_ZSTD_MAX_WINDOW)
+            return
+        size = os.fstat(raw.fileno()).st_size
+        if size > limit:
+            raise TraceError(f"{name}: a trace of {format_bytes(size)} needs more memory to read than this "
+                             f"machine can give now ({format_bytes(memory_budget())})")
+        yield raw
 
 
-def _read_bytes(name: str, compressed: bool) -> bytes:
-    """The whole (decompressed) file."""
-    with _open(name, compressed) as fh:
+def _read_bytes(name: str, compressed: bool, factor: int) -> bytes:
+    """The whole (decompressed) file, refused when parsing it would not fit in memory."""
+    with _open(name, compressed, _limit(name, factor)) as fh:
         return fh.read()
 
 
@@ -249,7 +216,7 @@ def _read_exactly(fh: IO[bytes], buffer: memoryview) -> int:
 
 def _read_npy(name: str, compressed: bool, what: str) -> np.ndarray:
     """Read a 1-d integer ``.npy`` array, streaming it (decompressed) straight into its buffer."""
-    with _open(name, compressed) as fh:
+    with _open(name, compressed, _limit(name, BINARY_MEMORY_FACTOR)) as fh:
         magic = fh.read(len(_NPY_MAGIC))
         if not magic:
             raise TraceError(f"{name}: empty file")
@@ -263,6 +230,10 @@ def _read_npy(name: str, compressed: bool, what: str) -> np.ndarray:
         else:
             raise TraceError(f"{name}: unsupported .npy version {version[0]}.{version[1]}")
         _check_npy_header(name, what, shape, dtype)
+        try:  # the header's size is checked before anything is allocated on its word
+            check_budget(BINARY_MEMORY_FACTOR * shape[0] * dtype.itemsize, f"{shape[0]:,} {what}")
+        except ValueError as exc:
+            raise TraceError(f"{name}: {exc}") from None
         array = np.empty(shape, dtype)
         got = _read_exactly(fh, memoryview(array).cast("B"))
         if got != array.nbytes:

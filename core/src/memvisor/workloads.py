@@ -441,12 +441,12 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[Any
     return check
 
 
-def _integer(low: int) -> Callable[[Any], int]:
+def _integer(low: int, high: int = 2**62) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Problem(f"expected a whole number, got {value!r}")
-        if value < low:
-            raise _Problem(f"must be at least {low}, got {value!r}")
+        if not low <= value <= high:
+            raise _Problem(f"must be from {low} to {high}, got {value!r}")
         return value
 
     return check
@@ -473,7 +473,7 @@ def _pages_or_fraction(value: Any) -> int | float:
     """A page count (int) or a fraction of the VM (float in [0, 1]); resolved by the factory."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Problem(f"expected a page count or a fraction of the VM, got {value!r}")
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:  # NaN too
         raise _Problem(f"a fraction of the VM must be in [0, 1] (give a whole number for pages), got {value!r}")
     if value < 0:
         raise _Problem(f"must not be negative, got {value!r}")
@@ -649,7 +649,7 @@ def _parts(value: Any) -> list[Mapping[str, Any]]:
         if not isinstance(part, Mapping):
             raise _Problem(f"[{index}]: expected a workload table, got {part!r}")
         weight = part.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
             raise _Problem(f"[{index}]: weight: expected a positive number, got {weight!r}")
     return list(value)
 

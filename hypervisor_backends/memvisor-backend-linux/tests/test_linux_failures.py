@@ -132,3 +132,55 @@ def test_a_hook_that_raises_stops_the_guest_instead_of_hanging(clean):
     with pytest.raises(BackendError, match="'buggy'.*died"):
         host.access(vm, np.arange(8), np.zeros(8, bool))
     host.destroy_vm(vm)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def test_memvisor_run_with_a_killed_guest_says_which_vm_died_and_writes_the_report(tmp_path):
+    """`memvisor run` whose guest process is killed: one line naming the VM and the signal,
+    exit status 2, and the report of what ran (report.json and report.html)."""
+    import json
+    import time
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(textwrap.dedent("""\
+        [host]
+        backend = "linux"
+        memory = "64MiB"
+        [[vm]]
+        name = "web"
+        memory = "16MiB"
+        workload = { kind = "uniform", write_fraction = 0.3 }
+        [[timeline]]
+        do = "run"
+        for = "60s"
+    """))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "memvisor", "run", str(scenario), "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        guests = []
+        while not guests and time.monotonic() < deadline:
+            time.sleep(0.2)
+            guests = _children(proc.pid)
+        assert guests, "the guest process never started"
+        time.sleep(1.0)  # let it run a few batches
+        os.kill(guests[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "VM 'web': its guest process died (killed by signal 9)" in lines[0], stderr
+    report = json.loads((out / "report.json").read_text())
+    (died,) = [e for e in report["core"]["events"] if e["kind"] == "guest_died"]
+    assert "'web'" in died["error"] and "web" in report["vms"] and (out / "report.html").is_file()

@@ -51,7 +51,7 @@ def test_compare_prints_a_table_and_writes_json_and_a_plot(tmp_path):
     (["--vm-gib", "big"], "--vm-gib: expected a number"),
     (["--vm-gib", "0"], "--vm-gib: must be at least"),
     (["--pre", "-1"], "--pre: must be between 0 and 3600 seconds"),
-    (["--json", "/nonexistent/dir/out.json"], "--json: /nonexistent/dir/out.json: the folder does not exist"),
+    (["--json", "/nonexistent/dir/out.json"], "--json: /nonexistent/dir/out.json: no folder /nonexistent/dir"),
 ])
 def test_bad_input_is_one_line_and_status_2(args, message):
     """A mistake on the command line is one line on standard error and exit status 2."""

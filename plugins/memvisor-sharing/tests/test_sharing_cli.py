@@ -91,13 +91,14 @@ def test_sharing_estimate_stays_exact_when_every_fingerprint_collides(tmp_path, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["/nonexistent/mem.raw"], "/nonexistent/mem.raw: no such file"),
-    (["{short}"], "is not a multiple of 4096"),
-    (["{empty}"], "the image is empty"),
+    (["/nonexistent/mem.raw"], "/nonexistent/mem.raw: no such memory image"),
+    (["{short}"], "5000 bytes is not a whole number of 4 KiB pages"),
+    (["{empty}"], "an empty file"),
     (["{good}", "--large-page", "3K"], "--large-page: '3K' is not a positive multiple of 4096"),
     (["{good}", "--large-page", "big"], "--large-page: 'big' is not a size"),
     ([], "give at least one IMAGE or --pid"),
-    (["--pid", "999999999"], "--pid 999999999: no such process"),
+    (["--pid", "999999999"], "'--pid': 999999999 is not in the range"),
+    (["--pid", "4194303"], "--pid 4194303: no such process"),
 ])
 def test_sharing_estimate_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
     """Missing file, a size that is not whole pages, a bad --large-page, no input, no process."""

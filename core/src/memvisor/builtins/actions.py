@@ -9,8 +9,8 @@ from memvisor import hookimpl
 def run(run, step):
     """``do = "run"``: run the guests' workloads ``for`` a duration or for ``accesses``
     accesses per VM (``vms`` limits it to some VMs)."""
-    seconds = step.duration("for", None)
-    accesses = step.get("accesses", int, None)
+    seconds = step.span("for", None)
+    accesses = step.integer("accesses", None, low=1, high=10**12)
     if seconds is None and accesses is None:
         raise step.error("for", "run needs for = DURATION or accesses = N")
     run.run_guests(seconds=seconds, accesses=accesses, vms=step.vms())
@@ -18,7 +18,7 @@ def run(run, step):
 
 def idle(run, step):
     """``do = "idle"``: let time pass ``for`` a duration with no guest activity (ticks fire)."""
-    seconds = step.duration("for")
+    seconds = step.span("for")
     run.host.advance(seconds)
     run._done += seconds
 
@@ -36,15 +36,15 @@ def pressure(run, step):
     from memvisor import PAGE_SIZE
 
     target = step.size("target_free") // PAGE_SIZE
+    if target > run.host.backend.total_pages():
+        raise step.error("target_free", "is more than the host's memory")
     run.host.check_pressure(target_free_pages=target)
 
 
 def move_vcpus(run, step):
     """``do = "move_vcpus"``: move VM ``vm``'s virtual CPUs to NUMA ``node``."""
     vm = step.vm()
-    node = step.get("node", int)
-    if not 0 <= node < run.host.backend.numa_nodes:
-        raise step.error("node", f"the host has NUMA nodes 0..{run.host.backend.numa_nodes - 1}")
+    node = step.integer("node", low=0, high=run.host.backend.numa_nodes - 1)
     run.host.move_vcpus(vm, node)
 
 
@@ -58,24 +58,27 @@ def create_vm(run, step):
     fit, the step fails with one line naming it."""
     from memvisor import PAGE_SIZE
     from memvisor.contents import ContentSpec
-    from memvisor.errors import UserError
+    from memvisor.errors import ScenarioError, UserError
+    from memvisor.limits import MAX_VMS
 
     host = run.host
-    name = step.get("name", str)
+    name = step.name("name")
     if name in host.vms:
         raise step.error("name", f"a VM named {name!r} exists already")
+    if len(host.vms) >= MAX_VMS:
+        raise step.error("name", f"the host has {MAX_VMS:,} VMs, the most a scenario may create")
     pages = step.pages("memory")
-    node = step.get("node", int, 0)
-    if not 0 <= node < host.backend.numa_nodes:
-        raise step.error("node", f"the host has NUMA nodes 0..{host.backend.numa_nodes - 1}")
+    if pages > host.backend.total_pages():
+        raise step.error("memory", f"VM {name!r} is larger than the host's memory")
+    node = step.integer("node", 0, low=0, high=host.backend.numa_nodes - 1)
     contents_value = step.get("contents", (str, dict), None)
     try:
         contents = None if contents_value is None else ContentSpec.parse(contents_value, step.key("contents"))
     except UserError as exc:
-        raise step.error("contents", str(exc)) from None
+        raise ScenarioError.within(step.path, exc) from None
     spec = step.get("workload", dict, {})
     large = step.get("large_pages", bool, False)
-    seed = step.get("seed", int, None)
+    seed = step.integer("seed", None, low=0, high=2**63 - 1)
     budget = None
     if "budgets" in step.data:
         from memvisor.budgets import Budget
@@ -83,7 +86,7 @@ def create_vm(run, step):
         try:
             budget = Budget.parse(step.table("budgets").data, step.key("budgets"), host.config.budget)
         except UserError as exc:
-            raise UserError(f"{step.path}: {exc}") from None
+            raise ScenarioError.within(step.path, exc) from None
     margin = int(host.config.high_watermark * host.backend.total_pages())
     if host.backend.free_pages() < pages + margin:
         host.check_pressure(target_free_pages=pages + margin)

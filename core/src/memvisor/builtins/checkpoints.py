@@ -5,11 +5,11 @@ actions, the ``memvisor checkpoint`` command over raw memory images, and the rep
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from memvisor import hookimpl
+from memvisor import PAGE_SIZE, hookimpl
+from memvisor.cli import InputFile, OutputFile, Size
 from memvisor.report import ReportSection
 
 # -- timeline actions ---------------------------------------------------------------------------
@@ -24,19 +24,34 @@ def _key(step):
     return load_key(key_file)
 
 
+def _buffer(step) -> int:
+    from memvisor.checkpoint.layout import MAX_BUFFER_BYTES
+
+    size = step.size("buffer", 4 << 20)
+    if not 1 <= size <= MAX_BUFFER_BYTES:
+        raise step.error("buffer", f"must be from 1 byte to {MAX_BUFFER_BYTES >> 20} MiB, got {step.data['buffer']!r}")
+    return size
+
+
 def checkpoint(run, step):
     """``do = "checkpoint"``: save VM ``vm`` as checkpoint ``name`` (kept in the run's work
-    folder); ``lazy`` (default: whatever the enabled plugins do) asks for a lazy or a
-    stop-the-world save. A lazy save runs alongside the guests: the step runs the guests until
-    it is done. ``block_pages``, ``buffer`` (a size) and ``level`` tune the file."""
+    folder; a name is letters, digits, ``.``, ``_`` and ``-``); ``lazy`` (default: whatever
+    the enabled plugins do) asks for a lazy or a stop-the-world save. A lazy save runs
+    alongside the guests: the step runs the guests until it is done. ``block_pages`` (1 to
+    8192), ``buffer`` (a size, at most 256 MiB) and ``level`` (zstd, -7 to 22) tune the
+    file."""
+    from memvisor.checkpoint.layout import MAX_PAGE_BLOCK_BYTES
+    from memvisor.checkpoint.writer import MIN_LEVEL
     from memvisor.events import SaveRequest
+    from memvisor.files import path_inside
 
     vm = step.vm()
-    name = step.get("name", str, f"{vm.name}-{step.index}")
+    name = step.name("name", f"{vm.name}-{step.index}")
     request = SaveRequest(
-        str(run.workdir / f"{name}.ckpt"), lazy=step.get("lazy", bool, None),
-        block_pages=step.get("block_pages", int, 64), buffer_bytes=step.size("buffer", 4 << 20),
-        level=step.get("level", int, 1), key=_key(step), time=run.host.now)
+        str(path_inside(run.workdir, name, ".ckpt")), lazy=step.get("lazy", bool, None),
+        block_pages=step.integer("block_pages", 64, low=1, high=MAX_PAGE_BLOCK_BYTES // PAGE_SIZE),
+        buffer_bytes=_buffer(step), level=step.integer("level", 1, low=MIN_LEVEL, high=22), key=_key(step),
+        time=run.host.now)
     job = run.host.save_checkpoint(vm, request)
     run.checkpoints[name] = request.path
     limit = run.host.now + step.duration("timeout", 600.0)
@@ -57,7 +72,7 @@ def restore(run, step):
     vm = step.vm()
     name = step.get("name", str)
     if name not in run.checkpoints:
-        raise step.error("name", f"no checkpoint named {name!r} was taken before this step")
+        raise step.error("name", f"no checkpoint named {name[:60]!r} was taken before this step")
     request = RestoreRequest(run.checkpoints[name], lazy=step.get("lazy", bool, None), key=_key(step),
                              time=run.host.now)
     run.host.restore_checkpoint(vm, request)
@@ -68,7 +83,9 @@ def restore(run, step):
 
 def _write_json(path, stats) -> None:
     if path:
-        Path(path).write_text(json.dumps(stats.to_json(), indent=2) + "\n")
+        from memvisor.files import atomic_write
+
+        atomic_write(path, json.dumps(stats.to_json(), indent=2) + "\n")
 
 
 def _progress(label: str):
@@ -87,27 +104,21 @@ def checkpoint_command():
 
 
 @checkpoint_command.command("save")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("image", type=InputFile("memory image"))
+@click.argument("out", type=OutputFile("checkpoint"))
 @click.option("--block-pages", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Pages per page block (unit of compression and of lazy restore).")
-@click.option("--buffer", "buffer_size", default="4MiB", show_default=True,
-              help="Staging buffer: one storage block is written per full buffer.")
+@click.option("--buffer", "buffer_bytes", type=Size(1, 256 << 20), default="4MiB", show_default=True,
+              help="Staging buffer (binary units, at most 256MiB): one storage block is written per full buffer.")
 @click.option("--level", type=click.IntRange(-7, 22), default=1, show_default=True, help="zstd level.")
-@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Add a keyed MAC (BLAKE2b).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
-def save_command(image, out, block_pages, buffer_size, level, key_file, json_out):
+@click.option("--key-file", type=InputFile("key file"), default=None, help="Add a keyed MAC (BLAKE2b).")
+@click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures as JSON.")
+def save_command(image, out, block_pages, buffer_bytes, level, key_file, json_out):
     """Save a raw memory IMAGE as checkpoint OUT (stop-the-world)."""
     from memvisor.checkpoint import save_image
-    from memvisor.errors import UserError
-    from memvisor.scenario import parse_size
+    from memvisor.files import image_pages
 
-    try:
-        buffer_bytes = parse_size(buffer_size)
-    except ValueError as exc:
-        raise UserError(f"--buffer: {exc}") from None
-    if not Path(image).is_file():
-        raise UserError(f"{image}: no such image file")
+    image_pages(image)
     progress, update = _progress("saving")
     with progress:
         stats = save_image(image, out, progress=update, block_pages=block_pages, buffer_bytes=buffer_bytes,
@@ -118,10 +129,10 @@ def save_command(image, out, block_pages, buffer_size, level, key_file, json_out
 
 
 @checkpoint_command.command("restore")
-@click.argument("ckpt", type=click.Path(dir_okay=False))
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Refuse a file without a valid MAC.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
+@click.argument("ckpt", type=InputFile("checkpoint"))
+@click.argument("image", type=OutputFile("memory image"))
+@click.option("--key-file", type=InputFile("key file"), default=None, help="Refuse a file without a valid MAC.")
+@click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures as JSON.")
 def restore_command(ckpt, image, key_file, json_out):
     """Write checkpoint CKPT back as a raw memory IMAGE, byte for byte (eager)."""
     from memvisor.checkpoint import restore_image
@@ -134,7 +145,7 @@ def restore_command(ckpt, image, key_file, json_out):
 
 
 @checkpoint_command.command("inspect")
-@click.argument("ckpt", type=click.Path(dir_okay=False))
+@click.argument("ckpt", type=InputFile("checkpoint"))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_command(ckpt, as_json):
     """Show a checkpoint's header, blocks and page map."""
@@ -155,8 +166,8 @@ def inspect_command(ckpt, as_json):
 
 
 @checkpoint_command.command("verify")
-@click.argument("ckpt", type=click.Path(dir_okay=False))
-@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Check the keyed MAC too.")
+@click.argument("ckpt", type=InputFile("checkpoint"))
+@click.option("--key-file", type=InputFile("key file"), default=None, help="Check the keyed MAC too.")
 def verify_command(ckpt, key_file):
     """Check every block of a checkpoint (checksums, sizes, MAC with --key-file)."""
     from memvisor.checkpoint import CheckpointReader

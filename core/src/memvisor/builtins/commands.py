@@ -7,7 +7,11 @@ import json
 import click
 
 from memvisor import hookimpl
-from memvisor.errors import UserError
+from memvisor.cli import InputFile, OutputDir
+from memvisor.errors import GuestDied, UserError
+
+SEED = click.IntRange(0, 2**63 - 1)
+"""A seed on the command line: a whole number that fits in 64 bits."""
 
 
 def _console():
@@ -17,11 +21,11 @@ def _console():
 
 
 @click.command()
-@click.argument("scenario", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", default="memvisor-report", show_default=True, type=click.Path(file_okay=False),
+@click.argument("scenario", type=InputFile("scenario file"))
+@click.option("--out", "out_dir", default="memvisor-report", show_default=True, type=OutputDir(),
               help="Folder for report.json, report.html and the plots.")
 @click.option("--backend", default=None, help="Run on this backend instead of the scenario's.")
-@click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
+@click.option("--seed", type=SEED, default=None, help="Override the scenario's seed.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 def run(scenario, out_dir, backend, seed, quiet):
     """Run a SCENARIO file and write its report to --out."""
@@ -31,7 +35,7 @@ def run(scenario, out_dir, backend, seed, quiet):
     from memvisor.scenario import load_scenario
 
     spec = load_scenario(scenario)
-    if backend:
+    if backend is not None:
         spec = spec.with_backend(backend)
     if seed is not None:
         spec = spec.with_seed(seed)
@@ -41,7 +45,11 @@ def run(scenario, out_dir, backend, seed, quiet):
                   disable=quiet or not console.is_terminal, transient=True) as progress:
         task = progress.add_task(spec.name, total=1.0, status="setting up")
         scenario_run = ScenarioRun(spec, lambda done, status: progress.update(task, completed=done, status=status))
-        report = scenario_run.run()
+        try:
+            report = scenario_run.run()
+        except GuestDied as exc:  # the report of what ran, then the one line
+            page = exc.report.write(out_dir)
+            raise UserError(f"{scenario}: {exc} (the report of what ran: {page})") from None
         progress.update(task, status="writing report")
         page = report.write(out_dir)
     if not quiet:
@@ -87,7 +95,7 @@ def _plugin_rows(show_all: bool, hook: str | None) -> list[dict]:
         rows.append({"name": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
                      "hooks": hooks_of(pm, registered) if registered is not None else [], "builtin": False,
                      "error": plugin.error})
-    if hook:
+    if hook is not None:
         rows = [r for r in rows if hook in r["hooks"]]
     return rows
 
@@ -106,8 +114,8 @@ def plugins(as_json, show_all, hook):
     """List installed plugins, their versions and the hooks each implements."""
     from memvisor.hookspecs import HOOK_NAMES
 
-    if hook and hook not in HOOK_NAMES:
-        raise UserError(f"--hook: no hook named {hook!r}")
+    if hook is not None and hook not in HOOK_NAMES:
+        raise UserError(f"--hook: no hook named {hook[:80]!r}")
     rows = _plugin_rows(show_all, hook)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from memvisor import PAGE_SIZE, hookimpl
+from memvisor.cli import InputFile, OutputDir, OutputFile
 from memvisor.identity import rows_equal
 from memvisor.report import ReportSection
 
@@ -20,10 +21,10 @@ def _options(step):
     from memvisor.migration import MigrationOptions
 
     return MigrationOptions(
-        max_rounds=step.get("max_rounds", int, 30), stop_pages=step.get("stop_pages", int, 256),
-        postcopy=step.get("postcopy", bool, False), records=step.get("records", bool, True),
-        zero_pages=step.get("zero_pages", bool, True),
-        level=step.get("level", int, 1) if step.get("compress", bool, True) else None)
+        max_rounds=step.integer("max_rounds", 30, low=1, high=1000),
+        stop_pages=step.integer("stop_pages", 256, low=0, high=2**40), postcopy=step.get("postcopy", bool, False),
+        records=step.get("records", bool, True), zero_pages=step.get("zero_pages", bool, True),
+        level=step.integer("level", 1, low=-7, high=22) if step.get("compress", bool, True) else None)
 
 
 def migrate(run, step):
@@ -35,17 +36,31 @@ def migrate(run, step):
     ``zero_pages``, ``compress``, ``level``, ``verify`` (default true: the destination's memory
     is compared with the source's at switch-over). The destination is discarded afterwards and
     the VM keeps running on the source: the step measures what the migration costs."""
-    from memvisor.checkpoint.vm import make_present
     from memvisor.host import Host
     from memvisor.migration import LiveMigration
 
     vm = step.vm()
     options = _options(step)
-    postcopy_for = step.duration("postcopy_for", 0.01)
+    postcopy_for = step.span("postcopy_for", 0.01)
     verify = step.get("verify", bool, True)
     source = run.host
     destination = Host(source.config, list(run.scenario.plugins))
     migration = LiveMigration(source, vm, destination, options)
+    try:
+        record = _migrate(run, migration, options, postcopy_for, verify)
+    finally:
+        destination.stop()
+    source.migrations.append(record)
+    source.metrics.event(source.now, "migration", vm=vm.name, total_s=record["total_s"],
+                         downtime_s=record["downtime_s"], bytes_sent=record["bytes_sent"])
+
+
+def _migrate(run, migration, options, postcopy_for: float, verify: bool) -> dict:
+    """Run ``migration`` (post-copy: the VM's workload on the destination for ``postcopy_for``)
+    and return its figures, checked against the source at switch-over when ``verify``."""
+    from memvisor.checkpoint.vm import make_present
+
+    source, destination, vm = migration.source, migration.destination, migration.vm
     migration.run(lambda seconds: run.run_guests(seconds=seconds))
     snapshot = None
     if verify:
@@ -76,10 +91,7 @@ def migrate(run, step):
             differ = np.flatnonzero(compared & ~same)
             raise AssertionError(f"migration of VM {vm.name!r}: {len(differ)} pages of the destination differ "
                                  f"from the source at switch-over (first: {differ[:8].tolist()})")
-    destination.stop()
-    source.migrations.append(record)
-    source.metrics.event(source.now, "migration", vm=vm.name, total_s=record["total_s"],
-                         downtime_s=record["downtime_s"], bytes_sent=record["bytes_sent"])
+    return record
 
 
 def memory_error(run, step):
@@ -89,9 +101,9 @@ def memory_error(run, step):
     page gets a private copy first). Plugins repair what they can
     (:func:`memvisor_memory_error`); the others are reported to the guest as lost."""
     vm = step.vm()
-    count = step.get("pages", int, 16)
-    bits = step.get("bits", int, 1)
-    rng = np.random.default_rng(step.get("seed", int, step.index))
+    count = step.integer("pages", 16, low=0, high=vm.pages)
+    bits = step.integer("bits", 1, low=1, high=PAGE_SIZE * 8)
+    rng = np.random.default_rng(step.integer("seed", step.index, low=0, high=2**63 - 1))
     host = run.host
     present = np.flatnonzero(host.backend.present(vm))
     pages = np.sort(rng.choice(present, size=min(count, len(present)), replace=False))
@@ -145,20 +157,25 @@ def migrate_image(image: str, disk: str | None, plugins: list[str], settings: di
     pages as references to ``disk`` and its settings (None without a disk or when it is not
     installed)."""
     from memvisor.errors import UserError
+    from memvisor.files import image_pages
     from memvisor.host import Host, HostConfig
+    from memvisor.limits import format_bytes, machine_memory
     from memvisor.migration import LiveMigration
 
     referrer = None
     if disk and options.records:
         plugins, settings, referrer = disk_reference_plugins(plugins, settings)
     path = Path(image)
-    if not path.is_file():
-        raise UserError(f"{image}: no such memory image")
-    pages = path.stat().st_size // PAGE_SIZE
-    if pages == 0:
-        raise UserError(f"{image}: a memory image needs at least one 4 KiB page")
+    pages = image_pages(path)
+    host_bytes = (pages + 1024) * PAGE_SIZE
+    if 2 * host_bytes > machine_memory():  # the source and the destination each hold the image
+        raise UserError(f"{image}: migrating it takes two hosts of {format_bytes(host_bytes)}, more than this "
+                        f"machine's memory ({format_bytes(machine_memory())})")
     config = HostConfig(memory_pages=pages + 1024, plugin_settings=settings)
-    source, destination = Host(config, plugins), Host(config, plugins)
+    try:
+        source, destination = Host(config, plugins), Host(config, plugins)
+    except UserError as exc:
+        raise UserError(f"--plugin/--set: {exc}") from None
     vm = source.create_vm("image", pages)
     memory = np.memmap(path, dtype=np.uint8, mode="r", shape=(pages, PAGE_SIZE))
     for start in range(0, pages, 16384):
@@ -185,30 +202,33 @@ def _settings(pairs: tuple[str, ...]) -> dict:
             raise UserError(f"--set {pair!r}: expected PLUGIN.KEY=VALUE")
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             parsed = value
         out.setdefault(plugin, {})[name] = parsed
     return out
 
 
 @click.command("migrate")
-@click.argument("scenario", required=False, type=click.Path(dir_okay=False))
-@click.option("--image", default=None, type=click.Path(dir_okay=False), help="Migrate a raw memory image instead.")
-@click.option("--disk", default=None, type=click.Path(dir_okay=False), help="The raw disk image of --image.")
+@click.argument("scenario", required=False, type=InputFile("scenario file"))
+@click.option("--image", default=None, type=InputFile("memory image"), help="Migrate a raw memory image instead.")
+@click.option("--disk", default=None, type=InputFile("disk image"), help="The raw disk image of --image.")
 @click.option("--plugin", "plugins", multiple=True, help="Enable a plugin for --image (repeatable).")
 @click.option("--set", "settings", multiple=True, help="A plugin setting for --image: PLUGIN.KEY=VALUE.")
 @click.option("--postcopy", is_flag=True, help="--image: switch over at once and pull the rest.")
 @click.option("--no-records", is_flag=True, help="--image: do not let plugins describe pages.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Write the report here.")
+@click.option("--json", "json_out", default=None, type=OutputFile("JSON file"), help="Write the figures as JSON.")
+@click.option("--out", "out_dir", default=None, type=OutputDir(), help="Write the report here.")
 def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_records, json_out, out_dir):
     """Run a migration SCENARIO and print its migrations, or migrate a raw memory --image
     with its --disk image: {"bytes_sent": B, "records": {KIND: pages}, ...}."""
     from memvisor.errors import UserError
+    from memvisor.files import atomic_write
     from memvisor.migration import MigrationOptions
 
     if (scenario is None) == (image is None):
         raise UserError("give a SCENARIO or --image IMAGE (one of them)")
+    if image is None and (disk or plugins or settings or postcopy or no_records):
+        raise UserError("--disk, --plugin, --set, --postcopy and --no-records go with --image (a scenario has its own)")
     if image is not None:
         options = MigrationOptions(postcopy=postcopy, records=not no_records)
         figures = migrate_image(image, disk, list(plugins), _settings(settings), options)
@@ -220,7 +240,7 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
             chosen = ", ".join(f"{key} = {json.dumps(value)}" for key, value in by["settings"].items())
             click.echo(f"disk references to {disk}: plugin {by['plugin']} ({chosen}); records by kind below")
         if json_out:
-            Path(json_out).write_text(json.dumps(figures, indent=2) + "\n")
+            atomic_write(json_out, json.dumps(figures, indent=2) + "\n")
         _table([figures])
         return
     from memvisor.runner import ScenarioRun
@@ -232,7 +252,7 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
     if out_dir:
         report.write(out_dir)
     if json_out:
-        Path(json_out).write_text(json.dumps({"migrations": rows}, indent=2) + "\n")
+        atomic_write(json_out, json.dumps({"migrations": rows}, indent=2) + "\n")
     if not rows:
         raise UserError(f"{scenario}: the timeline has no migrate step")
     _table(rows)

@@ -17,24 +17,27 @@ import time
 import click
 
 from memvisor import hookimpl
+from memvisor.cli import InputFile, Number, OutputFile
 
 
 @click.command("selftest")
 @click.option("--long", "long_", is_flag=True, help="Run for 10 minutes (unless --seconds says otherwise).")
-@click.option("--examples", type=click.IntRange(min=1), default=None,
+@click.option("--examples", type=click.IntRange(1, 10**9), default=None,
               help="Examples of the state machine at most (default 20, or unbounded with --long/--seconds).")
-@click.option("--seconds", type=click.FloatRange(min=0), default=None, help="Stop starting examples after this long.")
-@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="Steps per example.")
+@click.option("--seconds", type=Number(0, 7 * 86400), default=None,
+              help="Stop starting examples after this long (at most a week).")
+@click.option("--steps", type=click.IntRange(1, 10_000), default=40, show_default=True, help="Steps per example.")
 @click.option("--fuzz/--no-fuzz", default=True, show_default=True, help="Also fuzz the hostile-input parsers.")
-@click.option("--seed", type=int, default=None,
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Start from the same examples every time (the first batch is derandomized).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
-@click.option("--replay", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures here.")
+@click.option("--replay", type=InputFile("selftest output"), default=None,
               help="Replay the failing example printed in this file (saved output of a run), then stop.")
 def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
     """Drive one host with every technique plugin through random interleavings and check every
     guest page, machine page and plugin record after each step; fuzz checkpoint files,
-    migration streams, scenarios and traces."""
+    migration records and links, scenario files and values, traces and the command line."""
+    _need_hypothesis()
     from memvisor.testing import fuzz as fuzzers
     from memvisor.testing.integration import run
 
@@ -49,8 +52,12 @@ def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
     share = None if seconds is None else (seconds * 0.8 if fuzz else seconds)
     figures = {"integration": run(max_examples=examples, steps=steps, seconds=share, seed=seed)}
     if fuzz:
+        from memvisor.testing import cli_matrix
+
         left = None if seconds is None else max(1.0, seconds - (time.monotonic() - started))
         figures["fuzz"] = fuzzers.run_all(examples=min(examples, 200) if left is None else 10**9, seconds=left)
+        # Every case with a time budget (about 10 s), else 20 per example.
+        figures["cli_matrix"] = cli_matrix.run(limit=None if seconds is not None else examples * 20)
     figures["seconds"] = round(time.monotonic() - started, 1)
     text = json.dumps(figures, indent=2)
     if json_out:
@@ -58,6 +65,18 @@ def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
             f.write(text + "\n")
     click.echo(text)
     sys.exit(0)
+
+
+def _need_hypothesis() -> None:
+    """One line, not a traceback, when the test extra is missing (the state machine and the
+    fuzzers are hypothesis tests)."""
+    import importlib.util
+
+    from memvisor.errors import UserError
+
+    if importlib.util.find_spec("hypothesis") is None:
+        raise UserError("memvisor selftest needs hypothesis: pip install \"memvisor[selftest]\" "
+                        "(requirements-all.txt installs it)")
 
 
 def _replay(path: str) -> None:

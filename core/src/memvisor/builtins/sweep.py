@@ -7,27 +7,36 @@ and pyarrow load when the command runs.
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from memvisor import hookimpl
+from memvisor.cli import InputFile, OutputDir
 from memvisor.errors import UserError
+
+SCHEDULER = re.compile(r"(?:(?:tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9._\[\]:-]{1,253}:(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|"
+                       r"6[0-4]\d{3}|[1-5]?\d{1,4})")
+"""A Dask scheduler address: [PROTOCOL://]HOST:PORT."""
 
 
 def _goal(text: str | None) -> tuple[str | None, str | None]:
-    if not text:
+    if text is None:
         return None, None
-    metric, _, better = text.partition(":")
-    if better and better not in ("max", "min"):
-        raise UserError(f"--goal {text!r}: the direction after ':' is max or min")
+    metric, sep, better = text.partition(":")
+    if not metric:
+        raise UserError(f"--goal {text[:80]!r}: name a column, e.g. total.accesses:max")
+    if sep and better not in ("max", "min"):
+        raise UserError(f"--goal {text[:80]!r}: the direction after ':' is max or min")
     return metric, better or None
 
 
 @click.command()
-@click.argument("sweep_file", metavar="FILE", type=click.Path(dir_okay=False))
+@click.argument("sweep_file", metavar="FILE", type=InputFile("sweep file"))
 @click.option("--vary", "varies", multiple=True, metavar="PATH=V1,V2,...",
               help="An axis: a dotted scenario path and its values as TOML, comma-separated "
                    "(vm.*.memory=64MiB,128MiB; plugins.sharing.pages_per_tick=1024,4096; seed=1,2,3). Repeatable.")
-@click.option("--out", "out_dir", default="memvisor-sweep", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="memvisor-sweep", show_default=True, type=OutputDir(),
               help="Folder for runs/KEY/report.json, the results table and index.html.")
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
               help="Run on this existing Dask cluster instead of a LocalCluster.")
@@ -57,20 +66,29 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
 
     if serial and scheduler:
         raise UserError("--serial and --scheduler: choose one")
+    if scheduler is not None and not SCHEDULER.fullmatch(scheduler):
+        raise UserError(f"--scheduler {scheduler[:80]!r}: not a scheduler address (tcp://HOST:PORT)")
     spec = load_sweep(sweep_file)
     spec = spec.with_axes([parse_vary(v) for v in varies])
-    if backend:
+    if backend is not None:
         spec = attrs.evolve(spec, backend=backend)
     goal_metric, better = _goal(goal)
     compare = attrs.evolve(spec.compare, **{k: v for k, v in (("policy", policy_axis), ("workload", workload_axis),
-                                                               ("goal", goal_metric), ("better", better)) if v})
+                                                               ("goal", goal_metric), ("better", better))
+                                            if v is not None})
     spec = attrs.evolve(spec, compare=compare)
     if not spec.axes:
         raise UserError(f"{sweep_file}: nothing to vary: give --vary PATH=V1,V2 or a sweep file with [vary]")
+    names = [a.name for a in spec.axes]
+    for option, axis in (("--policy-axis", policy_axis), ("--workload-axis", workload_axis)):
+        if axis is not None and axis not in names:
+            raise UserError(f"{option}: no axis named {axis[:60]!r} (axes: {', '.join(names)})")
     if not scheduler:  # a cluster's workers may have other plugins than this machine
-        from memvisor.plugins import installed_plugins
+        from memvisor.host import registries
+        from memvisor.plugins import installed_plugins, new_plugin_manager
 
-        spec.check({p.name for p in installed_plugins() if p.error is None})
+        spec.check({p.name for p in installed_plugins() if p.error is None},
+                   set(registries(new_plugin_manager(None, strict=False))["backend"]))
     else:
         spec.check()
     # Checked before a cluster starts: a mistake costs no worker start-up.

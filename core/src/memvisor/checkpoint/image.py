@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from memvisor import PAGE_SIZE
 from memvisor.checkpoint.layout import CheckpointError
 from memvisor.checkpoint.reader import CheckpointReader
 from memvisor.checkpoint.writer import DEFAULT_BLOCK_PAGES, CheckpointWriter, as_pages, fsync_dir, nonzero_pages
+from memvisor.files import open_regular, temp_file
 from memvisor.identity import is_identities, materialise
 
 Progress = Callable[[int, int], None]
@@ -95,14 +95,12 @@ def save_image(
     start = time.perf_counter()
     page_size = int(writer_opts.get("page_size", PAGE_SIZE))
     image_path = Path(image_path)
-    try:
-        f = open(image_path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
-    except OSError as e:
-        raise CheckpointError(image_path, f"cannot open image: {e.strerror or e}") from e
+    f = os.fdopen(open_regular(image_path, "memory image", CheckpointError), "rb", buffering=0)
     with f:
         size = os.fstat(f.fileno()).st_size
-        if size % page_size:
-            raise CheckpointError(image_path, f"image of {size} bytes is not a whole number of {page_size}-byte pages")
+        if size % page_size or not size:
+            raise CheckpointError(image_path, f"image of {size} bytes is not a whole, positive number of "
+                                              f"{page_size}-byte pages")
         vm_pages = size // page_size
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -232,8 +230,9 @@ def restore_image(
         missing = vm - r.data_pages - r.zero_pages - r.record_pages
         if missing and not allow_missing:
             raise CheckpointError(r.path, f"{missing} of {vm} pages are not in the checkpoint")
+        _check_room(out_path, vm * ps, (r.data_pages + r.record_pages) * ps)
         try:
-            fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+            fd, tmp = temp_file(out_path)
         except OSError as e:
             raise CheckpointError(out_path, f"cannot create the image: {e.strerror or e}") from e
         try:
@@ -280,6 +279,25 @@ def restore_image(
             read_calls=r.read_calls,
             seconds=time.perf_counter() - start,
         )
+
+
+def _check_room(out_path: Path, image_bytes: int, written_bytes: int) -> None:
+    """Refuse, before writing, an image larger than the file system it goes to (a hostile
+    checkpoint declaring 2^38 zero pages would make a 1 PiB sparse file), or whose pages that
+    are not holes do not fit in its free space."""
+    from memvisor.limits import format_bytes
+
+    try:
+        fs = os.statvfs(out_path.parent)
+    except OSError as e:
+        raise CheckpointError(out_path, f"cannot write the image: {e.strerror or e}") from e
+    size, free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+    if image_bytes > size:
+        raise CheckpointError(out_path, f"an image of {format_bytes(image_bytes)} is larger than its file "
+                                        f"system ({format_bytes(size)})")
+    if written_bytes > free:
+        raise CheckpointError(out_path, f"the image's {format_bytes(written_bytes)} of pages do not fit in the "
+                                        f"{format_bytes(free)} free on its file system")
 
 
 __all__ = ["RestoreStats", "SaveStats", "restore_image", "save_image"]

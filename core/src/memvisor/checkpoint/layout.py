@@ -84,6 +84,14 @@ MAX_STORAGE_BLOCK_BYTES = 512 << 20
 MAX_BUFFER_BYTES = 256 << 20
 """Largest staging buffer a writer accepts."""
 MAX_KIND_NAME = 64
+MAX_SECTIONS = 1024
+"""Most metadata sections a reader accepts (the four tables, one per record kind and optional
+ones): parsing a section header is work per section, not per byte."""
+
+MAX_OPTIONAL_SECTION = 256 << 20
+"""Largest optional section a writer writes (readers bound the whole metadata)."""
+OPTIONAL_TAG_RE = re.compile(rb"[a-z][A-Za-z0-9_]{3}\Z")
+"""Tag of an optional section: 4 ASCII characters, the first a lowercase letter."""
 
 RESERVED_KINDS = ("missing", "zero", "data")
 """Page-kind names of the core; record kinds may not use them."""
@@ -218,9 +226,11 @@ def load_key(path) -> bytes:
     A key file is made with e.g. ``head -c 32 /dev/urandom > checkpoint.key``. The bytes are
     used as they are (a trailing newline is part of the key).
     """
+    from memvisor.files import open_regular
+
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, "key file", CheckpointError), "rb") as f:
             material = f.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as e:
         raise CheckpointError(path, f"cannot read key file: {e.strerror or e}") from e

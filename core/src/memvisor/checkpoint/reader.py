@@ -23,6 +23,8 @@ import zstandard
 
 from memvisor.checkpoint import layout as L
 from memvisor.checkpoint.layout import CheckpointError
+from memvisor.files import open_regular
+from memvisor.limits import check_budget, decompress_frame
 
 KIND_MISSING = 0
 """Page kind code: the page is not in the checkpoint."""
@@ -34,6 +36,11 @@ KIND_FIRST_RECORD = 3
 """Page kind code of the first record kind; record kind ``i`` is ``KIND_FIRST_RECORD + i``."""
 
 DEFAULT_MAX_METADATA_BYTES = 1 << 30
+
+META_MEMORY_FACTOR = 8
+"""Bytes of memory opening a checkpoint may take per byte of its metadata (the page map and
+its checks; measured about 6): the metadata is refused before it is parsed when this much is
+more than :func:`memvisor.limits.memory_budget`."""
 
 
 @attrs.frozen(eq=False)
@@ -118,17 +125,15 @@ class CheckpointReader:
                  cache_blocks: int = 8):
         self.path = Path(path)
         self.read_calls = self.bytes_read = self.file_bytes_read = 0
-        material = L.resolve_key(key)
+        self._fd = -1
         # The last few storage blocks read, most recent last: a lazy restore's faults jump
         # between blocks, and re-reading a 4 MiB block for each of its 64-page blocks costs
         # more than keeping a few (8 blocks = 32 MiB by default).
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        material = L.resolve_key(key)
         self.cache_blocks = max(1, int(cache_blocks))
         self._decompressor = zstandard.ZstdDecompressor(max_window_size=L.MAX_PAGE_BLOCK_BYTES)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise CheckpointError(self.path, f"cannot open: {e.strerror or e}") from e
+        self._fd = open_regular(self.path, "checkpoint", CheckpointError)
         try:
             self.file_size = os.fstat(self._fd).st_size
             self._open(material, int(max_metadata_bytes))
@@ -139,9 +144,11 @@ class CheckpointReader:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent; safe on a reader whose opening failed)."""
         fd, self._fd = getattr(self, "_fd", -1), -1
-        self._cache.clear()
+        cache = getattr(self, "_cache", None)
+        if cache is not None:
+            cache.clear()
         if fd >= 0:
             os.close(fd)
 
@@ -222,6 +229,10 @@ class CheckpointReader:
             raise self._error(f"metadata at {mo} of {ml} bytes does not end at the trailer ({tpos})", "trailer", tpos)
         if ml > max_meta:
             raise self._error(f"metadata of {ml} bytes exceeds the limit of {max_meta}", "trailer", tpos)
+        try:  # checking the page map costs a few bytes per byte of metadata: is there room?
+            check_budget(META_MEMORY_FACTOR * ml, f"checking metadata of {ml} bytes")
+        except ValueError as exc:
+            raise self._error(str(exc), "trailer", tpos) from None
         meta = self._pread(ml, mo, "metadata")
         if not hmac.compare_digest(L.meta_check(header, meta, traw[:32]), t["check"]):
             raise self._error("metadata checksum mismatch", "trailer", tpos + 32)
@@ -248,6 +259,7 @@ class CheckpointReader:
         """Split the metadata into sections and check every one (vectorised)."""
         sections: dict[bytes, tuple[int, memoryview]] = {}
         records: list[tuple[int, memoryview]] = []
+        optional: dict[bytes, bytes] = {}
         order: list[bytes] = []
         mv = memoryview(meta)
         pos = 0
@@ -266,6 +278,8 @@ class CheckpointReader:
             payload = mv[body : body + length]
             if any(mv[body + length : body + padded]):
                 raise self._error("padding is not zero", name, base + body + length)
+            if len(order) >= L.MAX_SECTIONS:
+                raise self._error(f"more than {L.MAX_SECTIONS} sections", "metadata", off)
             if tag == L.TAG_RECORDS:
                 records.append((base + body, payload))
             elif tag in L.REQUIRED_TAGS or tag == L.TAG_MODELLED:
@@ -274,6 +288,10 @@ class CheckpointReader:
                 sections[tag] = (base + body, payload)
             elif not (tag[:1].isalpha() and tag[:1].islower()):
                 raise self._error("unknown section", name, off)
+            elif tag in optional:
+                raise self._error("duplicate section", name, off)
+            else:  # optional: kept for callers that know it (section())
+                optional[tag] = bytes(payload)
             order.append(tag)
             pos = body + padded
         for tag in L.REQUIRED_TAGS:
@@ -295,6 +313,7 @@ class CheckpointReader:
             if rs.kind in self._records:
                 raise self._error(f"duplicate record kind {rs.kind!r}", "metadata section RECS", off)
             self._records[rs.kind] = rs
+        self._optional = optional
         self.record_kinds = tuple(self._records)
         self.kind_names = ("missing", "zero", "data", *self.record_kinds)
         self._build_map(data_ranges, zero)
@@ -576,9 +595,11 @@ class CheckpointReader:
             parts_aux.append(firsts)
         start = np.concatenate(parts_start)
         count = np.concatenate(parts_count)
-        order = np.argsort(start, kind="stable")
-        start, count = start[order], count[order]
-        code, aux = np.concatenate(parts_code)[order], np.concatenate(parts_aux)[order]
+        code, aux = np.concatenate(parts_code), np.concatenate(parts_aux)
+        if len(start) > 1 and (start[1:] < start[:-1]).any():  # a writer's one kind is in order already
+            order = np.argsort(start, kind="stable")
+            start, count, code, aux = start[order], count[order], code[order], aux[order]
+            del order
         end = start + count
         if len(start) > 1:
             bad = start[1:] < end[:-1]
@@ -659,6 +680,17 @@ class CheckpointReader:
 
     # --- reading data -------------------------------------------------------------------------
 
+    def section(self, tag: str) -> bytes | None:
+        """The payload of optional metadata section ``tag`` (see
+        :meth:`CheckpointWriter.add_section`), or None when the file has none. Its bytes were
+        checked with the metadata (checksum, and MAC with a key) when the file was opened."""
+        return self._optional.get(tag.encode("ascii"))
+
+    @property
+    def optional_sections(self) -> tuple[str, ...]:
+        """Tags of the optional sections in the file, in file order."""
+        return tuple(t.decode("ascii", "replace") for t in self._optional)
+
     def is_cached(self, sblock: int) -> bool:
         """Whether storage block ``sblock`` would be read without a read call now."""
         return int(sblock) in self._cache
@@ -711,18 +743,8 @@ class CheckpointReader:
         if self._pb_codec[pblock] == L.CODEC_NONE:
             raw = frame
         else:
-            try:
-                declared = zstandard.frame_content_size(frame)
-            except zstandard.ZstdError as e:
-                raise self._error(f"bad zstd frame: {e}", where, offset) from None
-            if declared != expect:
-                raise self._error(f"zstd frame declares {declared} bytes, the block holds {expect}", where, offset)
-            try:
-                raw = self._decompressor.decompress(frame, max_output_size=expect, allow_extra_data=False)
-            except zstandard.ZstdError as e:
-                raise self._error(f"zstd: {e}", where, offset) from None
-            if len(raw) != expect:
-                raise self._error(f"decompressed to {len(raw)} bytes, expected {expect}", where, offset)
+            raw = decompress_frame(frame, expect, lambda problem: self._error(problem, where, offset),
+                                   self._decompressor)
         if identity:
             from memvisor.identity import Identities
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import threading
 import weakref
 from collections import deque
@@ -25,6 +24,7 @@ import zstandard
 
 from memvisor import PAGE_SIZE
 from memvisor.checkpoint import layout as L
+from memvisor.files import temp_file
 from memvisor.identity import Identities, is_identities, materialise, size_model
 
 DEFAULT_LEVEL = 1
@@ -226,6 +226,7 @@ class CheckpointWriter:
         self._sb_first_pblock = 0
         self._zero: list[np.ndarray] = []
         self._records: dict[str, list[tuple]] = {}
+        self._sections: dict[bytes, bytes] = {}  # optional metadata sections, by tag
         self._seen = np.zeros((vm_pages + 7) // 8, np.uint8)
 
         self._local = threading.local()
@@ -236,7 +237,7 @@ class CheckpointWriter:
 
         directory = self.path.parent
         try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+            fd, tmp = temp_file(self.path)
         except OSError as e:
             self._shutdown()
             raise L.CheckpointError(self.path, f"cannot create a file in {directory}: {e.strerror or e}") from e
@@ -422,6 +423,25 @@ class CheckpointWriter:
         self.pages += len(g)
         self.record_pages += len(g)
 
+    def add_section(self, tag: str, payload) -> None:
+        """Add an optional metadata section: data about the checkpoint that is not page
+        contents (a hypervisor's device state, say), covered by the metadata checksum and the
+        MAC like the page map. Readers that do not know ``tag`` skip it
+        (:meth:`CheckpointReader.section` returns it to those that do).
+
+        :param tag: 4 ASCII characters, the first a lowercase letter (an optional section),
+            each tag once per file.
+        :param payload: bytes-like, at most :data:`~memvisor.checkpoint.layout.MAX_OPTIONAL_SECTION` bytes.
+        """
+        self._check_open()
+        raw = tag.encode("ascii") if isinstance(tag, str) else bytes(tag)
+        if not L.OPTIONAL_TAG_RE.match(raw) or raw in self._sections or raw == L.TAG_MODELLED:
+            raise ValueError(f"bad, repeated or reserved optional section tag {tag!r}")
+        payload = bytes(payload)
+        if len(payload) > L.MAX_OPTIONAL_SECTION:
+            raise ValueError(f"optional section {tag!r} of {len(payload)} bytes exceeds {L.MAX_OPTIONAL_SECTION}")
+        self._sections[raw] = payload
+
     # --- internals ----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -564,7 +584,7 @@ class CheckpointWriter:
         zero = _merge_ranges(np.concatenate(self._zero) if self._zero else np.empty(0, L.RANGE_DTYPE))
         records = [_pack_kind(kind, chunks) for kind, chunks in self._records.items()]
         extra = [(L.TAG_MODELLED, modelled.tobytes())] if self.contents == "identity" else []
-        return L.pack_metadata(sblocks, pblocks, ranges, zero, records, extra)
+        return L.pack_metadata(sblocks, pblocks, ranges, zero, records, extra + list(self._sections.items()))
 
     # --- finishing ----------------------------------------------------------------------------
 

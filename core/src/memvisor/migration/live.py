@@ -13,9 +13,14 @@ records, pages that a plugin describes (:func:`memvisor_describe_pages`, purpose
 ``"migration"``) as that plugin's records, the rest as zstd-compressed ``page`` records —
 or, between identity-model hosts (:mod:`memvisor.identity`), as ``identity`` records counted
 as the ``page`` records they stand for (the bytes, time and record counts of the bytes model;
-``identity_wire_bytes`` is what really went over the link). The
-destination checks every record's CRC; a damaged record is refused and its pages asked for
-again. A plugin record that no plugin on the destination resolves, or whose resolution is
+``identity_wire_bytes`` is what really went over the link). The destination
+(:class:`Destination`) checks every record's CRC, takes each sequence number once and in
+order, and knows the pages it is owed: each round begins with a ``round`` record naming them,
+a record (``identity`` ones too) may carry only pages still owed, and the next round or the
+switch-over verifies that none is left. A damaged record is refused and asked for again; a
+record replayed, duplicated, reordered or not owed, or a round left short, aborts the
+migration with the source running — never a silent difference. A plugin record that no
+plugin on the destination resolves, or whose resolution is
 refused (a disk block changed), is asked for again in halves, down to single pages that are
 then sent as page data.
 
@@ -31,6 +36,7 @@ shared storage: the destination VM is attached to the same disk objects.
 
 from __future__ import annotations
 
+import contextlib
 import time as wallclock
 from collections import Counter
 from collections.abc import Callable
@@ -52,8 +58,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class MigrationAborted(UserError, BackendError):
-    """A live migration failed before the switch-over (the link dropped, the destination
-    refused): the destination VM is gone, the source VM runs on unharmed."""
+    """A live migration failed (the link dropped, the destination refused a record it was not
+    owed), before the switch-over or during post-copy: the destination VM and its fault
+    handler are gone, the source VM runs on unharmed."""
 
 
 @attrs.frozen
@@ -169,6 +176,154 @@ class _PostCopyFaults:
         return wanted
 
 
+class Destination:
+    """The destination's end of a migration: it installs a record only when it is intact, the
+    next in sequence and made of pages it is owed.
+
+    :param opaque: kinds of records that carry no pages and that the caller uses itself (a
+        transport's own bytes: memvisor-qemu's QEMU stream); :meth:`take` checks their place
+        in the sequence and hands them back.
+    :ivar missing: per page, whether the destination VM still lacks it.
+    :ivar owed: per page, whether the current round (or post-copy request) still owes it.
+    """
+
+    def __init__(self, host: Host, vm: VM, compressed: bool, opaque: tuple[str, ...] = ()):
+        self.host, self.vm = host, vm
+        self.missing = np.ones(vm.pages, dtype=bool)
+        self.owed = np.zeros(vm.pages, dtype=bool)
+        self.next_seq = 0
+        self.round = 0
+        self.switched = False
+        self.opaque = frozenset(opaque) - set(stream.CONTROL) - {stream.PAGE, stream.ZERO, stream.IDENTITY}
+        self.identity = host.backend.contents_model == "identity"
+        self._decompressor = zstandard.ZstdDecompressor() if compressed else None
+
+    def receive(self, wire: bytes) -> str:
+        """Take one record off the link: ``"ok"`` (installed, or a control record taken),
+        ``"refused"`` (damaged: ask for it again) or ``"unresolved"`` (a plugin record no
+        plugin here resolves: its pages stay owed); see :meth:`take`. Raises
+        :class:`stream.StreamViolation` for a record the destination was not owed."""
+        try:
+            record = stream.decode(wire, self.vm.pages)
+        except stream.StreamViolation:
+            raise
+        except stream.StreamError:
+            return "refused"
+        return self.take(record)
+
+    def take(self, record: stream.Record) -> str:
+        """Take one record that :func:`stream.decode` read with this VM's size (so its pages
+        are distinct pages of the VM, at most :data:`stream.MAX_RECORD_PAGES`): as
+        :meth:`receive`, and ``"opaque"`` for a record of one of the ``opaque`` kinds, next in
+        sequence and without pages, which is the caller's to use."""
+        if record.seq != self.next_seq:
+            how = "replayed or duplicated" if record.seq < self.next_seq else "out of order (records are missing)"
+            raise stream.StreamViolation(f"record {record.seq} arrived where record {self.next_seq} was expected: "
+                                         f"{how}")
+        if record.kind in self.opaque:
+            if len(record.gpps):
+                raise stream.StreamViolation(f"record {record.seq}: a {record.kind} record with pages")
+            self.next_seq += 1
+            return "opaque"
+        if record.kind in stream.CONTROL:
+            self._control(record)
+            self.next_seq += 1
+            return "ok"
+        if len(record.gpps) and not self.owed[record.gpps].all():
+            raise stream.StreamViolation(f"record {record.seq} ({record.kind}) carries pages the destination is "
+                                         f"not owed (first: {int(record.gpps[~self.owed[record.gpps]][0])})")
+        try:
+            data = self._materialise(record)
+        except stream.StreamError:
+            return "refused"
+        self.next_seq += 1
+        if data is None:
+            return "unresolved"
+        self._install(record.gpps, data)
+        return "ok"
+
+    def expect(self, gpps: np.ndarray) -> None:
+        """Post-copy: the destination asks for ``gpps`` (pages it lacks); they are owed now."""
+        self.check_complete("the previous request")
+        if not self.missing[gpps].all():
+            raise stream.StreamViolation("post-copy asked for pages the destination has")
+        self.owed[gpps] = True
+
+    def check_complete(self, what: str) -> None:
+        """:class:`stream.StreamViolation` when ``what`` (a round, a request) left pages owed."""
+        if self.owed.any():
+            left = np.flatnonzero(self.owed)
+            raise stream.StreamViolation(f"{what} ended with {len(left)} pages owed (first: {int(left[0])})")
+
+    def _control(self, record: stream.Record) -> None:
+        if len(record.gpps) or self.switched:
+            raise stream.StreamViolation(f"record {record.seq}: a {record.kind} record "
+                                         + ("after the switch-over" if self.switched else "with pages"))
+        head, pages = stream.unpack_ranges(record.payload, self.vm.pages)
+        self.check_complete(f"round {self.round}")
+        if record.kind == stream.ROUND:
+            if head != self.round + 1:
+                raise stream.StreamViolation(f"round {head} announced after round {self.round}")
+            self.round = head
+            self.owed = pages
+            return
+        # The switch-over: every page is here, but for post-copy's stale and never-sent ones.
+        if not head and pages.any():
+            raise stream.StreamViolation("a stop-and-copy switch-over names stale pages")
+        stale = np.flatnonzero(pages & ~self.missing)
+        if len(stale):
+            self.host.backend.unmap(self.vm, stale)
+            self.missing[stale] = True
+        if not head and self.missing.any():
+            left = np.flatnonzero(self.missing)
+            raise stream.StreamViolation(f"switch-over with {len(left)} pages never received (first: {int(left[0])})")
+        self.switched = True
+
+    def _materialise(self, record: stream.Record):
+        """Contents of a record's pages, bytes or identities (None: a plugin record not
+        resolved here)."""
+        n = len(record.gpps)
+        if record.kind == stream.ZERO:
+            if record.payload:
+                raise stream.StreamError("zero record with a payload")
+            return np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        if record.kind == stream.PAGE:
+            return stream.page_data(record.payload, n, self._decompressor)
+        if record.kind == stream.IDENTITY:
+            if not self.identity:
+                raise stream.StreamViolation(f"record {record.seq}: an identity record to a host of bytes")
+            return stream.identity_data(record.payload, n, self._decompressor)
+        payloads = stream.unpack_payloads(record.payload, n)
+        host = self.host
+        try:
+            data = host.hook.memvisor_resolve_records(
+                host=host, vm=self.vm, records=PageRecords(record.kind, record.gpps, payloads))
+        except BackendError:
+            return None  # refused by its plugin (a disk block changed): never used
+        except Exception as exc:  # a record its plugin cannot read: not installed, asked again
+            raise stream.StreamError(f"{record.kind} record: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        if data is None:
+            return None
+        if is_identities(data):
+            if len(data) != n:
+                raise stream.StreamError(f"{record.kind} record resolved to {len(data)} identities for {n} pages")
+            return data
+        data = np.asarray(data, dtype=np.uint8)
+        if data.size != n * PAGE_SIZE:
+            raise stream.StreamError(f"{record.kind} record resolved to {data.size} bytes for {n} pages")
+        return data.reshape(n, PAGE_SIZE)
+
+    def _install(self, gpps: np.ndarray, data: np.ndarray) -> None:
+        backend = self.host.backend
+        present = backend.present(self.vm, gpps)
+        if (~present).any():
+            backend.populate(self.vm, gpps[~present], data[~present])
+        if present.any():
+            backend.write(self.vm, gpps[present], data[present])
+        self.missing[gpps] = False
+        self.owed[gpps] = False
+
+
 class LiveMigration:
     """One live migration of ``vm`` from ``source`` to ``destination``.
 
@@ -192,7 +347,8 @@ class LiveMigration:
         destination.backend.unmap(self.dest_vm, np.arange(vm.pages, dtype=np.int64))
         for name, disk in source.disks.get(vm.name, {}).items():
             destination.attach_disk(self.dest_vm, disk=disk, name=name)
-        self.missing = np.ones(vm.pages, dtype=bool)
+        self.dest = Destination(destination, self.dest_vm, self.options.level is not None)
+        self.seq = 0  # the next record's sequence number
         self.ever_sent = np.zeros(vm.pages, dtype=bool)
         # Machine page of each page when it was last sent: a page remapped since (a balloon
         # taking or giving back a page, an eager give-back) changed without a guest write, so
@@ -205,9 +361,14 @@ class LiveMigration:
         self.result = MigrationResult(vm.name, method, source.now)
         level = self.options.level
         self._compressor = None if level is None else zstandard.ZstdCompressor(level=level)
-        self._decompressor = None if level is None else zstandard.ZstdDecompressor()
         self._puller: _PostCopyFaults | None = None
         self.switch_over: float | None = None
+        self.aborted = False
+
+    @property
+    def missing(self) -> np.ndarray:
+        """Per page, whether the destination VM still lacks it."""
+        return self.dest.missing
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -221,21 +382,37 @@ class LiveMigration:
         is on the wire (time passes without them when None). With post-copy, the method
         returns at the switch-over: the destination pulls pages on fault, and
         :meth:`finish_postcopy` pulls the rest."""
-        try:
+        with self._aborting():
             return self._run(run_guests)
+
+    @contextlib.contextmanager
+    def _aborting(self):
+        """Any failure inside ends the migration: :meth:`abort`, then one
+        :class:`MigrationAborted` line (an interrupt aborts too, and goes on)."""
+        try:
+            yield
+        except MigrationAborted:
+            raise
         except Exception as exc:
             self.abort(exc)
             raise MigrationAborted(f"migration of VM {self.vm.name!r} aborted, the VM runs on on the source: "
                                    + f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        except BaseException as exc:
+            self.abort(exc)
+            raise
 
     def abort(self, exc: BaseException | None = None) -> None:
-        """Give up: the destination's VM is destroyed (its host keeps nothing of it) and the
-        source VM, which never stopped, runs on. Safe to call at any point of :meth:`run`."""
+        """Give up: the destination's fault handler is unregistered, its VM destroyed (its host
+        keeps nothing of it) and the source VM, which never stopped, runs on. Safe to call at
+        any point, more than once."""
         if self._puller is not None:
             self.destination.pm.unregister(self._puller)
             self._puller = None
-        if self.dest_vm.name in self.destination.vms:
+        if self.destination.vms.get(self.dest_vm.name) is self.dest_vm:
             self.destination.destroy_vm(self.dest_vm)
+        if self.aborted:
+            return
+        self.aborted = True
         self.result.method += " (aborted)"
         self.source.metrics.event(self.source.now, "migration_aborted", vm=self.vm.name,
                                   error=None if exc is None else str(exc).splitlines()[0] if str(exc) else repr(exc))
@@ -249,7 +426,7 @@ class LiveMigration:
         while True:
             result.rounds += 1
             self._phase("round", result.rounds, len(to_send))
-            seconds = self.send(to_send)
+            seconds = self.send(to_send, round_=result.rounds)
             if run_guests is None:
                 src.advance(seconds)
             else:
@@ -258,14 +435,11 @@ class LiveMigration:
             if len(to_send) <= opts.stop_pages or result.rounds >= opts.max_rounds:
                 break
         self._phase("stop_and_copy", result.rounds, len(to_send))
-        if opts.postcopy:
-            stale = to_send[~self.missing[to_send]]
-            if len(stale):  # their copies on the destination are old: drop them, pull on fault
-                self.destination.backend.unmap(self.dest_vm, stale)
-                self.missing[stale] = True
-            downtime = src.backend.account("network", 0, 1)  # the switch-over message
-        else:  # the VM stops: the last dirty pages, or at least the switch-over message
-            downtime = self.send(to_send) if len(to_send) else src.backend.account("network", 0, 1)
+        if opts.postcopy:  # the switch-over names the dirty pages: their copies there are old, pulled on fault
+            downtime = self.send(np.empty(0, np.int64), switch=to_send)
+        else:  # the VM stops: the last dirty pages, then the switch-over
+            downtime = self.send(to_send, round_=result.rounds + 1 if len(to_send) else None,
+                                 switch=np.empty(0, np.int64))
         src.advance(downtime)
         result.downtime_s = downtime
         self.switch_over = src.now
@@ -307,34 +481,48 @@ class LiveMigration:
     # -- sending ------------------------------------------------------------------------------
 
     def pull(self, gpps: np.ndarray, clock) -> float:
-        """Send ``gpps`` at the destination's request, time charged to ``clock`` (a backend)."""
-        return self.send(np.unique(gpps), clock=clock)
+        """Post-copy: the destination asks for ``gpps`` and the source sends them, time charged
+        to ``clock`` (a backend). A failure (the link drops, a record not owed) is the
+        migration's abort, after the switch-over too: the destination's VM and fault handler
+        are removed and :class:`MigrationAborted` raised."""
+        gpps = np.unique(gpps)
+        with self._aborting():
+            if self.aborted:
+                raise MigrationAborted(f"migration of VM {self.vm.name!r} was aborted")
+            self.dest.expect(gpps)
+            seconds = self.send(gpps, clock=clock)
+            self.dest.check_complete("a post-copy request")
+            return seconds
 
-    def send(self, gpps: np.ndarray, clock=None) -> float:
-        """Send pages of the source VM as records; returns the seconds the batch took."""
-        if not len(gpps):
-            return 0.0
+    def send(self, gpps: np.ndarray, clock=None, round_: int | None = None, switch: np.ndarray | None = None) -> float:
+        """Send pages of the source VM as records, after a ``round`` record owing them when
+        ``round_`` is given and before a ``switch`` record (naming ``switch`` as stale pages,
+        post-copy) when ``switch`` is given; returns the seconds the batch took."""
         src, opts, result = self.source, self.options, self.result
         clock = clock or src.backend
         gpps = np.sort(np.asarray(gpps, dtype=np.int64))
+        nbytes = 0
+        if round_ is not None:
+            nbytes += self._deliver(stream.ROUND, np.empty(0, np.int64), stream.pack_ranges(gpps, round_))
+        if not len(gpps):
+            if switch is not None:
+                nbytes += self._switch(switch)
+            return clock.account("network", nbytes, 1) if nbytes else 0.0
         src_work = _background(src.backend)
         missing_src = gpps[~src.backend.present(self.vm, gpps)]
         if len(missing_src):  # pages dropped on the source (swapped, lazily restored): their owner serves them
             src.deliver_faults(self.vm, FaultBatch(missing_src, np.zeros(len(missing_src), bool), src.now))
         dest_work = _background(self.destination.backend)
-        nbytes, data_bytes = 0, 0
-        for start in range(0, len(gpps), 16384):
-            part = gpps[start : start + 16384]
+        data_bytes = 0
+        for start in range(0, len(gpps), stream.MAX_RECORD_PAGES):
+            part = gpps[start : start + stream.MAX_RECORD_PAGES]
             data = src.backend.contents(self.vm, part)
-            zero = zero_rows(data) if opts.zero_pages else np.zeros(len(part), bool)
+            zero, described, rows = sort_pages(src, self.vm, part, data, opts.zero_pages, opts.records)
             if zero.any():
                 nbytes += self._deliver(stream.ZERO, part[zero], b"")
-            rest = ~zero
-            if opts.records and rest.any():
-                for records in describe(src, self.vm, part[rest], "migration"):
-                    nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
-                    rest[np.searchsorted(part, records.gpps)] = False
-            pages, data = part[rest], data[rest]
+            for records in described:
+                nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
+            pages, data = part[rows], data[rows]
             if self.identity:
                 literal = data.literal()
                 if not literal.all():
@@ -346,6 +534,8 @@ class LiveMigration:
                 chunk = slice(first, first + opts.chunk_pages)
                 data_bytes += len(pages[chunk]) * PAGE_SIZE
                 nbytes += self._deliver(stream.PAGE, pages[chunk], stream.page_payload(data[chunk], self._compressor))
+        if switch is not None:
+            nbytes += self._switch(switch)
         result.pages_resent += int(np.count_nonzero(self.ever_sent[gpps]))
         self.ever_sent[gpps] = True
         self.sent_mpn[gpps] = src.backend.mpns(self.vm, gpps)
@@ -370,12 +560,17 @@ class LiveMigration:
         given_up = self.source.times_given_up(self.vm) != self.sent_given_up
         return self.ever_sent & (now >= 0) & ((now != self.sent_mpn) | given_up)
 
+    def _switch(self, stale: np.ndarray) -> int:
+        """The switch-over record (``stale``: post-copy's dirty pages); returns bytes sent."""
+        return self._deliver(stream.SWITCH, np.empty(0, np.int64),
+                             stream.pack_ranges(np.sort(stale), int(self.options.postcopy)))
+
     def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes, counted: int | None = None) -> int:
-        """Send one record until it arrives intact and install its pages; returns bytes sent,
-        negated when the destination could not resolve a plugin record (nothing installed).
-        ``counted``: the bytes the record counts as (an ``identity`` record counts as the
-        ``page`` records it stands for)."""
-        wire = stream.encode(kind, gpps, payload)
+        """Send one record until it arrives intact and the destination takes it; returns bytes
+        sent, negated when the destination could not resolve a plugin record (nothing
+        installed, its pages still owed). ``counted``: the bytes the record counts as (an
+        ``identity`` record counts as the ``page`` records it stands for)."""
+        wire = stream.encode(kind, gpps, payload, self.seq)
         shown = stream.PAGE if kind == stream.IDENTITY else kind
         size = len(wire) if counted is None else counted
         sent = 0
@@ -386,16 +581,15 @@ class LiveMigration:
             self.result.bytes_by_kind[shown] += size
             if kind == stream.IDENTITY:
                 self.result.identity_wire_bytes += len(wire)
-            try:
-                record = stream.decode(arrived)
-                data = self._materialise(record)
-            except stream.StreamError:
+            outcome = self.dest.receive(arrived)
+            if outcome == "refused":
                 self.result.refused += 1
-                continue  # refused: the destination asks for the same pages again
-            if data is None:  # not resolved here: the caller asks again (halves, then data)
+                continue  # the destination asks for the same record again
+            self.seq += 1
+            if outcome == "unresolved":  # the caller asks again (halves, then data)
                 return -sent
-            self._install(record.gpps, data)
-            self.result.records[shown] += len(gpps)
+            if kind not in stream.CONTROL:
+                self.result.records[shown] += len(gpps)
             return sent
         raise BackendError(f"migration of VM {self.vm.name!r}: a {kind} record arrived damaged "
                            f"{self.options.max_retries + 1} times")
@@ -430,40 +624,21 @@ class LiveMigration:
         counted = stream.modelled_page_bytes(data, self.options.chunk_pages, self.options.level)
         return self._deliver(stream.IDENTITY, gpps, stream.identity_payload(data, self._compressor), counted)
 
-    def _materialise(self, record: stream.Record) -> np.ndarray | None:
-        """Bytes of a record's pages on the destination (None: a plugin record not resolved)."""
-        n = len(record.gpps)
-        if record.kind == stream.ZERO:
-            if record.payload:
-                raise stream.StreamError("zero record with a payload")
-            return np.zeros((n, PAGE_SIZE), dtype=np.uint8)
-        if record.kind == stream.PAGE:
-            return stream.page_data(record.payload, n, self._decompressor)
-        if record.kind == stream.IDENTITY:
-            if not self.identity:
-                raise stream.StreamError("identity record to a host of bytes")
-            return stream.identity_data(record.payload, n, self._decompressor)
-        payloads = stream.unpack_payloads(record.payload, n)
-        dest = self.destination
-        try:
-            data = dest.hook.memvisor_resolve_records(
-                host=dest, vm=self.dest_vm, records=PageRecords(record.kind, record.gpps, payloads))
-        except BackendError:
-            return None  # refused by its plugin (a disk block changed): never used
-        if data is None:
-            return None
-        if is_identities(data):
-            return data
-        return np.asarray(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
 
-    def _install(self, gpps: np.ndarray, data: np.ndarray) -> None:
-        backend = self.destination.backend
-        present = backend.present(self.dest_vm, gpps)
-        if (~present).any():
-            backend.populate(self.dest_vm, gpps[~present], data[~present])
-        if present.any():
-            backend.write(self.dest_vm, gpps[present], data[present])
-        self.missing[gpps] = False
+def sort_pages(host: Host, vm: VM, gpps: np.ndarray, data, zero_pages: bool = True,
+               records: bool = True) -> tuple[np.ndarray, list[PageRecords], np.ndarray]:
+    """How the stream carries a batch of pages (``gpps`` sorted and distinct, at most
+    :data:`stream.MAX_RECORD_PAGES`; ``data`` their contents, bytes or identities): the mask of the all-zero ones
+    (``zero`` records, when ``zero_pages``), the records plugins describe the others with
+    (``memvisor_describe_pages``, purpose ``"migration"``, when ``records``), and the rows
+    left to send as page data. The source of :class:`LiveMigration` and memvisor-qemu's link
+    sort pages alike."""
+    zero = zero_rows(data) if zero_pages else np.zeros(len(gpps), bool)
+    rest = ~zero
+    described = describe(host, vm, gpps[rest], "migration") if records and rest.any() else []
+    for described_records in described:
+        rest[np.searchsorted(gpps, described_records.gpps)] = False
+    return zero, described, np.flatnonzero(rest)
 
 
 def _background(backend) -> float:

@@ -76,7 +76,7 @@ def pick_metrics(spec: SweepSpec, rows: Sequence[Mapping[str, Any]]) -> list[str
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower() or "metric"
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:100] or "metric"
 
 
 def _text(value: Any) -> str:
@@ -151,11 +151,13 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
+    from memvisor.files import atomic_write
+
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    _plt().close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        _plt().close(fig)
 
 
 def _draw_metric(spec, rows, metric, policies, workloads, policy, workload, path: Path) -> None:
@@ -309,8 +311,8 @@ def write_index(spec: SweepSpec, rows: Sequence[Mapping[str, Any]], out_dir: Pat
                                                      for r in failed]))
         parts.append("</section>")
     parts.append("</body></html>\n")
+    from memvisor.files import atomic_write
+
     page = out_dir / "index.html"
-    tmp = page.with_name("index.html.tmp")
-    tmp.write_text("\n".join(p for p in parts if p), encoding="utf-8")
-    tmp.replace(page)
+    atomic_write(page, "\n".join(p for p in parts if p))
     return page

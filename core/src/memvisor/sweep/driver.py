@@ -234,9 +234,9 @@ class SweepSummary:
 
 
 def _atomic_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from memvisor.files import atomic_write
+
+    atomic_write(path, json.dumps(value, indent=1) + "\n")
 
 
 def _manifest(spec: SweepSpec, plan: Sequence[PlannedRun]) -> dict:

@@ -33,10 +33,13 @@ from typing import Any
 import attrs
 
 from memvisor.errors import UserError
-from memvisor.scenario import parse_scenario
+from memvisor.scenario import check_nesting, parse_scenario, read_toml
 
 Setting = tuple[str, Any]
 """``(dotted path, value)``: one change made to the base scenario."""
+
+MAX_RUNS = 100_000
+"""The most runs (combinations of the axes) one sweep may plan."""
 
 _SWEEP_KEYS = {"scenario", "name", "description", "backend", "set", "vary", "variants", "compare"}
 _COMPARE_KEYS = {"policy", "workload", "goal", "better", "metrics"}
@@ -102,14 +105,19 @@ def label(value: Any) -> str:
 def parse_values(text: str) -> list[Any]:
     """Values of a ``--vary`` option: TOML values separated by commas; a bare word is a string.
 
-    :raises ValueError: when a value is empty or brackets do not match.
+    :raises ValueError: when a value is empty, brackets do not match or values nest too deep.
     """
+    from memvisor.limits import MAX_NESTING
+
     try:  # the common case, and the only way to read tables and arrays: a TOML array
         values = tomllib.loads(f"v = [{text}]")["v"]
         if values:
+            check_nesting(values, "--vary")
             return values
     except tomllib.TOMLDecodeError:
         pass  # not a TOML array: bare words, split by hand below
+    except (RecursionError, UserError):
+        raise ValueError(f"nests deeper than {MAX_NESTING}") from None
     values = []
     for part in _split_commas(text):
         part = part.strip()
@@ -117,6 +125,9 @@ def parse_values(text: str) -> list[Any]:
             raise ValueError("has an empty value (values are separated by commas)")
         try:
             values.append(tomllib.loads(f"v = {part}")["v"])
+            check_nesting(values, "--vary")
+        except (RecursionError, UserError):
+            raise ValueError(f"nests deeper than {MAX_NESTING}") from None
         except tomllib.TOMLDecodeError:
             if part[0] in "[{\"'":
                 raise ValueError(f"{part!r} is not a TOML value") from None
@@ -365,7 +376,11 @@ class SweepSpec:
         return data
 
     def plan(self) -> list[PlannedRun]:
-        """Every combination, in order (the last axis varies fastest)."""
+        """Every combination, in order (the last axis varies fastest); at most
+        :data:`MAX_RUNS` of them."""
+        count = math.prod(len(a.labels) for a in self.axes)
+        if count > MAX_RUNS:
+            raise UserError(f"{self.source}: {count:,} combinations; a sweep runs at most {MAX_RUNS:,}")
         runs = []
         for choice in itertools.product(*(range(len(a.labels)) for a in self.axes)):
             data = self.resolve(choice)
@@ -373,12 +388,14 @@ class SweepSpec:
             runs.append(PlannedRun(run_key(data, self.backend), axes, data))
         return runs
 
-    def check(self, installed_plugins: set[str] | None = None) -> list[PlannedRun]:
+    def check(self, installed_plugins: set[str] | None = None,
+              installed_backends: set[str] | None = None) -> list[PlannedRun]:
         """Check every axis value and every combination before anything runs; return the plan.
 
         Each value is first checked alone, so that a mistake names its axis and value.
 
         :param installed_plugins: names that ``plugins`` settings may use (None: not checked).
+        :param installed_backends: backends the runs may name (None: not checked).
         :raises UserError: one line naming the sweep file, the axis and the problem.
         """
         self._check_scenario(copy.deepcopy(dict(self.base)), "base scenario", installed_plugins)
@@ -409,13 +426,35 @@ class SweepSpec:
         for run in plan:
             where = "run " + ", ".join(f"{k}={label(v)}" for k, v in run.axes.items())
             self._check_scenario(dict(run.data), where, installed_plugins)
+        self._check_goal(plan)
+        if installed_backends is not None:
+            for run in plan:
+                backend = self.backend
+                if backend is None:
+                    backend = run.data.get("host", {}).get("backend", "emulator")
+                if backend not in installed_backends:
+                    known = ", ".join(sorted(installed_backends))
+                    raise UserError(f"{self.source}: unknown backend {str(backend)[:60]!r} (installed: {known})")
         return plan
+
+    def _check_goal(self, plan: Sequence[PlannedRun]) -> None:
+        """The goal must be a column some run can have: a core column exactly, or a metric of a
+        plugin some run enables (its own keys are known only from its report)."""
+        from memvisor.sweep.table import column_problem
+
+        vm_names = {str(vm.get("name", f"vm{i}")) for run in plan for i, vm in enumerate(run.data.get("vm", []))}
+        plugins = {name for run in plan for name in run.data.get("plugins", {})}
+        problem = column_problem(self.compare.goal, vm_names, plugins)
+        if problem:
+            raise UserError(f"{self.source}: goal {self.compare.goal[:80]!r}: {problem}")
 
     def _check_scenario(self, data: dict, where: str, installed: set[str] | None) -> None:
         try:
             parse_scenario(data, self.base_path)
         except UserError as exc:
-            raise UserError(f"{self.source}: {where}: {exc}") from None
+            # The base scenario's errors name it; the sweep's file is not named twice.
+            message = str(exc).removeprefix(f"{self.base_path}: ") if self.source == self.base_path else str(exc)
+            raise UserError(f"{self.source}: {where}: {message}") from None
         if installed is not None:
             for name in data.get("plugins", {}):
                 if name not in installed:
@@ -424,14 +463,7 @@ class SweepSpec:
 
 
 def _read_toml(path: Path, what: str) -> dict:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    return read_toml(path, what)
 
 
 def _check_base(path: Path, data: dict) -> None:

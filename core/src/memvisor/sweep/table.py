@@ -62,6 +62,34 @@ def flatten_report(data: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+CORE_COLUMNS = {"time": {"virtual_seconds", "real_seconds"},
+                "total": {*COUNTERS, "local_fraction"},
+                "memory": {"used_pages.max", "used_pages.mean", "free_pages.min"}}
+"""The core's metric columns, by their first part (``events.KIND`` and ``vms.NAME.COUNTER``
+follow from the run)."""
+
+
+def column_problem(name: str, vm_names: set[str], plugins: set[str]) -> str | None:
+    """What is wrong with ``name`` as a metric column of a sweep whose runs have VMs
+    ``vm_names`` and enable ``plugins`` (None: it can be one). The core's columns are checked
+    exactly; a plugin's metric only by its plugin, whose report alone knows its keys."""
+    head, _, rest = name.partition(".")
+    if head in CORE_COLUMNS:
+        known = CORE_COLUMNS[head]
+        return None if rest in known else f"no such column (the {head} columns: {', '.join(sorted(known))})"
+    if head == "events":
+        return None if rest else "an events column is events.KIND"
+    if head == "vms":
+        vm, _, counter = rest.partition(".")
+        if vm not in vm_names:
+            return f"no VM named {vm[:40]!r} in the sweep"
+        return None if counter else "a VM column is vms.NAME.METRIC"
+    if head == "memvisor" or head in plugins:
+        return None if rest else f"a {head} column is {head}.METRIC"
+    return (f"no column starts with {head[:40]!r}: columns are time.*, total.*, memory.*, events.*, vms.NAME.* "
+            f"or PLUGIN.* of an enabled plugin ({', '.join(sorted(plugins)) or 'none here'})")
+
+
 def _is_cell(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
@@ -135,25 +163,25 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: Path, fmt: str | Non
     fmt = fmt or ("parquet" if have_pyarrow() else "csv")
     columns = columns_of(rows)
     kinds = {c: column_kind([r.get(c) for r in rows]) for c in columns}
+    from memvisor.files import atomic_write
+
     path = out_dir / f"results.{fmt}"
-    tmp = path.with_name(path.name + ".tmp")
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
         arrays = [pa.array([_cell(r.get(c), kinds[c]) for r in rows], type=types[kinds[c]]) for c in columns]
-        pq.write_table(pa.Table.from_arrays(arrays, names=columns), tmp)
+        atomic_write(path, lambda f: pq.write_table(pa.Table.from_arrays(arrays, names=columns), f))
     elif fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(columns)
         for r in rows:
             writer.writerow(["" if r.get(c) is None else _csv_text(_cell(r.get(c), kinds[c])) for c in columns])
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        atomic_write(path, buffer.getvalue())
     else:
         raise ValueError(f"unknown table format {fmt!r}")
-    tmp.replace(path)
     other = out_dir / ("results.csv" if fmt == "parquet" else "results.parquet")
     other.unlink(missing_ok=True)
     return path

@@ -49,13 +49,14 @@ class CostModel:
 
     @classmethod
     def from_options(cls, options: dict, where: str = "host.costs") -> CostModel:
-        """Build from a scenario table, rejecting unknown names and non-positive values."""
+        """Build from a scenario table, rejecting unknown names and values outside [1e-9, 1e12]
+        (NaN and infinities included: virtual time must stay finite)."""
         known = {f.name for f in attrs.fields(cls)}
         for key, value in options.items():
             if key not in known:
                 raise UserError(f"{where}.{key}: unknown cost (known: {', '.join(sorted(known))})")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise UserError(f"{where}.{key}: must be a positive number, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1e-9 <= value <= 1e12:
+                raise UserError(f"{where}.{key}: must be a number from 1e-9 to 1e12, got {value!r}")
         return cls(**{k: float(v) for k, v in options.items()})
 
     def work_seconds(self, kind: str, nbytes: int, ops: int = 1) -> float:

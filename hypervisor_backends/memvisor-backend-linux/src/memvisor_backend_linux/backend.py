@@ -33,7 +33,7 @@ import structlog
 
 from memvisor import PAGE_SIZE
 from memvisor.backend import AccessResult, Backend, Capability
-from memvisor.errors import BackendError, CapabilityError
+from memvisor.errors import BackendError, CapabilityError, GuestDied
 from memvisor.events import AccessBatch, FaultBatch, WriteBatch
 from memvisor_backend_linux import protocol
 from memvisor_backend_linux._native import cache_dir, load
@@ -162,6 +162,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _how(status: int | None) -> str:
+    """How a guest process ended, from its exit status (negative: the signal that killed it)."""
+    return f"killed by signal {-status}" if status is not None and status < 0 else f"exit status {status}"
+
+
 def _errno_text(code: int) -> str:
     return os.strerror(-code) if code < 0 else str(code)
 
@@ -260,7 +265,7 @@ class LinuxBackend(Backend):
     name = "linux"
     stops_guests = True
     """A hook that raises while a guest waits on its fault kills the guest process: the backend
-    stops it (its next batch raises a :class:`BackendError` saying it died), not the host."""
+    stops it (its next batch raises :class:`~memvisor.errors.GuestDied` saying it died), not the host."""
     capabilities: frozenset[str] = frozenset({Capability.FAULT, Capability.TRACE, Capability.WRITE_PROTECT,
                                               Capability.DIRTY, Capability.ACCESSED, Capability.ZERO_PAGE,
                                               Capability.SHARE, Capability.LARGE_PAGES})
@@ -339,7 +344,7 @@ class LinuxBackend(Backend):
         except KeyError:
             raise BackendError(f"VM {vm.name!r} does not exist on backend 'linux'") from None
         if g.dead:
-            raise BackendError(f"VM {vm.name!r}: its guest process died (status {g.exit_status})")
+            raise GuestDied(f"VM {vm.name!r}: its guest process died ({_how(g.exit_status)})")
         return g
 
     def _pages(self, vm: VM, gpps) -> np.ndarray:
@@ -553,9 +558,7 @@ class LinuxBackend(Backend):
         g.busy = False
         g.close()
         g.dead = True
-        status = g.exit_status
-        how = f"killed by signal {-status}" if status is not None and status < 0 else f"exit status {status}"
-        raise BackendError(f"VM {vm.name!r}: its guest process died ({how})")
+        raise GuestDied(f"VM {vm.name!r}: its guest process died ({_how(g.exit_status)})")
 
     def _handle(self, vm: VM, g: _Guest, counts: list[int]) -> None:
         """Faults the compiled loop handed back: deliver them as batches, resolve them."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from memvisor.cli import InputFile, OutputFile
+
 
 @click.group("diskmap")
 def diskmap():
@@ -15,14 +17,16 @@ def diskmap():
 
 
 @diskmap.command("scan")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--disk", "disk", required=True, type=click.Path(dir_okay=False), help="The raw disk image.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
+@click.argument("image", type=InputFile("memory image"))
+@click.option("--disk", "disk", required=True, type=InputFile("disk image"), help="The raw disk image.")
+@click.option("--json", "json_out", default=None, type=OutputFile("JSON file"), help="Write the figures as JSON.")
 def scan(image, disk, json_out):
     """Count the pages of a raw memory IMAGE identical to a 4 KiB-aligned block of --disk
     (zero pages counted apart): {"pages", "disk_blocks", "pages_on_disk", "zero_pages", "seconds"}."""
+    from memvisor.files import image_pages
     from memvisor_diskmap.index import scan_image
 
+    image_pages(image)  # a memory image is whole pages: never silently cut
     result = scan_image(image, disk)
     figures = result.to_json()
     if json_out:

@@ -49,6 +49,23 @@ PAYLOAD_BYTES = 24
 SETTINGS = {"swap": True, "scan": False, "protect": True}
 
 
+def _fields(payloads, count: int, vm) -> np.ndarray:
+    """The ``(slot, block, hash)`` u64 fields of ``count`` disk-ref payloads, which come from
+    a file or a link: anything but ``count`` payloads of 24 bytes is refused with
+    :class:`BackendError` (the records are then never used)."""
+    if isinstance(payloads, np.ndarray):
+        ok = payloads.dtype == np.uint8 and payloads.shape == (count, PAYLOAD_BYTES)
+        raw = payloads if ok else None
+    else:
+        items = list(payloads)
+        ok = len(items) == count and all(isinstance(p, (bytes, bytearray)) and len(p) == PAYLOAD_BYTES
+                                         for p in items)
+        raw = np.frombuffer(b"".join(items), np.uint8).reshape(count, PAYLOAD_BYTES) if ok else None
+    if raw is None:
+        raise BackendError(f"disk-ref records of VM {vm.name!r}: payloads are not {count} of {PAYLOAD_BYTES} bytes")
+    return np.ascontiguousarray(raw).view("<u8").astype(np.uint64)
+
+
 class _Map:
     """The mappings of one VM that has a disk (26 bytes a page: a VM without a disk has none).
 
@@ -329,9 +346,8 @@ class DiskmapPlugin:
         block changed since raises :class:`BackendError` (it is never used)."""
         if records.kind != KIND:
             return None
-        payload = np.ascontiguousarray(np.asarray(records.payloads, dtype=np.uint8)).reshape(-1, PAYLOAD_BYTES)
-        fields = payload.view("<u8").astype(np.uint64)
-        slots, blocks, hashes = fields[:, 0].astype(np.int64), fields[:, 1].astype(np.int64), fields[:, 2]
+        fields = _fields(records.payloads, len(records.gpps), vm)
+        slots, blocks, hashes = fields[:, 0], fields[:, 1], fields[:, 2]
         disks = self._disks(vm)
         order = np.argsort(slots, kind="stable")
         parts = []
@@ -339,7 +355,7 @@ class DiskmapPlugin:
             rows = order[slots[order] == slot]
             if slot >= len(disks) or np.any(blocks[rows] >= disks[slot].blocks):
                 raise BackendError(f"disk-ref records name disk {slot} of VM {vm.name!r}, which it does not have")
-            parts.append(disks[slot].contents(blocks[rows]))
+            parts.append(disks[int(slot)].contents(blocks[rows]))
             host.backend.account("disk_read", len(rows) * PAGE_SIZE, 1)
         out = concat(parts)[np.argsort(order, kind="stable")] if parts else host.backend.contents(vm, [])
         bad = _fingerprints(out) != hashes
@@ -348,7 +364,7 @@ class DiskmapPlugin:
             raise BackendError(f"{int(bad.sum())} disk-ref records of VM {vm.name!r} name blocks changed since")
         for slot in np.unique(slots):  # the restored pages equal their blocks: map them again
             rows = np.flatnonzero(slots == slot)
-            self._set(vm, records.gpps[rows], int(slot), blocks[rows], hashes[rows])
+            self._set(vm, records.gpps[rows], int(slot), blocks[rows].astype(np.int64), hashes[rows])
         self._map_of(vm).swapped[records.gpps] = False  # the caller makes them present
         self.counts["refs_resolved"] += len(records.gpps)
         return out

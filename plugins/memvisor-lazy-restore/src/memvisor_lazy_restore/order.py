@@ -39,9 +39,16 @@ def _check_key(material: bytes | None) -> bytes:
 def read_order(checkpoint, *, file_id: bytes, vm_pages: int, key: bytes | None = None) -> tuple[np.ndarray, str] | None:
     """Per-page heat (float64, ``vm_pages`` of them) and its source from the sidecar of
     ``checkpoint``, or None when there is no usable sidecar for this very checkpoint."""
+    from memvisor.errors import UserError
+    from memvisor.files import open_regular
+
     path = sidecar_path(checkpoint)
     try:
-        with open(path, "rb") as f:
+        fd = open_regular(path, "order sidecar")  # a FIFO in its place must not block the restore
+    except UserError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(HEADER_SIZE)
             if len(head) < HEADER_SIZE:

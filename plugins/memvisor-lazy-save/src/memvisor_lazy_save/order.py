@@ -27,10 +27,11 @@ import contextlib
 import hashlib
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from memvisor.files import temp_file
 
 MAGIC = b"MVCKORD\n"
 VERSION = 1
@@ -76,7 +77,7 @@ def write_order(checkpoint, *, file_id: bytes, vm_pages: int, window_pages: int,
     digest = hashlib.blake2b(head, digest_size=16, key=check_key(key) or b"")
     digest.update(heat.tobytes())
     out = sidecar_path(checkpoint)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    fd, tmp = temp_file(out)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(head + digest.digest() + heat.tobytes())

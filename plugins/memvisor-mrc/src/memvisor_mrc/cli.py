@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import click
 
+from memvisor.cli import InputFile, Number, OutputFile
 from memvisor.errors import UserError
 
 __all__ = ["SMALL_SAMPLE", "MRCResult", "compute", "mrc"]
@@ -119,17 +120,20 @@ def _plot(result: MRCResult, trace: str, path: str) -> None:
 
 
 @click.command("mrc")
-@click.argument("trace")
-@click.option("--rate", type=float, default=None, help="Sampling rate R of the spatial sample (default 0.01).")
-@click.option("--sample-size", type=int, default=None, help="Fixed-size sample of at most S pages (rate adapts).")
-@click.option("--untrace-period", type=int, default=0, show_default=True,
+@click.argument("trace", type=InputFile("trace file"))
+@click.option("--rate", type=Number(0, 1), default=None, help="Sampling rate R of the spatial sample (default 0.01).")
+@click.option("--sample-size", type=click.IntRange(1, 2**40), default=None,
+              help="Fixed-size sample of at most S pages (rate adapts).")
+@click.option("--untrace-period", type=click.IntRange(0, 2**62), default=0, show_default=True,
               help="Accesses a sampled page stays untraced after it trapped (simulated; needs a fixed rate).")
 @click.option("--exact", is_flag=True, help="Exact curve (Mattson stack distances, O(N log N)).")
-@click.option("--json", "json_out", default=None, help="Write the curve as JSON to this file ('-': stdout).")
+@click.option("--json", "json_out", default=None, type=OutputFile("JSON file", allow_dash=True),
+              help="Write the curve as JSON to this file ('-': stdout).")
 @click.option("--address", is_flag=True, help="The trace holds byte addresses, not page numbers.")
-@click.option("--format", "fmt", default=None, help="Trace format: npy, csv or oracleGeneral (default: by name).")
-@click.option("--plot", "plot_out", default=None, help="Draw the curve to this PNG file.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the page hash.")
+@click.option("--format", "fmt", default=None, type=click.Choice(["npy", "csv", "oracleGeneral"], case_sensitive=False),
+              help="Trace format (default: by name).")
+@click.option("--plot", "plot_out", default=None, type=OutputFile("PNG file"), help="Draw the curve to this PNG file.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the page hash.")
 @click.option("--quiet", is_flag=True, help="No progress and no summary.")
 def mrc(trace, rate, sample_size, untrace_period, exact, json_out, address, fmt, plot_out, seed, quiet):
     """The LRU miss-ratio curve of TRACE (.npy, .npy.zst, CSV or libCacheSim oracleGeneral)."""

@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE
+from memvisor.cli import OutputFile
 from memvisor.errors import UserError
 from memvisor_numa.settings import DEFAULT_NUMA_GIB_PER_S, HEURISTICS, bandwidth_pages
 
@@ -182,24 +183,23 @@ def numa() -> None:
               help="Seconds the VM runs before its move (history).")
 @click.option("--post", default=None,
               help="Seconds it runs after the move [default: 1.2 times what address order needs].")
-@click.option("--json", "json_out", default=None, help="Write the figures as JSON to this file.")
-@click.option("--plot", "plot_out", default=None, help="Draw the local fraction over time to this PNG.")
+@click.option("--json", "json_out", default=None, type=OutputFile("JSON file"),
+              help="Write the figures as JSON to this file.")
+@click.option("--plot", "plot_out", default=None, type=OutputFile("PNG file"),
+              help="Draw the local fraction over time to this PNG.")
 def compare_command(vm_gib, workload, seed, pre, post, json_out, plot_out):
     """Run every heuristic on the same workload and seed and print a table."""
     # Options are read as text and checked here, so that a mistake is one line and status 2.
     vm_pages = vm_pages_of(_float("--vm-gib", vm_gib))
     spec = parse_workload(workload)
-    if not seed.lstrip("-").isdigit():
-        raise UserError(f"--seed: expected a whole number, got {seed!r}")
+    if not (seed.isdigit() and int(seed) < 2**63):
+        raise UserError(f"--seed: expected a whole number from 0 to 2**63-1, got {seed[:40]!r}")
     timing = {"pre": _float("--pre", pre)}
     if post is not None:
         timing["post"] = _float("--post", post)
     for option, value in timing.items():
         if not 0 < value <= 3600:
             raise UserError(f"--{option}: must be between 0 and 3600 seconds, got {value:g}")
-    for option, target in (("--json", json_out), ("--plot", plot_out)):
-        if target is not None and not Path(target).resolve().parent.is_dir():
-            raise UserError(f"{option}: {target}: the folder does not exist")
     from rich.console import Console
     from rich.table import Table
 

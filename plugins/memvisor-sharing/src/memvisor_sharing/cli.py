@@ -7,6 +7,7 @@ import json
 import click
 
 from memvisor import PAGE_SIZE
+from memvisor.cli import InputFile, OutputFile
 from memvisor.errors import UserError
 
 PROGRESS_BYTES = 256 << 20
@@ -31,13 +32,13 @@ def sharing() -> None:
 
 
 @sharing.command()
-@click.argument("images", nargs=-1, type=click.Path(dir_okay=True))
-@click.option("--pid", "pids", type=int, multiple=True,
+@click.argument("images", nargs=-1, type=InputFile("memory image"))
+@click.option("--pid", "pids", type=click.IntRange(1, 2**22), multiple=True,
               help="Also read this live process's resident memory (read-only; repeatable).")
 @click.option("--large-page", default="2M", show_default=True, help="Large-page size for the per-region figures.")
 @click.option("--across", is_flag=True, help="Share across images and processes (default: within each only; "
                                               "zero pages are shared across always).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_out", type=OutputFile("JSON file", allow_dash=True), default=None,
               help="Write the figures as JSON to this file ('-' for standard output).")
 def estimate(images, pids, large_page, across, json_out):
     """Estimate the memory that page sharing would reclaim in raw memory IMAGES (QEMU pmemsave

@@ -32,26 +32,13 @@ class ImageSource:
     """
 
     def __init__(self, path: str | Path, large_page_bytes: int):
+        from memvisor.files import image_pages, open_regular
+
         self.path = Path(path)
         self.name = str(path)
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-        if self.path.is_dir():
-            raise UserError(f"{path}: is a folder, not a memory image")
-        if size == 0:
-            raise UserError(f"{path}: the image is empty")
-        if size % PAGE_SIZE:
-            raise UserError(f"{path}: size {size} bytes is not a multiple of {PAGE_SIZE} (not a raw memory image?)")
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-        self.pages = size // PAGE_SIZE
-        self.nbytes = size
+        self.pages = image_pages(self.path)  # a regular file of whole pages, or one line
+        self._fd = open_regular(self.path, "memory image")
+        self.nbytes = self.pages * PAGE_SIZE
         self.region_pages = max(1, large_page_bytes // PAGE_SIZE)
         self.large_pages = -(-self.pages // self.region_pages)
 
