@@ -117,3 +117,65 @@ def test_migration_between_models_is_refused():
     with pytest.raises(MigrationAborted, match="the source holds pages as identity, the destination as bytes"):
         LiveMigration(host, vm, small_host(memory_pages=4 * PAGES, contents="bytes"))
     ref.check(host)
+
+
+def test_identity_records_are_numbered_owed_and_checked():
+    """An identity record goes through the destination's checks like a page record: installed
+    only when next in sequence and owed; replayed, not owed or sent to a host of bytes it
+    aborts; a frame that does not declare exactly its records is refused (asked again)."""
+    import zstandard
+
+    from memvisor.identity import Identities
+    from memvisor.migration import stream
+    from memvisor.migration.live import Destination
+    from memvisor.migration.stream import StreamViolation
+
+    host, vm, _ = vm_with_history("identity")
+    contents = host.backend.contents(vm, np.arange(8))
+    target = small_host(memory_pages=1024, contents="identity")
+    dest_vm = target.create_vm("d", 64)
+    target.backend.unmap(dest_vm, np.arange(64))
+    dest = Destination(target, dest_vm, compressed=True)
+    compressor = zstandard.ZstdCompressor()
+    payload = stream.identity_payload(contents, compressor)
+    assert dest.receive(stream.encode("round", np.empty(0), stream.pack_ranges(np.arange(16), 1), 0)) == "ok"
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(contents.to_records())
+    assert dest.receive(stream.encode("identity", np.arange(8), unsized, 1)) == "refused"
+    assert dest.receive(stream.encode("identity", np.arange(8), payload, 1)) == "ok"
+    assert dest.host.backend.contents(dest_vm, np.arange(8)).equal(contents).all()
+    for wire, message in [
+        (stream.encode("identity", np.arange(8), payload, 1), "replayed"),
+        (stream.encode("identity", np.arange(20, 28), payload, 2), "not owed"),
+    ]:
+        with pytest.raises(StreamViolation, match=message):
+            dest.receive(wire)
+    plain = small_host(memory_pages=1024)
+    plain_vm = plain.create_vm("d", 64)
+    to_bytes = Destination(plain, plain_vm, compressed=True)
+    to_bytes.receive(stream.encode("round", np.empty(0), stream.pack_ranges(np.arange(8), 1), 0))
+    with pytest.raises(StreamViolation, match="identity record to a host of bytes"):
+        to_bytes.receive(stream.encode("identity", np.arange(8), payload, 1))
+    assert isinstance(contents, Identities)
+
+
+def test_a_replayed_identity_record_aborts_the_migration_with_the_source_running():
+    """A link that delivers an identity record twice ends the migration (never a silent
+    difference): the destination VM is gone and the source reads as the reference says."""
+    from memvisor.migration import Link, stream
+
+    host, vm, ref = vm_with_history("identity")
+    destination = small_host(memory_pages=4 * PAGES, contents="identity")
+    identity_records: list[bytes] = []
+
+    def replay(index: int, wire: bytes) -> bytes:
+        if identity_records:  # every record after the first identity record: that record again
+            return identity_records[0]
+        if stream.decode(wire).kind == "identity":
+            identity_records.append(wire)
+        return wire
+
+    migration = LiveMigration(host, vm, destination, MigrationOptions(max_rounds=2), link=Link(replay))
+    with pytest.raises(MigrationAborted, match="replayed"):
+        migration.run()
+    assert identity_records and "a" not in destination.vms
+    ref.check(host)
