@@ -33,6 +33,8 @@ from memvisor.events import (
     VcpuMove,
     WriteBatch,
 )
+from memvisor.identity import auto_model, host_memory_bytes
+from memvisor.limits import check_machine_memory
 from memvisor.metrics import Metrics
 from memvisor.plugins import new_plugin_manager
 from memvisor.registry import Registry, fill
@@ -88,11 +90,8 @@ class HostConfig:
         """The model of page contents for a backend that offers the ``supported`` models:
         :attr:`contents` when given (a :class:`UserError` when the backend lacks it), else the
         identity model for a host larger than :data:`memvisor.identity.IDENTITY_AUTO_BYTES`."""
-        from memvisor.identity import IDENTITY_AUTO_BYTES
-
         if self.contents is None:
-            large = self.memory_pages * PAGE_SIZE > IDENTITY_AUTO_BYTES
-            return "identity" if large and "identity" in supported else "bytes"
+            return auto_model(self.memory_pages, supported)
         if self.contents not in supported:
             raise UserError(f"host.contents: backend {self.backend!r} holds page contents as "
                             f"{' or '.join(supported)}, not {self.contents!r}")
@@ -166,8 +165,14 @@ class Host:
         self.hook = self.pm.hook
         self.registries = registries(catalog or new_plugin_manager(None, strict=False))
         backend_class = self.registries["backend"][config.backend]
-        config = attrs.evolve(config, contents=config.contents_model(getattr(backend_class, "contents_models",
-                                                                             ("bytes",))))
+        model = config.contents_model(getattr(backend_class, "contents_models", ("bytes",)))
+        if config.contents is None and model != auto_model(config.memory_pages):
+            # A scenario checked this host's size for the identity model its backend lacks.
+            try:
+                check_machine_memory(host_memory_bytes(config.memory_pages, model), "a host")
+            except ValueError as exc:
+                raise UserError(f"host.memory: {exc} (backend {config.backend!r} holds page bytes)") from None
+        config = attrs.evolve(config, contents=model)
         self.config = config
         self.backend: Backend = backend_class(config)
         self.backend.attach(self)

@@ -52,6 +52,25 @@ IDENTITY_AUTO_BYTES = 8 << 30
 """Hosts with more machine memory than this use the identity model unless a scenario says
 otherwise (a bytes-model host keeps every page's 4 KiB in this machine's memory)."""
 
+IDENTITY_PAGE_BYTES = 48
+"""Memory a machine page of an identity-model host costs, every technique on (measured 12.8 MiB
+per GiB of guest memory: ``memory-per-gib`` of ``memvisor bench scale``, docs/performance.md):
+what a scenario's host is checked against this machine's memory with (a bytes-model host: 4 KiB
+and more a page)."""
+
+
+def auto_model(memory_pages: int, supported: tuple[str, ...] = MODELS) -> str:
+    """The model of a host that names none: identity above :data:`IDENTITY_AUTO_BYTES` when
+    its backend offers it (``supported``), else bytes."""
+    large = memory_pages * PAGE_SIZE > IDENTITY_AUTO_BYTES
+    return "identity" if large and "identity" in supported else "bytes"
+
+
+def host_memory_bytes(memory_pages: int, model: str) -> int:
+    """About what a host of ``memory_pages`` machine pages in ``model`` needs of this machine's
+    memory: at least its pages' bytes, or :data:`IDENTITY_PAGE_BYTES` a page by identity."""
+    return memory_pages * (IDENTITY_PAGE_BYTES if model == "identity" else PAGE_SIZE)
+
 TAG_SHIFT = 62
 KEY_MASK = (1 << TAG_SHIFT) - 1
 RANDOM_TAG = 1 << TAG_SHIFT
