@@ -203,15 +203,7 @@ def identity_payload(contents: Identities, compressor) -> bytes:
 def identity_data(payload: bytes, count: int, decompressor) -> Identities:
     """The identities of ``count`` pages from an ``identity`` record's payload: a compressed one
     must declare exactly that many records before it is decompressed, as a ``page`` record."""
-    expect = count * RECORD_DTYPE.itemsize
-    if decompressor is None:
-        raw = payload
-    else:
-        raw = decompress_frame(payload, expect, lambda problem: StreamError(f"identity record: {problem}"),
-                               decompressor)
-    if len(raw) != expect:
-        raise StreamError("identity record of a bad length")
-    return Identities.from_records(raw)
+    return Identities.from_records(_payload_bytes(IDENTITY, payload, count * RECORD_DTYPE.itemsize, decompressor))
 
 
 def modelled_page_bytes(contents: Identities, chunk_pages: int, level: int | None) -> int:
@@ -231,12 +223,18 @@ def modelled_page_bytes(contents: Identities, chunk_pages: int, level: int | Non
 def page_data(payload: bytes, count: int, decompressor) -> np.ndarray:
     """Bytes of ``count`` pages from a ``page`` record's payload: a compressed one must declare
     exactly that many bytes before it is decompressed (:func:`memvisor.limits.decompress_frame`)."""
-    expected = count * PAGE_SIZE
+    raw = _payload_bytes(PAGE, payload, count * PAGE_SIZE, decompressor)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(count, PAGE_SIZE)
+
+
+def _payload_bytes(kind: str, payload: bytes, expected: int, decompressor) -> bytes:
+    """Exactly ``expected`` bytes of a ``kind`` record's payload, raw or (with a decompressor)
+    from a zstd frame that declares that size (:class:`StreamError` otherwise)."""
     if decompressor is None:
         raw = payload
     else:
-        raw = decompress_frame(payload, expected, lambda problem: StreamError(f"page record: {problem}"),
+        raw = decompress_frame(payload, expected, lambda problem: StreamError(f"{kind} record: {problem}"),
                                decompressor)
     if len(raw) != expected:
-        raise StreamError("page record of a bad length")
-    return np.frombuffer(raw, dtype=np.uint8).reshape(count, PAGE_SIZE)
+        raise StreamError(f"{kind} record of a bad length")
+    return raw
