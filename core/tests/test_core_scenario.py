@@ -78,7 +78,10 @@ def test_bad_scenario_names_the_key(tmp_path, mutation, key):
     (('memory = "64MiB"', 'memory = "1GB"'),
      'host.memory: \'1GB\': GB is a decimal unit; memory sizes use binary units ("1GiB")'),
     (('memory = "64MiB"', 'memory = "1' + "0" * 400 + 'TiB"'), "host.memory: '1000"),
-    (('memory = "64MiB"', 'memory = "64TiB"'), "host.memory: a host of 64.0 TiB is larger than this machine's memory"),
+    (('memory = "64MiB"', 'memory = "64TiB"\ncontents = "bytes"'),
+     "host.memory: a host of 64.0 TiB is larger than this machine's memory"),
+    (('memory = "64MiB"', 'memory = "64TiB"'),  # by identity (the default above 8 GiB): 48 bytes a page
+     "host.memory: a host of 64.0 TiB by content identity needs about 768.0 GiB (48 bytes a page), more than"),
     (('memory = "64MiB"', 'memroy = "64MiB"'), "host.memroy: unknown key (did you mean 'memory'?)"),
     (('tick = "1ms"', 'tick = nan'), "host.tick: a duration must be a finite number, got nan"),
     (('tick = "1ms"', 'tick = "1ns"'), "host.tick: must be from 1 us to a week"),

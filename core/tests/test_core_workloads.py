@@ -241,3 +241,30 @@ def test_workloads_dict_is_the_registry_make_workload_uses(monkeypatch):
 
     monkeypatch.setitem(WORKLOADS, "constant", lambda spec, vm_pages, seed: Constant())
     assert isinstance(make_workload({"kind": "constant"}, 4, 0), Constant)
+
+
+@pytest.mark.parametrize("alpha", [0.99, 1.0, 1.3])
+def test_zipf_over_a_large_region_follows_zipf_with_no_table_per_page(alpha):
+    """Above EXACT_ZIPF_RANKS the sampler keeps no array per page, yet the share of accesses to
+    the k most popular pages matches Zipf's law (the exact sum) within half a percentage point
+    for k from the head into the tail, and every page of the region can be drawn."""
+    from memvisor.workloads import EXACT_ZIPF_RANKS, _CompactZipfSampler
+
+    size = 4 * EXACT_ZIPF_RANKS
+    workload = make_workload({"kind": "zipf", "alpha": alpha}, size, 7)
+    assert isinstance(workload.sampler, _CompactZipfSampler)
+    assert sum(a.nbytes for a in (workload.sampler.head.table, workload.sampler.head.threshold)) < 4 << 20
+    pages, _ = take(workload, 4_000_000)
+    assert pages.min() >= 0 and pages.max() < size
+    sampler = workload.sampler
+    ranks = np.arange(size, dtype=np.uint64)
+    offsets = (ranks * np.uint64(sampler.multiplier) + np.uint64(sampler.shift)) % np.uint64(size)
+    assert len(np.unique(offsets)) == size  # ranks to offsets is a bijection
+    rank_of = np.empty(size, np.int64)
+    rank_of[offsets.astype(np.int64)] = np.arange(size)
+    drawn = np.bincount(rank_of[pages], minlength=size)  # accesses per popularity rank
+    weights = np.arange(1, size + 1, dtype=np.float64) ** -alpha
+    expected = np.cumsum(weights) / weights.sum()
+    observed = np.cumsum(drawn) / len(pages)
+    for k in (10, 1000, 65536, 200_000, 1_000_000):
+        assert abs(observed[k - 1] - expected[k - 1]) < 0.005, (k, observed[k - 1], expected[k - 1])

@@ -14,3 +14,11 @@ def test_integration_all_techniques():
     (faults served) — derandomized: CI runs the same examples each time; selftest explores."""
     figures = run(max_examples=EXAMPLES, steps=30, seed=0, final_fault_check=True)
     assert figures["examples"] >= 1
+
+
+def test_integration_all_techniques_on_the_identity_model():
+    """The same on hosts that keep pages by content identity: every technique keeps every page
+    reading the bytes the model says (checkpoints of identities, identity migration records,
+    identity disks, literal pages from memory errors)."""
+    figures = run(max_examples=max(1, EXAMPLES // 2), steps=30, seed=0, final_fault_check=True, model="identity")
+    assert figures["examples"] >= 1

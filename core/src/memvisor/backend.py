@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from memvisor.host import VM, Host
 
 
+_QUERY_CHUNK = 8192  # pages the default content queries read at once (32 MiB)
+
+
 class Capability:
     """Names of backend capabilities."""
 
@@ -96,6 +99,13 @@ class Backend(ABC):
     """The name the backend is registered under (``[host] backend``)."""
     capabilities: frozenset[str] = frozenset()
     """The :class:`Capability` names this backend offers (``host.require`` checks them)."""
+    contents_model: str = "bytes"
+    """How this backend holds page contents: ``"bytes"`` (real bytes) or ``"identity"`` (by
+    content identity, :mod:`memvisor.identity`: the emulator's model for hosts larger than the
+    machine that runs it). :meth:`contents` hands out, and :meth:`populate`, :meth:`write`,
+    :meth:`guest_write` and :meth:`hold_page` take, contents in this model."""
+    contents_models: tuple[str, ...] = ("bytes",)
+    """The models this backend can be built with (``[host] contents``)."""
     stops_guests: bool = False
     """True when the backend itself stops a guest whose fault or write trap a plugin failed to
     handle (the host then leaves the stop to it); otherwise the host stops the VM."""
@@ -175,6 +185,43 @@ class Backend(ABC):
     @abstractmethod
     def write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
         """Store contents into present pages; a shared page first gets a private copy."""
+
+    def contents(self, vm: VM, gpps: np.ndarray):
+        """Contents of present pages in this backend's model (:attr:`contents_model`): bytes
+        ``(n, PAGE_SIZE)`` uint8 (the default: :meth:`read`), or :class:`memvisor.identity.
+        Identities` on an identity-model backend. What a technique copies, saves or sends and
+        gives back to :meth:`populate` or :meth:`write`; :func:`memvisor.identity.rows_equal`,
+        :func:`~memvisor.identity.zero_rows` and :func:`~memvisor.identity.fingerprints` work on
+        either form."""
+        return self.read(vm, gpps)
+
+    def guest_contents(self, vm: VM, gpps: np.ndarray):
+        """The guest reads whole pages, trapping like :meth:`access` does; their contents in
+        this backend's model (the default: :meth:`guest_read`)."""
+        return self.guest_read(vm, gpps)
+
+    def fingerprint(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        """A uint64 per present page: equal contents have equal fingerprints, and 0 is the page
+        of zeros and no other. Techniques compare fingerprints to find candidates (sharing,
+        disk mappings) and confirm with a comparison. The default hashes :meth:`read` bytes
+        with xxh3 a chunk at a time; a backend that knows its pages otherwise answers faster."""
+        from memvisor.identity import byte_fingerprints
+
+        gpps = np.asarray(gpps, dtype=np.int64).reshape(-1)
+        out = np.empty(len(gpps), np.uint64)
+        for start in range(0, len(gpps), _QUERY_CHUNK):
+            out[start : start + _QUERY_CHUNK] = byte_fingerprints(self.read(vm, gpps[start : start + _QUERY_CHUNK]))
+        return out
+
+    def is_zero(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        """Per present page, whether it holds only zeros (the default reads the bytes)."""
+        from memvisor.identity import zero_rows
+
+        gpps = np.asarray(gpps, dtype=np.int64).reshape(-1)
+        out = np.empty(len(gpps), bool)
+        for start in range(0, len(gpps), _QUERY_CHUNK):
+            out[start : start + _QUERY_CHUNK] = zero_rows(self.read(vm, gpps[start : start + _QUERY_CHUNK]))
+        return out
 
     @abstractmethod
     def present(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
@@ -262,6 +309,21 @@ class Backend(ABC):
     @abstractmethod
     def release_page(self, mpn: int) -> None:
         """Drop the caller's hold on a machine page from :meth:`hold_page`."""
+
+    def hold_pages(self, contents, nodes: np.ndarray) -> np.ndarray:
+        """:meth:`hold_page` for many pages at once: page ``i`` holds row ``i`` of ``contents``
+        (bytes or, on an identity-model backend, identities) on node ``nodes[i]``; returns
+        their machine page numbers. The default holds them one by one."""
+        from memvisor.identity import take
+
+        nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
+        return np.array([self.hold_page(take(contents, np.array([i])), node=int(n)) for i, n in enumerate(nodes)],
+                        dtype=np.int64)
+
+    def release_pages(self, mpns: np.ndarray) -> None:
+        """:meth:`release_page` for many pages at once (the default releases them one by one)."""
+        for mpn in np.asarray(mpns, dtype=np.int64).reshape(-1).tolist():
+            self.release_page(mpn)
 
     # -- large pages --------------------------------------------------------------------------
 

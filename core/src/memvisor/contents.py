@@ -25,6 +25,9 @@ set ``pool_seed`` (default 0), ``pool_pages`` (pages in the duplicate pool, defa
 
 Every page's kind and bytes are a function of ``(seed, gpp)`` alone, computed with a counter
 hash rather than a sequential generator, so any subset of pages can be filled in any order.
+A page's 64-bit content identity (:meth:`ContentSpec.identities`, :mod:`memvisor.identity`) is
+the key its bytes are generated from: the emulator's identity model keeps that instead of the
+bytes, and both models hold the same bytes for the same scenario.
 """
 
 from __future__ import annotations
@@ -156,30 +159,55 @@ class ContentSpec:
         """The contents of pages ``gpps`` of a VM: ``(len(gpps), PAGE_SIZE)`` uint8.
 
         Each page depends only on ``(seed, gpp)`` (and this spec), so memory can be filled in
-        chunks, in any order. Zero pages are left untouched in a zeroed array.
+        chunks, in any order. The bytes are those of :meth:`identities` (zero pages are left
+        untouched in a zeroed array).
         """
-        gpps = _check_pages(vm_pages, gpps)
-        codes = self.kinds(vm_pages, seed, gpps)
-        out = np.zeros((len(gpps), PAGE_SIZE), np.uint8)
-        for first in range(0, len(gpps), _CHUNK_PAGES):
-            part = slice(first, first + _CHUNK_PAGES)
-            chunk_codes, chunk_pages, chunk_out = codes[part], gpps[part], out[part]
-            for code in np.unique(chunk_codes):
-                if code == ZERO:
-                    continue
-                rows = np.flatnonzero(chunk_codes == code)
-                chunk_out[rows] = self._generate(int(code), seed, chunk_pages[rows])
+        ids = self.identities(vm_pages, seed, gpps)
+        out = np.zeros((len(ids), PAGE_SIZE), np.uint8)
+        nonzero = np.flatnonzero(ids)
+        for first in range(0, len(nonzero), _CHUNK_PAGES):
+            rows = nonzero[first : first + _CHUNK_PAGES]
+            out[rows] = generate_pages(ids[rows])
         return out
 
-    def _generate(self, code: int, seed: int, gpps: np.ndarray) -> np.ndarray:
-        """Bytes of non-zero pages of one kind."""
-        if code == RANDOM:
-            return _random_pages(_keys(seed, _RANDOM, gpps))
-        if code == TEXT:
-            return _text_pages(_keys(seed, _TEXT, gpps))
-        pick = _keys(seed, _POOL_PICK, gpps)
-        index = ((pick >> np.uint64(32)) * np.uint64(self.pool_pages)) >> np.uint64(32)
-        return _text_pages(_keys(self.pool_seed, _POOL, index))
+    def identities(self, vm_pages: int, seed: int, gpps: np.ndarray) -> np.ndarray:
+        """The content identity (:mod:`memvisor.identity`) of each page of ``gpps``: 0 for a zero
+        page, ``RANDOM_TAG | key`` or ``TEXT_TAG | key`` for the others (duplicate pages are text
+        pages whose key comes from the shared pool). Cheap: a few hashes per page, no bytes."""
+        from memvisor.identity import KEY_MASK, RANDOM_TAG, TEXT_TAG
+
+        gpps = _check_pages(vm_pages, gpps)
+        codes = self.kinds(vm_pages, seed, gpps)
+        ids = np.zeros(len(gpps), np.uint64)
+        mask = np.uint64(KEY_MASK)
+        for code, domain, tag in ((RANDOM, _RANDOM, RANDOM_TAG), (TEXT, _TEXT, TEXT_TAG)):
+            rows = np.flatnonzero(codes == code)
+            if len(rows):
+                ids[rows] = (_keys(seed, domain, gpps[rows]) & mask) | np.uint64(tag)
+        rows = np.flatnonzero(codes == DUPLICATE)
+        if len(rows):
+            pick = _keys(seed, _POOL_PICK, gpps[rows])
+            index = ((pick >> np.uint64(32)) * np.uint64(self.pool_pages)) >> np.uint64(32)
+            ids[rows] = (_keys(self.pool_seed, _POOL, index) & mask) | np.uint64(TEXT_TAG)
+        return ids
+
+
+def generate_pages(ids: np.ndarray) -> np.ndarray:
+    """The bytes of generated pages from their identities (random or text, no zero pages):
+    ``(len(ids), PAGE_SIZE)`` uint8. The identity is the generator's key."""
+    from memvisor.identity import TAG_SHIFT
+
+    ids = np.asarray(ids, dtype=np.uint64)
+    out = np.empty((len(ids), PAGE_SIZE), np.uint8)
+    tags = ids >> np.uint64(TAG_SHIFT)
+    for tag, generator in ((1, _random_pages), (2, _text_pages)):
+        rows = np.flatnonzero(tags == tag)
+        for first in range(0, len(rows), _CHUNK_PAGES):
+            part = rows[first : first + _CHUNK_PAGES]
+            out[part] = generator(ids[part])
+    if len(ids) and not np.isin(tags, (1, 2)).all():
+        raise ValueError("generate_pages takes random and text identities only")
+    return out
 
 
 def _check_pages(vm_pages: int, gpps: np.ndarray) -> np.ndarray:

@@ -34,6 +34,8 @@ from memvisor.events import (
     VcpuMove,
     WriteBatch,
 )
+from memvisor.identity import auto_model, host_memory_bytes
+from memvisor.limits import check_machine_memory
 from memvisor.metrics import COUNTERS, Metrics
 from memvisor.plugins import new_plugin_manager
 from memvisor.registry import Registry, SettingsRegistry, fill
@@ -43,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from memvisor.disks import Disk
 
 log = structlog.get_logger("memvisor.host")
+
+_MAX_PROBES = 64  # probes for an unpinned page before a guest access falls back to the first one
 
 TIME_EPSILON = 1e-12
 """Seconds below which two times are the same (rounding of sums of float seconds)."""
@@ -64,6 +68,10 @@ class HostConfig:
     :ivar budget: the resource budget of every VM created without its own (:mod:`memvisor.budgets`).
     :ivar handler_threads: threads of the host's trap handler; the trap work of every VM's
         batches queues for them (a batch that traps waits for the work queued before it).
+    :ivar contents: how the backend holds page contents, ``"bytes"`` or ``"identity"``
+        (:mod:`memvisor.identity`); None chooses: the identity model for hosts of more than
+        :data:`memvisor.identity.IDENTITY_AUTO_BYTES` when the backend has it, bytes otherwise.
+        A :class:`Host` resolves it before it builds its backend.
     """
 
     memory_pages: int
@@ -77,6 +85,18 @@ class HostConfig:
     plugin_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     budget: Budget = attrs.field(factory=Budget)
     handler_threads: int = 1
+    contents: str | None = None
+
+    def contents_model(self, supported: tuple[str, ...] = ("bytes", "identity")) -> str:
+        """The model of page contents for a backend that offers the ``supported`` models:
+        :attr:`contents` when given (a :class:`UserError` when the backend lacks it), else the
+        identity model for a host larger than :data:`memvisor.identity.IDENTITY_AUTO_BYTES`."""
+        if self.contents is None:
+            return auto_model(self.memory_pages, supported)
+        if self.contents not in supported:
+            raise UserError(f"host.contents: backend {self.backend!r} holds page contents as "
+                            f"{' or '.join(supported)}, not {self.contents!r}")
+        return self.contents
 
 
 @attrs.define(eq=False)
@@ -170,13 +190,22 @@ class Host:
         extra_plugins: Iterable[object] = (),
         catalog: pluggy.PluginManager | None = None,
     ):
-        self.config = config
         extra_plugins = list(extra_plugins)
         self.pm = new_plugin_manager(list(plugins), extra=extra_plugins)
         self.hook = self.pm.hook
         self.registries = registries(catalog or new_plugin_manager(None, strict=False), (self.pm, extra_plugins))
+        backend_class = self.registries["backend"][config.backend]
+        model = config.contents_model(getattr(backend_class, "contents_models", ("bytes",)))
+        if config.contents is None and model != auto_model(config.memory_pages):
+            # A scenario checked this host's size for the identity model its backend lacks.
+            try:
+                check_machine_memory(host_memory_bytes(config.memory_pages, model), "a host")
+            except ValueError as exc:
+                raise UserError(f"host.memory: {exc} (backend {config.backend!r} holds page bytes)") from None
+        config = attrs.evolve(config, contents=model)
+        self.config = config
         self._settings = self._checked_settings()
-        self.backend: Backend = self.registries["backend"][config.backend](config)
+        self.backend: Backend = backend_class(config)
         self.backend.attach(self)
         self.vms: dict[str, VM] = {}
         self._pinned: dict[str, np.ndarray] = {}
@@ -185,8 +214,8 @@ class Host:
         self.disks: dict[str, dict[str, Disk]] = {}
         self.migrations: list = []
         self.memory_errors: list[dict] = []
-        self._remap: dict[str, np.ndarray] = {}
-        self._accessed: dict[str, dict[str, np.ndarray]] = {}  # VM -> reader -> touches it has not seen
+        # VM -> (reader -> its bit, per page the bits of the readers that have not seen a touch)
+        self._accessed: dict[str, tuple[dict[str, int], np.ndarray]] = {}
         self._ids = itertools.count()
         self.metrics = Metrics()
         self.tick_interval = config.tick_interval
@@ -294,7 +323,6 @@ class Host:
             disk.flush()
         self._pinned.pop(vm.name, None)
         self._given_up.pop(vm.name, None)
-        self._remap.pop(vm.name, None)
         self._accessed.pop(vm.name, None)
         self.restore_records.pop(vm.name, None)
 
@@ -388,19 +416,25 @@ class Host:
         sampling idle memory) would hide the touches from the next (NUMA aging, a lazy save's
         access order). The host takes them from the backend for every page at each call and
         keeps what each reader has not seen yet, so each reader sees every touch once. A
-        reader's first call reports the touches since any reader last asked."""
+        reader's first call reports the touches since any reader last asked. (One byte a page
+        for up to 8 readers: a bit each.)"""
         fresh = self.backend.take_accessed(vm)
-        views = self._accessed.setdefault(vm.name, {})
-        for seen in views.values():
-            seen |= fresh
-        mine = views.setdefault(reader, fresh.copy())
+        bits, unseen = self._accessed.setdefault(vm.name, ({}, np.zeros(vm.pages, dtype=np.uint8)))
+        if reader not in bits:
+            if len(bits) == 8:
+                raise BackendError(f"VM {vm.name!r}: more than 8 readers of accessed bits")
+            bits[reader] = 1 << len(bits)
+            unseen &= np.uint8(~bits[reader] & 0xFF)
+        everyone = np.uint8(sum(bits.values()))
+        unseen |= fresh.view(np.uint8) * everyone
+        bit = np.uint8(bits[reader])
         if gpps is None:
-            out = mine.copy()
-            mine[:] = False
+            out = (unseen & bit) != 0
+            unseen &= ~bit
         else:
             gpps = np.asarray(gpps, dtype=np.int64)
-            out = mine[gpps]
-            mine[gpps] = False
+            out = (unseen[gpps] & bit) != 0
+            unseen[gpps] &= ~bit
         return out
 
     # -- the guest's own allocator --------------------------------------------------------------
@@ -412,30 +446,25 @@ class Host:
         mask = self._pinned.get(vm.name)
         if mask is None:
             mask = self._pinned[vm.name] = np.zeros(vm.pages, dtype=bool)
-            self._given_up[vm.name] = np.zeros(vm.pages, dtype=np.int64)
+            self._given_up[vm.name] = np.zeros(vm.pages, dtype=np.uint32)
         gpps = np.asarray(gpps, dtype=np.int64)
         if pinned:
             self._given_up[vm.name][gpps[~mask[gpps]]] += 1
         mask[gpps] = pinned
         if mask.all():
             raise BackendError(f"VM {vm.name!r}: a guest driver pinned every page; the guest cannot run")
-        remap = np.arange(vm.pages, dtype=np.int64)
-        taken = np.flatnonzero(mask)
-        if len(taken):
-            # Spread the pinned pages' accesses over the free ones in a fixed, seed-free order.
-            free = np.flatnonzero(~mask)
-            remap[taken] = free[np.arange(len(taken)) % len(free)]
-            self._remap[vm.name] = remap
-        else:
-            self._remap.pop(vm.name, None)
 
-    def times_given_up(self, vm: VM) -> np.ndarray:
-        """Per page of ``vm``, how many times the guest has given it up (pinned it for a driver)
-        so far. A page given up may come back with other bytes than it had (a balloon's zeros)
-        without a guest write: a plugin that trusts what it once saw in a page checks that this
-        has not changed since (machine page numbers are reused, so they cannot tell)."""
+    def times_given_up(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
+        """Per page of ``vm`` (of ``gpps`` when given), how many times the guest has given it up
+        (pinned it for a driver) so far, modulo 2**32. A page given up may come back with other
+        bytes than it had (a balloon's zeros) without a guest write: a plugin that trusts what
+        it once saw in a page checks that this has not changed since (machine page numbers are
+        reused, so they cannot tell)."""
         counts = self._given_up.get(vm.name)
-        return np.zeros(vm.pages, dtype=np.int64) if counts is None else counts.copy()
+        n = vm.pages if gpps is None else len(gpps)
+        if counts is None:
+            return np.zeros(n, dtype=np.int64)
+        return (counts if gpps is None else counts[np.asarray(gpps, dtype=np.int64)]).astype(np.int64)
 
     def guest_pinned(self, vm: VM) -> np.ndarray:
         """Per page of ``vm``, whether a guest driver has pinned it."""
@@ -444,9 +473,26 @@ class Host:
 
     def guest_pages(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
         """The pages a batch of the guest's accesses really lands on (pinned pages moved)."""
-        remap = self._remap.get(vm.name)
+        mask = self._pinned.get(vm.name)
         gpps = np.asarray(gpps, dtype=np.int64)
-        return gpps if remap is None else remap[gpps]
+        if mask is None:
+            return gpps
+        hit = np.flatnonzero(mask[gpps])
+        if not len(hit):
+            return gpps
+        # A pinned page's accesses go to the first unpinned page of a fixed, seed-free probe
+        # sequence of its own: spread over the free pages, with no table per page.
+        out, origin = gpps.copy(), gpps[hit].astype(np.uint64)
+        for probe in range(1, _MAX_PROBES + 1):
+            with np.errstate(over="ignore"):
+                step = origin * np.uint64(0x9E3779B97F4A7C15) + np.uint64(probe * 0xBF58476D1CE4E5B9 % 2**64)
+            out[hit] = ((step >> np.uint64(32)) * np.uint64(vm.pages) >> np.uint64(32)).astype(np.int64)
+            again = mask[out[hit]]
+            hit, origin = hit[again], origin[again]
+            if not len(hit):
+                return out
+        out[hit] = int(np.argmin(mask))  # a VM with nearly every page pinned: its first free page
+        return out
 
     def deliver_faults(self, vm: VM, fault: FaultBatch) -> None:
         """Called by the backend: let plugins serve faulting pages (the core zero-fills the rest)."""
@@ -511,7 +557,10 @@ class Host:
         if disk is None:
             disk = make_disk(name, path=path, blocks=blocks, contents=contents,
                              seed=_disk_seed(vm.seed, len(disks)) if seed is None else seed, number=number,
-                             writable=writable)
+                             writable=writable, model=self.backend.contents_model)
+        elif disk.contents_model != self.backend.contents_model:
+            raise BackendError(f"disk {disk.name!r} holds {disk.contents_model}, VM {vm.name!r}'s host "
+                               f"{self.backend.contents_model}")
         disks[name] = disk
         return disk
 
@@ -548,7 +597,7 @@ class Host:
             seconds += backend.account("disk_read", int(reads.sum()) * PAGE_SIZE, 1)
             backend.guest_write(vm, gpps[reads], data)
         if writes.any():
-            data = backend.guest_read(vm, gpps[writes])
+            data = backend.guest_contents(vm, gpps[writes])
             disk.write(blocks[writes], data)
             seconds += backend.account("disk_write", int(writes.sum()) * PAGE_SIZE, 1)
         counters = self.metrics.counters[vm.name]

@@ -259,7 +259,9 @@ def draw_plot(plot: Plot, path: str | Path) -> None:
     ax.grid(True, alpha=0.3)
     if len(plot.series) > 1:
         ax.legend(fontsize="small")
-    fig.tight_layout()
+    # Fixed margins that fit the title and labels of a 7x3.6 in figure: tight_layout measured
+    # every text and took half of a plot's time (a fleet report draws tens of plots).
+    fig.subplots_adjust(left=0.11, right=0.97, top=0.9, bottom=0.14)
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:

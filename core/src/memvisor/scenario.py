@@ -346,6 +346,8 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         MAX_VMS,
         MIN_TICK_S,
         check_machine_memory,
+        format_bytes,
+        machine_memory,
     )
     from memvisor.settings import SettingError
     from memvisor.settings import installed as installed_settings
@@ -357,12 +359,23 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
     description = top.get("description", str, "")
     seed = top.integer("seed", 0, low=0, high=MAX_INTEGER)
 
+    from memvisor.identity import IDENTITY_PAGE_BYTES, MODELS, auto_model, host_memory_bytes
+
     host = top.table("host")
     memory_pages = host.pages("memory")
-    try:
-        check_machine_memory(memory_pages * PAGE_SIZE, "a host")
-    except ValueError as exc:
-        raise host.error("memory", str(exc)) from None
+    contents_model = host.get("contents", str, None)
+    if contents_model is not None and contents_model not in MODELS:
+        raise host.error("contents", f"must be one of {', '.join(MODELS)}, got {contents_model!r}")
+    if (contents_model or auto_model(memory_pages)) == "bytes":
+        try:
+            check_machine_memory(memory_pages * PAGE_SIZE, "a host")
+        except ValueError as exc:
+            raise host.error("memory", str(exc)) from None
+    elif host_memory_bytes(memory_pages, "identity") > machine_memory():
+        raise host.error("memory", f"a host of {format_bytes(memory_pages * PAGE_SIZE)} by content identity needs "
+                                   f"about {format_bytes(host_memory_bytes(memory_pages, 'identity'))} "
+                                   f"({IDENTITY_PAGE_BYTES} bytes a page), more than this machine's memory "
+                                   f"({format_bytes(machine_memory())})")
     numa_nodes = host.integer("numa_nodes", 1, low=1, high=64)
     backend = host.get("backend", str, "emulator")
     tick = host.duration("tick", 0.01)
@@ -442,5 +455,6 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         plugin_settings=plugins,
         budget=default_budget,
         handler_threads=handler_threads,
+        contents=contents_model,
     )
     return Scenario(Path(str(path)), name, description, config, batch, plugins, tuple(vms), tuple(timeline))

@@ -198,10 +198,78 @@ def _permutation(size: int, bits: np.random.PCG64) -> np.ndarray:
     return np.argsort(bits.random_raw(size), kind="stable").astype(np.int64, copy=False)
 
 
-def _zipf_sampler(size: int, alpha: float, structure: np.random.PCG64) -> _AliasSampler:
-    """Zipf(alpha) over ``size`` ranks, rank r at offset ``permutation[r]``."""
+EXACT_ZIPF_RANKS = 1 << 20
+"""Regions up to this many pages get an exact Zipf table (an alias table and a permutation:
+about 40 bytes a page while it is built, 24 kept); larger ones the compact sampler."""
+_HEAD_RANKS = 1 << 16
+
+
+def _zipf_sampler(size: int, alpha: float, structure: np.random.PCG64) -> _AliasSampler | _CompactZipfSampler:
+    """Zipf(alpha) over ``size`` ranks, rank r at offset ``permutation[r]`` (exact up to
+    :data:`EXACT_ZIPF_RANKS`; above, :class:`_CompactZipfSampler`)."""
+    if size > EXACT_ZIPF_RANKS:
+        return _CompactZipfSampler.build(size, alpha, structure)
     weights = np.arange(1, size + 1, dtype=np.float64) ** -alpha
     return _AliasSampler.build(weights / weights.sum(), _permutation(size, structure))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: a fresh uniform word from a used one."""
+    x = x ^ (x >> np.uint64(33))
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))
+
+
+@attrs.frozen(eq=False)
+class _CompactZipfSampler:
+    """Zipf(alpha) over a region too large for a table per page: O(1) memory in the region.
+
+    The first :data:`_HEAD_RANKS` ranks are drawn exactly (an alias table with one more bucket
+    for the tail's whole weight); a draw in the tail takes its rank from the inverse of the
+    continuous density ``x ** -alpha`` over ``[head + 0.5, size + 0.5)`` (within a fraction of
+    a percent of the discrete tail, whose ranks each carry less than ``head ** -alpha`` of the
+    weight). Ranks map to offsets by an affine bijection of the region, ``(r * multiplier +
+    shift) mod size`` with the multiplier prime to the size: hot pages scattered, no table.
+    """
+
+    size: int
+    alpha: float
+    head: _AliasSampler
+    multiplier: int
+    shift: int
+
+    @classmethod
+    def build(cls, size: int, alpha: float, structure: np.random.PCG64) -> _CompactZipfSampler:
+        head = np.arange(1, _HEAD_RANKS + 1, dtype=np.float64) ** -alpha
+        low, high = _HEAD_RANKS + 0.5, size + 0.5
+        if abs(1.0 - alpha) < 1e-9:
+            tail = np.log(high / low)
+        else:
+            tail = (high ** (1 - alpha) - low ** (1 - alpha)) / (1 - alpha)
+        weights = np.append(head, tail)
+        sampler = _AliasSampler.build(weights / weights.sum(), np.arange(_HEAD_RANKS + 1))
+        raw = structure.random_raw(2)
+        multiplier = int(_scaled(raw[:1], size // 2)[0]) + size // 4 | 1
+        while np.gcd(multiplier, size) != 1:
+            multiplier += 2
+        return cls(size, alpha, sampler, multiplier, int(_scaled(raw[1:], size)[0]))
+
+    def offsets(self, raw: np.ndarray) -> np.ndarray:
+        rank = self.head.offsets(raw)
+        tail = np.flatnonzero(rank == _HEAD_RANKS)
+        if len(tail):
+            u = (_mix64(raw[tail]) >> np.uint64(11)) * 2.0**-53
+            low, high = _HEAD_RANKS + 0.5, self.size + 0.5
+            if abs(1.0 - self.alpha) < 1e-9:
+                x = low * (high / low) ** u
+            else:
+                e = 1.0 - self.alpha
+                x = (low**e + u * (high**e - low**e)) ** (1.0 / e)
+            rank[tail] = np.clip(np.floor(x + 0.5).astype(np.int64) - 1, _HEAD_RANKS, self.size - 1)
+        offsets = (rank.astype(np.uint64) * np.uint64(self.multiplier) + np.uint64(self.shift)) % np.uint64(self.size)
+        return offsets.astype(np.int64)
 
 
 # -- workloads ----------------------------------------------------------------------------------
@@ -214,7 +282,7 @@ class RegionWorkload(Workload):
 
     vm_pages: int
     start: int
-    sampler: _UniformSampler | _AliasSampler
+    sampler: _UniformSampler | _AliasSampler | _CompactZipfSampler
     pages_bits: np.random.PCG64
     writes: _WriteMask
 
@@ -250,7 +318,7 @@ class PhasedWorkload(Workload):
     vm_pages: int
     size: int
     phase_accesses: int
-    sampler: _UniformSampler | _AliasSampler
+    sampler: _UniformSampler | _AliasSampler | _CompactZipfSampler
     pages_bits: np.random.PCG64
     slot_bits: np.random.PCG64
     writes: _WriteMask
@@ -642,7 +710,7 @@ class PageCacheWorkload(Workload):
     vm_pages: int
     cache_start: int
     cache_pages: int
-    anon: _AliasSampler | _UniformSampler
+    anon: _AliasSampler | _CompactZipfSampler | _UniformSampler
     anon_bits: np.random.PCG64
     choice_bits: np.random.PCG64
     block_bits: np.random.PCG64
@@ -652,7 +720,7 @@ class PageCacheWorkload(Workload):
     read_fraction: float
     alpha: float
     disk: str | None = None
-    blocks: _AliasSampler | None = None
+    blocks: _AliasSampler | _CompactZipfSampler | None = None
     tags: np.ndarray | None = None
     _io: list = attrs.field(factory=list)
 
@@ -660,7 +728,7 @@ class PageCacheWorkload(Workload):
         """Read files from ``disk`` (the runner binds the VM's disk named by the ``disk``
         option, or its first disk)."""
         self.blocks = _zipf_sampler(disk.blocks, self.alpha, self.structure)
-        self.tags = np.full(self.cache_pages, -1, dtype=np.int64)
+        self.tags = np.full(self.cache_pages, -1, dtype=np.int32 if disk.blocks < 2**31 else np.int64)
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`Workload.next_batch`; never exhausted."""

@@ -16,9 +16,11 @@ pages = st.lists(st.integers(0, VM_PAGES - 1), min_size=1, max_size=40, unique=T
 class MachineMemoryMachine(RuleBasedStateMachine):
     """Random share / break / unmap / migrate / split / collapse / guest write sequences."""
 
+    contents = "bytes"
+
     @initialize()
     def setup(self):
-        self.host = small_host(memory_pages=4 * 2048, numa_nodes=2)
+        self.host = small_host(memory_pages=4 * 2048, numa_nodes=2, contents=self.contents)
         self.vms = [self.host.create_vm(f"v{i}", VM_PAGES, large_pages=(i == 0), home_node=i) for i in range(2)]
         self.model = ReferenceMemory()
         rng = np.random.default_rng(0)
@@ -101,5 +103,13 @@ class MachineMemoryMachine(RuleBasedStateMachine):
         self.model.check(self.host)
 
 
+class IdentityMachineMemoryMachine(MachineMemoryMachine):
+    """The same on the identity model: pages written as bytes are interned, read back as bytes."""
+
+    contents = "identity"
+
+
 MachineMemoryMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+IdentityMachineMemoryMachine.TestCase.settings = MachineMemoryMachine.TestCase.settings
 test_machine_memory = MachineMemoryMachine.TestCase
+test_machine_memory_identity = IdentityMachineMemoryMachine.TestCase

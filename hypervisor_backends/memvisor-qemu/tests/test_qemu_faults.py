@@ -135,6 +135,9 @@ def test_corrupted_device_state_is_refused_by_its_checksum(folder, small, keyed)
 def test_bad_input_is_one_line(folder, small):
     """Every command's bad input: one line naming it, exit status 2."""
     disk, ckpt = small
+    identity = folder / "identity.ckpt"  # an identity-model emulator's checkpoint: no bytes to give QEMU
+    with CheckpointWriter(identity, 8192, contents="identity") as writer:
+        writer.add_zero_pages(np.arange(8192))
     with QemuVM(folder, "running", disk) as vm, QemuVM(folder, "waiting", disk, incoming=True) as dst, \
             QemuVM(folder, "bigger", disk, memory_mib=64, incoming=True) as bigger:
         vm.wait_markers(1)
@@ -143,6 +146,7 @@ def test_bad_input_is_one_line(folder, small):
             (("qemu", "restore", ckpt, "--qmp", folder / "none.qmp"), "no such QMP socket"),
             (("qemu", "restore", ckpt, "--qmp", vm.qmp_path), "-incoming defer"),
             (("qemu", "restore", disk, "--qmp", dst.qmp_path), "not a checkpoint"),
+            (("qemu", "restore", identity, "--qmp", dst.qmp_path), "content identity"),
             (("qemu", "restore", ckpt, "--qmp", bigger.qmp_path), "RAM block 'pc.ram'"),
             (("qemu", "migrate", "--from", vm.qmp_path, "--to", bigger.qmp_path), "RAM block 'pc.ram'"),
             (("qemu", "migrate", "--from", dst.qmp_path, "--to", bigger.qmp_path), "inmigrate"),

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memvisor_diskmap import KIND, DiskmapPlugin
-from memvisor_diskmap.index import DiskIndex, page_hashes, sample_keys, scan_image
+from memvisor_diskmap.index import DiskIndex, sample_keys, scan_image
 
 from memvisor import PAGE_SIZE
 from memvisor.builtins.checkpoint import CheckpointReader
@@ -20,6 +20,7 @@ from memvisor.builtins.migration import LiveMigration, MigrationOptions
 from memvisor.contents import ContentSpec
 from memvisor.errors import BackendError
 from memvisor.events import RestoreRequest, SaveRequest
+from memvisor.identity import fingerprints
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
 from memvisor.testing import small_host
@@ -144,7 +145,7 @@ def test_hook_memvisor_disk_io_maps_written_back_pages():
     vm, disk, _ = vm_with_cache(host)
     host.disk_io(vm, disk, np.array([3]), np.array([400]), np.array([True]))
     m = plugin_of(host).maps["a"]
-    assert m.block[3] == 400 and m.hash[3] == page_hashes(disk.read([400]))[0]
+    assert m.block[3] == 400 and m.hash[3] == fingerprints(disk.read([400]))[0]
 
 
 def migrate(diskmap, source_setup=None, **options):

@@ -23,10 +23,11 @@ def test_sharing_is_listed_by_memvisor_plugins():
         assert hook in row["hooks"]
 
 
-def make_host(settings=None, memory_pages=16384):
-    """A small host with a sharing plugin we hold on to."""
+def make_host(settings=None, memory_pages=16384, contents=None):
+    """A small host (of machine model ``contents``) with a sharing plugin we hold on to."""
     plugin = SharingPlugin()
-    host = small_host(memory_pages=memory_pages, extra_plugins=[plugin], settings={"sharing": settings or {}})
+    host = small_host(memory_pages=memory_pages, extra_plugins=[plugin], settings={"sharing": settings or {}},
+                      contents=contents)
     return host, plugin
 
 
@@ -54,10 +55,12 @@ RANDOM = ContentSpec(zero=0.0, random=1.0)
 SPEC = ContentSpec(zero=0.25, text=0.3, random=0.2, duplicate=0.25, pool_pages=48)
 
 
+@pytest.mark.parametrize("model", ["bytes", "identity"])
 @pytest.mark.parametrize("share_small", [False, True])
-def test_sharing_estimate_equals_brute_force_within_each_vm(share_small):
-    """Salted (the default): the estimate counts duplicates within each VM only, exactly."""
-    host, plugin = make_host({"pages_per_tick": 1400, "share_small": share_small})
+def test_sharing_estimate_equals_brute_force_within_each_vm(share_small, model):
+    """Salted (the default): the estimate counts duplicates within each VM only, exactly, on
+    either machine model (pages compared byte for byte, or identity for identity)."""
+    host, plugin = make_host({"pages_per_tick": 1400, "share_small": share_small}, contents=model)
     host.create_vm("a", 2048, contents=SPEC)
     host.create_vm("b", 2048, large_pages=True, contents=SPEC, seed=99)
     expected = brute_force(host, [["a"], ["b"]])
@@ -71,9 +74,10 @@ def test_sharing_estimate_equals_brute_force_within_each_vm(share_small):
     host.backend.check_invariants()
 
 
-def test_sharing_estimate_across_a_group_counts_cross_vm_twins():
+@pytest.mark.parametrize("model", ["bytes", "identity"])
+def test_sharing_estimate_across_a_group_counts_cross_vm_twins(model):
     """With `across`, byte-identical pages of the VMs of a group count (and are shared)."""
-    host, plugin = make_host({"pages_per_tick": 4096, "across": [["a", "b"]]})
+    host, plugin = make_host({"pages_per_tick": 4096, "across": [["a", "b"]]}, contents=model)
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         host.create_vm(name, 1024, contents=SPEC, seed=seed)
     ref = ReferenceMemory()
@@ -246,3 +250,28 @@ def test_sharing_scanner_keeps_within_each_vms_scan_budget():
     assert use["free"].scan_pages >= 100 * 2048 * 0.9 and use["free"].scan_refused == 0
     assert plugin.vms["limited"].scanned.sum() < limited.pages and plugin.vms["free"].scanned.all()
     assert free.pages == 4096
+
+
+@pytest.mark.parametrize("model", ["bytes", "identity"])
+def test_a_table_cut_in_shards_counts_and_shares_as_one_table(monkeypatch, model):
+    """With the table cut in shards (made small here: 1,024 pages a shard), a rebuild of every
+    shard gives the estimate a single table gives, the brute-force count, and ticks rebuilding
+    one shard each share as much in the end."""
+    import memvisor_sharing.plugin as sharing
+
+    monkeypatch.setattr(sharing, "SHARD_PAGES", 1024)
+    host, plugin = make_host({"pages_per_tick": 2048, "across": [["a", "b"]]}, contents=model)
+    for name, seed in (("a", 1), ("b", 2)):
+        host.create_vm(name, 2048, contents=SPEC, seed=seed)
+    assert plugin.shards == 4
+    ref = ReferenceMemory()
+    ref.follow_all(host)
+    expected = brute_force(host, [["a", "b"]])
+    scan_all(host, plugin, passes=2)
+    for _ in range(plugin.shards):  # a tick per shard: each shard's small pages are shared
+        host.advance(host.tick_interval)
+    plugin.refresh(host)
+    assert plugin.estimated == expected
+    assert plugin.saved == expected  # everything was in small pages: all of it is shared
+    ref.check(host)
+    host.backend.check_invariants()

@@ -186,19 +186,22 @@ class IntegrationModel(ReferenceMemory):
         return gpps[bad]
 
 
-def machine_class(final_fault_check: bool = True):
+def machine_class(final_fault_check: bool = True, model: str = "bytes"):
     """The hypothesis rule-based state machine (built lazily: hypothesis is a test tool), with
     the steps the installed plugins add.
 
     ``final_fault_check``: at the end of each example, after the host stops, read every page
     the way the guest does (faults served), not only the present ones that the per-step
-    invariant reads (it found the pages a refused restore left to be zero-filled)."""
+    invariant reads (it found the pages a refused restore left to be zero-filled).
+    ``model``: the hosts' machine model, ``"bytes"`` or ``"identity"`` (the model of guest
+    memory stays bytes: an identity host's pages are read back as the bytes they name)."""
     from hypothesis import strategies as st
     from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
     from memvisor.builtins.checkpoint import CheckpointError
     from memvisor.builtins.migration import LiveMigration, MigrationOptions
     from memvisor.events import RestoreRequest, SaveRequest
+    from memvisor.identity import as_bytes
     from memvisor.testing import small_host
 
     plugins = machine_plugins()
@@ -238,7 +241,8 @@ def machine_class(final_fault_check: bool = True):
             from memvisor.budgets import Budget
             from memvisor.contents import ContentSpec
 
-            self.host = small_host(memory_pages=8192, numa_nodes=2, plugins=plugins, settings=tables, seed=seed)
+            self.host = small_host(memory_pages=8192, numa_nodes=2, plugins=plugins, settings=tables, seed=seed,
+                                   contents=model)
             contents = ContentSpec.parse({"zero": 0.4, "text": 0.3, "random": 0.2, "duplicate": 0.1}, "contents")
             budgets = {1: Budget(trap_rate=500, handler_share=0.2, scan_rate=20000)}  # VM 1 is budgeted tightly
             self.vms = [self.host.create_vm(f"v{i}", VM_PAGES, home_node=i % 2, large_pages=large and i == 0,
@@ -249,7 +253,7 @@ def machine_class(final_fault_check: bool = True):
             # VM 0 has a disk with half of its memory page cache of it.
             vm = self.vms[0]
             self.disk = self.host.attach_disk(vm, blocks=DISK_BLOCKS)
-            self.disk_model = np.array(self.disk.read(np.arange(DISK_BLOCKS)), copy=True)
+            self.disk_model = np.array(as_bytes(self.disk.read(np.arange(DISK_BLOCKS))), copy=True)
             self.disk_known = np.ones(DISK_BLOCKS, dtype=bool)
             self.viewed: dict[tuple[str, str], set] = {}
             self.transfer(list(range(VM_PAGES - 128, VM_PAGES)), list(range(128)), [False] * 128)
@@ -414,7 +418,8 @@ def machine_class(final_fault_check: bool = True):
             that run during migrations run (with the drawn ``amounts``); the destination must
             read what the model says, then it is discarded."""
             vm = self.vms[v]
-            destination = small_host(memory_pages=8192, numa_nodes=2, plugins=plugins, settings=tables)
+            destination = small_host(memory_pages=8192, numa_nodes=2, plugins=plugins, settings=tables,
+                                     contents=model)
             migration = LiveMigration(self.host, vm, destination, MigrationOptions(postcopy=postcopy, max_rounds=3))
 
             def run_guests(seconds):
@@ -581,7 +586,7 @@ def replay(text: str) -> int:
 
 
 def run(max_examples: int, steps: int = 30, seconds: float | None = None, seed: int | None = None,
-        shrink: bool = False, final_fault_check: bool = True) -> dict:
+        shrink: bool = False, final_fault_check: bool = True, model: str = "bytes") -> dict:
     """Run the state machine for ``max_examples`` examples (or until ``seconds`` have passed,
     whichever comes first); returns the figures, with the plugins that took part and how often
     each plugin's steps ran. Raises on the first failure, with the steps that led to it
@@ -591,7 +596,7 @@ def run(max_examples: int, steps: int = 30, seconds: float | None = None, seed: 
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis.stateful import run_state_machine_as_test
 
-    machine = machine_class(final_fault_check)
+    machine = machine_class(final_fault_check, model)
     totals = {"examples": 0, "steps": 0, "memory_errors": 0, "lost": 0, "repaired": 0, "migrations": 0,
               "checkpoints": 0, "restores": 0, "refused_restores": 0, "plugins": list(machine_plugins()),
               "plugin_steps": {}}

@@ -76,15 +76,17 @@ class ReferenceMemory:
 
 def small_host(*, memory_pages: int = 8192, numa_nodes: int = 1, plugins: Iterable[str] = (),
                extra_plugins: Iterable[object] = (), settings: dict | None = None, seed: int = 0,
-               backend: str = "emulator", tick_interval: float = 0.01, backend_options: dict | None = None):
+               backend: str = "emulator", tick_interval: float = 0.01, backend_options: dict | None = None,
+               contents: str | None = None):
     """A small host for tests: ``memory_pages`` of machine memory on the emulator by default,
     with installed ``plugins`` by name and ``extra_plugins`` objects registered; ``backend_options``
-    are the backend's own settings (the emulator's ``costs``, the linux backend's ``dirty``)."""
+    are the backend's own settings (the emulator's ``costs``, the linux backend's ``dirty``);
+    ``contents`` the machine model (``"bytes"``, the default for small hosts, or ``"identity"``)."""
     from memvisor.host import Host, HostConfig
 
     config = HostConfig(memory_pages=memory_pages, numa_nodes=numa_nodes, backend=backend, seed=seed,
                         tick_interval=tick_interval, plugin_settings=settings or {},
-                        backend_options=backend_options or {})
+                        backend_options=backend_options or {}, contents=contents)
     return Host(config, plugins, extra_plugins=extra_plugins)
 
 

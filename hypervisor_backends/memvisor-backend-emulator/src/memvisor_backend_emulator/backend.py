@@ -19,6 +19,7 @@ from memvisor.arrays import first_occurrences, has_duplicates, unique, unique_co
 from memvisor.backend import AccessResult, Backend, Capability
 from memvisor.errors import BackendError, UserError
 from memvisor.events import AccessBatch, FaultBatch, WriteBatch
+from memvisor.identity import MODELS, is_identities
 from memvisor_backend_emulator.costs import CostModel
 from memvisor_backend_emulator.machine import ZERO_MPN, MachineMemory
 
@@ -36,26 +37,31 @@ LARGE = np.uint8(64)
 
 MAX_TRAP_ROUNDS = 16
 FILL_CHUNK = 16384  # pages of contents generated at a time when a VM is laid out
+IDENTITY_FILL_CHUNK = 1 << 20  # pages of identities generated at a time (no bytes: 8 MiB)
 
 
 class _VMState:
-    """Page table and flags of one VM."""
+    """Page table and flags of one VM: 5 bytes per page below 8 TiB of machine memory."""
 
-    def __init__(self, pages: int):
-        self.p2m = np.full(pages, -1, dtype=np.int64)
+    def __init__(self, pages: int, index_dtype):
+        self.p2m = np.full(pages, -1, dtype=index_dtype)
         self.flags = np.zeros(pages, dtype=np.uint8)
 
 
 class EmulatorBackend(Backend):
-    """In-process emulated host: real page bytes, virtual time, deterministic under a seed."""
+    """In-process emulated host: page bytes or content identities, virtual time, deterministic
+    under a seed."""
 
     name = "emulator"
     capabilities = frozenset(Capability.ALL) - {Capability.NUMA}
+    contents_models = MODELS
 
     def __init__(self, config: HostConfig):
         nodes = config.numa_nodes
         per_node = [config.memory_pages // nodes] * nodes
-        self.memory = MachineMemory(per_node)
+        self.contents_model = config.contents_model(MODELS)
+        self.memory = MachineMemory(per_node, self.contents_model)
+        self.store = self.memory.store
         if nodes > 1:
             self.capabilities = frozenset(Capability.ALL)
         self.costs = CostModel.from_options(dict(config.backend_options.get("costs", {})))
@@ -65,6 +71,7 @@ class EmulatorBackend(Backend):
         self._in_batch = False
         self.background_seconds: dict[str, float] = {}
         self._vms: dict[int, _VMState] = {}
+        self._held: set[int] = set()  # machine pages held by hold_page and not released
         self._host: Host | None = None
 
     # -- wiring and time ----------------------------------------------------------------------
@@ -109,9 +116,9 @@ class EmulatorBackend(Backend):
     def create_vm(self, vm: VM, contents: ContentSpec | None = None) -> None:
         if vm.id in self._vms:
             raise BackendError(f"VM {vm.name!r} exists already")
-        st = _VMState(vm.pages)
-        self._vms[vm.id] = st
         mem = self.memory
+        st = _VMState(vm.pages, mem.index_dtype)
+        self._vms[vm.id] = st
         large = vm.pages // LARGE_PAGE_PAGES if vm.large_pages else 0
         for index in range(large):
             base = mem.alloc_frame(vm.home_node)
@@ -126,11 +133,18 @@ class EmulatorBackend(Backend):
             st.p2m[small] = mem.alloc(len(small), vm.home_node)
             st.flags[small] = PRESENT
         if contents is not None:
-            for start in range(0, vm.pages, FILL_CHUNK):
-                gpps = np.arange(start, min(vm.pages, start + FILL_CHUNK), dtype=np.int64)
+            identity = self.contents_model == "identity"
+            chunk = IDENTITY_FILL_CHUNK if identity else FILL_CHUNK
+            for start in range(0, vm.pages, chunk):
+                gpps = np.arange(start, min(vm.pages, start + chunk), dtype=np.int64)
+                if identity:  # no bytes: the identities the generator would make bytes from
+                    ids = contents.identities(vm.pages, vm.seed, gpps)
+                    nonzero = np.flatnonzero(ids)
+                    mem.store.ids[st.p2m[gpps[nonzero]]] = ids[nonzero]
+                    continue
                 nonzero = gpps[contents.kinds(vm.pages, vm.seed, gpps) != 0]
                 if len(nonzero):
-                    mem.data[st.p2m[nonzero]] = contents.fill(vm.pages, vm.seed, nonzero)
+                    mem.store.store(st.p2m[nonzero], contents.fill(vm.pages, vm.seed, nonzero))
 
     def destroy_vm(self, vm: VM) -> None:
         st = self._state(vm)
@@ -143,16 +157,22 @@ class EmulatorBackend(Backend):
         st = self._state(vm)
         gpps = self._pages(vm, gpps)
         writes = np.asarray(writes, dtype=bool)
-        counts = self._settle(vm, st, gpps, writes)
-        mpns = st.p2m[gpps]
-        st.flags[gpps] |= ACCESSED
+        counts, flags = self._settle(vm, st, gpps, writes)
+        # The flags as the last round read them are current (nothing trapped after it): set the
+        # bits without reading them again, and only where they are not set yet (hot pages keep
+        # theirs between readers): each access to a large VM's table is a cache miss.
+        fresh = (flags & ACCESSED) == 0
+        if fresh.any():
+            st.flags[gpps[fresh]] = flags[fresh] | ACCESSED
         if writes.any():
             written = gpps[writes]
-            st.flags[written] |= DIRTY
-            self.memory.words[mpns[writes], 0] = np.uint64(stamp)
+            clean = (flags[writes] & DIRTY) == 0
+            if clean.any():
+                st.flags[written[clean]] = flags[writes][clean] | (ACCESSED | DIRTY)
+            self.store.stamp(st.p2m[written], stamp)
         remote = 0
         if self.memory.nodes > 1:
-            remote = int(np.count_nonzero(self.memory.node[mpns] != vm.home_node))
+            remote = int(np.count_nonzero(self.memory.node_of(st.p2m[gpps]) != vm.home_node))
         c = self.costs
         handler = sum(counts) * c.trap_ns * 1e-9 + self._take_charged()
         seconds = (len(gpps) - remote) * c.dram_local_ns * 1e-9 + remote * c.dram_remote_ns * 1e-9 + handler
@@ -167,23 +187,32 @@ class EmulatorBackend(Backend):
         gpps = self._pages(vm, gpps)
         self._settle(vm, st, gpps, np.ones(len(gpps), dtype=bool))
         self._take_charged()
-        self.memory.data[st.p2m[gpps]] = np.asarray(data, dtype=np.uint8).reshape(len(gpps), PAGE_SIZE)
+        self.store.store(st.p2m[gpps], data)
         st.flags[gpps] |= ACCESSED | DIRTY
 
     def guest_read(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        return self.store.load_bytes(self._guest_touch(vm, gpps))
+
+    def guest_contents(self, vm: VM, gpps: np.ndarray):
+        return self.store.load(self._guest_touch(vm, gpps))
+
+    def _guest_touch(self, vm: VM, gpps) -> np.ndarray:
+        """The guest reads ``gpps`` (traps delivered, accessed bits set); their machine pages."""
         st = self._state(vm)
         gpps = self._pages(vm, gpps)
         self._settle(vm, st, gpps, np.zeros(len(gpps), dtype=bool))
         self._take_charged()
         st.flags[gpps] |= ACCESSED
-        return self.memory.data[st.p2m[gpps]]
+        return st.p2m[gpps]
 
     def _take_charged(self) -> float:
         charged, self._charged = self._charged, 0.0
         return charged
 
-    def _settle(self, vm: VM, st: _VMState, gpps: np.ndarray, writes: np.ndarray) -> tuple[int, int, int]:
-        """Deliver the traps of a batch until none is left; returns (faults, traced, writes)."""
+    def _settle(self, vm: VM, st: _VMState, gpps: np.ndarray,
+                writes: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+        """Deliver the traps of a batch until none is left; returns (faults, traced, writes) and
+        the pages' flags as they are then."""
         faults = traced = write_traps = 0
         self._in_batch = True
         try:
@@ -192,7 +221,7 @@ class EmulatorBackend(Backend):
                 trap = (f & (PRESENT | TRACED)) != PRESENT
                 trap |= writes & ((f & (PROTECTED | COW)) != 0)
                 if not trap.any():
-                    return faults, traced, write_traps
+                    return (faults, traced, write_traps), f
                 where = np.flatnonzero(trap)
                 pages, first = _first_touch(gpps[where])
                 positions = where[first]
@@ -225,13 +254,23 @@ class EmulatorBackend(Backend):
 
     # -- contents and presence ----------------------------------------------------------------
 
-    def read(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
-        st = self._state(vm)
-        gpps = self._pages(vm, gpps)
-        mpns = st.p2m[gpps]
+    def _present_mpns(self, vm: VM, gpps, what: str) -> np.ndarray:
+        mpns = self._state(vm).p2m[self._pages(vm, gpps)]
         if np.any(mpns < 0):
-            raise BackendError(f"read of a page that is not present in VM {vm.name!r}")
-        return self.memory.data[mpns]
+            raise BackendError(f"{what} of a page that is not present in VM {vm.name!r}")
+        return mpns
+
+    def read(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        return self.store.load_bytes(self._present_mpns(vm, gpps, "read"))
+
+    def contents(self, vm: VM, gpps: np.ndarray):
+        return self.store.load(self._present_mpns(vm, gpps, "read"))
+
+    def fingerprint(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        return self.store.fingerprint(self._present_mpns(vm, gpps, "fingerprint"))
+
+    def is_zero(self, vm: VM, gpps: np.ndarray) -> np.ndarray:
+        return self.store.is_zero(self._present_mpns(vm, gpps, "is_zero"))
 
     def write(self, vm: VM, gpps: np.ndarray, data: np.ndarray) -> None:
         st = self._state(vm)
@@ -239,7 +278,7 @@ class EmulatorBackend(Backend):
         if np.any(st.p2m[gpps] < 0):
             raise BackendError(f"write to a page that is not present in VM {vm.name!r}")
         self.break_sharing(vm, gpps)
-        self.memory.data[st.p2m[gpps]] = np.asarray(data, dtype=np.uint8).reshape(len(gpps), PAGE_SIZE)
+        self.store.store(st.p2m[gpps], data)
 
     def present(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
         return self._flag(vm, gpps, PRESENT)
@@ -255,7 +294,7 @@ class EmulatorBackend(Backend):
         if data is None:
             self.account("zero_fill", len(gpps) * PAGE_SIZE)
         else:
-            self.memory.data[mpns] = np.asarray(data, dtype=np.uint8).reshape(len(gpps), PAGE_SIZE)
+            self.store.store(mpns, data)
         st.p2m[gpps] = mpns
         st.flags[gpps] = (st.flags[gpps] & (TRACED | PROTECTED)) | PRESENT
 
@@ -328,7 +367,7 @@ class EmulatorBackend(Backend):
 
     def mpns(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
         st = self._state(vm)
-        return st.p2m.copy() if gpps is None else st.p2m[self._pages(vm, gpps)]
+        return st.p2m.astype(np.int64) if gpps is None else st.p2m[self._pages(vm, gpps)].astype(np.int64)
 
     def refcounts(self, mpns: np.ndarray) -> np.ndarray:
         return self.memory.refcount[np.asarray(mpns, dtype=np.int64)]
@@ -350,14 +389,16 @@ class EmulatorBackend(Backend):
             raise BackendError("share onto a machine page that is free")
         moving = old != targets
         gpps, old, targets = gpps[moving], old[moving], targets[moving]
-        if not discard:
-            data = self.memory.data
-            if not all(np.array_equal(data[a], data[b]) for a, b in _chunks(old, targets)):
-                raise BackendError("share of pages whose contents differ")
+        if not discard and not self.store.equal(old, targets).all():
+            raise BackendError("share of pages whose contents differ")
         # A target still private to the page that maps it becomes shared: that page must turn
-        # copy-on-write too, or a write to it would reach every sharer.
+        # copy-on-write too, or a write to it would reach every sharer. (A page held by
+        # hold_page has no guest mapping: no page table is searched for it.)
         private = unique(targets[(targets != ZERO_MPN) & (self.memory.refcount[targets] == 1)])
-        owners = [(other, np.flatnonzero(np.isin(other.p2m, private))) for other in self._vms.values()]
+        if self._held and len(private):
+            private = private[~np.isin(private, np.fromiter(self._held, np.int64, len(self._held)))]
+        owners = [(other, np.flatnonzero(np.isin(other.p2m, private))) for other in self._vms.values()] \
+            if len(private) else []
         if any(np.any((other.flags[o] & LARGE) != 0) for other, o in owners):
             raise BackendError("share onto a large-page member: split the large page first")
         for other, o in owners:
@@ -379,7 +420,7 @@ class EmulatorBackend(Backend):
         copy, sources = cow[~alone], mpns[~alone]
         if len(copy):
             fresh = self.memory.alloc(len(copy), vm.home_node, zero=False)
-            self.memory.data[fresh] = self.memory.data[sources]
+            self.store.copy(fresh, sources)
             self.account("copy", len(copy) * PAGE_SIZE)
             st.p2m[copy] = fresh
             st.flags[copy] &= ~COW
@@ -389,11 +430,28 @@ class EmulatorBackend(Backend):
     def hold_page(self, data: np.ndarray | None = None, node: int = 0) -> int:
         mpn = self.memory.alloc(1, node, zero=data is None)
         if data is not None:
-            self.memory.data[mpn[0]] = np.asarray(data, dtype=np.uint8).reshape(PAGE_SIZE)
+            self.store.store(mpn, data if is_identities(data) else np.asarray(data, np.uint8).reshape(1, PAGE_SIZE))
+        self._held.add(int(mpn[0]))
         return int(mpn[0])
 
     def release_page(self, mpn: int) -> None:
-        self.memory.put(np.array([mpn], dtype=np.int64))
+        self._held.discard(int(mpn))
+        self.memory.put_one(int(mpn))
+
+    def hold_pages(self, contents, nodes: np.ndarray) -> np.ndarray:
+        nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
+        out = np.empty(len(nodes), dtype=np.int64)
+        for node in np.unique(nodes).tolist():
+            rows = np.flatnonzero(nodes == node)
+            out[rows] = self.memory.alloc(len(rows), node, zero=False)
+        self.store.store(out, contents if is_identities(contents) else np.asarray(contents, np.uint8))
+        self._held.update(out.tolist())
+        return out
+
+    def release_pages(self, mpns: np.ndarray) -> None:
+        mpns = np.asarray(mpns, dtype=np.int64).reshape(-1)
+        self._held.difference_update(mpns.tolist())
+        self.memory.put(mpns)
 
     # -- large pages --------------------------------------------------------------------------
 
@@ -426,9 +484,8 @@ class EmulatorBackend(Backend):
             if base < 0:
                 break
             fresh = np.arange(base, base + LARGE_PAGE_PAGES)
-            old = st.p2m[run]
-            self.memory.data[fresh] = self.memory.data[old]
-            self.memory.clean[fresh] = False
+            old = st.p2m[run].astype(np.int64)
+            self.store.copy(fresh, old)
             self.account("copy", LARGE_PAGE_PAGES * PAGE_SIZE)
             self.memory.put(old)
             st.p2m[run] = fresh
@@ -443,8 +500,9 @@ class EmulatorBackend(Backend):
         return self.memory.nodes
 
     def node_of(self, vm: VM, gpps: np.ndarray | None = None) -> np.ndarray:
-        mpns = self.mpns(vm, gpps)
-        nodes = self.memory.node[np.maximum(mpns, 0)].astype(np.int64)
+        st = self._state(vm)
+        mpns = st.p2m if gpps is None else st.p2m[self._pages(vm, gpps)]
+        nodes = self.memory.node_of(np.maximum(mpns, 0)).astype(np.int64)
         nodes[mpns < 0] = -1
         return nodes
 
@@ -456,13 +514,13 @@ class EmulatorBackend(Backend):
         mpns = st.p2m[gpps]
         flags = st.flags[gpps]
         movable = (mpns >= 0) & ((flags & (COW | LARGE)) == 0)
-        movable &= self.memory.node[np.maximum(mpns, 0)] != node
+        movable &= self.memory.node_of(np.maximum(mpns, 0)) != node
         gpps, mpns = gpps[movable], mpns[movable]
         gpps, mpns = gpps[: self.memory.free_count(node)], mpns[: self.memory.free_count(node)]
         if not len(gpps):
             return 0
         fresh = self.memory.alloc(len(gpps), node, strict=True, zero=False)
-        self.memory.data[fresh] = self.memory.data[mpns]
+        self.store.copy(fresh, mpns)
         self.account("numa_copy", len(gpps) * PAGE_SIZE)
         st.p2m[gpps] = fresh
         self.memory.put(mpns)
@@ -479,6 +537,7 @@ class EmulatorBackend(Backend):
 
     def describe(self) -> dict:
         out = super().describe()
+        out["contents"] = self.contents_model
         out["costs"] = attrs.asdict(self.costs)
         return out
 
@@ -510,8 +569,3 @@ class EmulatorBackend(Backend):
 
 
 _first_touch = first_occurrences
-
-
-def _chunks(a: np.ndarray, b: np.ndarray, size: int = 4096):
-    for i in range(0, len(a), size):
-        yield a[i : i + size], b[i : i + size]

@@ -14,8 +14,11 @@ def memvisor_register_backends(register):
 
 @hookimpl
 def memvisor_register_benchmarks(register):
-    """``memvisor bench emulator``: guest accesses per second, untraced and with 1% traced."""
-    from memvisor_backend_emulator.bench import cases
+    """``memvisor bench emulator``: guest accesses per second, untraced and with 1% traced;
+    ``memvisor bench scale``: the identity model at 1 GiB to 1 TiB, beside the bytes model."""
+    from memvisor_backend_emulator import bench, scale
 
-    for case in cases():
+    for case in bench.cases():
         register("emulator", case)
+    for case in scale.cases():
+        register("scale", case)

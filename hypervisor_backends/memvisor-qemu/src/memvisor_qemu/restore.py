@@ -78,6 +78,9 @@ def open_checkpoint(path, key: bytes | None) -> QemuState:
 
     check_regular(path, "checkpoint")
     with CheckpointReader(path, key=key) as reader:
+        if reader.contents_model != "bytes":
+            raise S.QemuError(f"{path}: a checkpoint of pages by content identity (an identity-model emulator's "
+                              "host); QEMU restores checkpoints of page bytes only")
         state = QemuState.decode(reader.section(TAG), path)
         if reader.vm_pages != state.pages:
             raise S.QemuError(f"{path}: {reader.vm_pages} pages, its RAM blocks hold {state.pages}")

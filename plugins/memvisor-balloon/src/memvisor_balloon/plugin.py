@@ -360,7 +360,7 @@ class BalloonPlugin:
         moved = hit[present & (backend.mpns(vm, hit) != st.mpn)]
         if len(moved):
             self.freed_pages += bulk.share_onto(backend, vm, moved, st.mpn)
-        if backend.read(vm, np.array([st.order[0]])).any():
+        if not backend.is_zero(vm, st.order[:1])[0]:
             return None  # the balloon page itself is damaged: nothing to repair from
         return hit[present]
 
@@ -457,11 +457,11 @@ class BalloonPlugin:
                 continue
             mpns = backend.mpns(st.vm, st.order)
             on_ours = mpns == st.mpn
-            if on_ours.any() and backend.read(st.vm, st.order[np.argmax(on_ours)][None]).any():
+            if on_ours.any() and not backend.is_zero(st.vm, st.order[np.argmax(on_ours)][None])[0]:
                 errors += int(np.count_nonzero(on_ours))
             elsewhere = st.order[~on_ours & (mpns >= 0)]
             if len(elsewhere):
-                errors += int(np.count_nonzero(backend.read(st.vm, elsewhere).any(axis=1)))
+                errors += int(np.count_nonzero(~backend.is_zero(st.vm, elsewhere)))
         if errors:
             log.error("balloon pages do not read zeros", pages=errors)
         self.guest_visible_errors += errors

@@ -6,7 +6,8 @@ a page is written back to a block (a write: the two are equal afterwards), or, w
 byte for byte). Mapped pages are write-protected; a guest write to one drops its mapping
 (:func:`memvisor_write_trap`), and so does a write to its disk block; a checkpoint restore
 drops them all (the memory is replaced). Each mapping keeps the
-block's version and a 64-bit hash of the bytes at the time it was made, and every use checks
+block's version and the page's fingerprint (``Backend.fingerprint``: a 64-bit hash of its bytes,
+or of its identity on an identity-model host) at the time it was made, and every use checks
 them, so a block changed since, or a page changed behind the guest's back, is never used.
 
 Uses of the mapping:
@@ -36,9 +37,11 @@ from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
 from memvisor.errors import BackendError
 from memvisor.events import PageRecords
+from memvisor.identity import concat, rows_equal, zero_rows
+from memvisor.identity import fingerprints as _fingerprints
 from memvisor.report import ReportSection
 from memvisor.settings import setting
-from memvisor_diskmap.index import DiskIndex, nonzero_pages, page_hashes
+from memvisor_diskmap.index import DiskIndex
 
 KIND = "disk-ref"
 """The record kind this plugin writes: payload ``[disk slot, block, hash]`` as 3 little-endian
@@ -80,23 +83,28 @@ def _fields(payloads, count: int, vm) -> np.ndarray:
 
 
 class _Map:
-    """The mappings of one VM."""
+    """The mappings of one VM that has a disk (26 bytes a page: a VM without a disk has none).
+
+    ``disk`` is the disk's slot (-1: not mapped); ``version`` the low 32 bits of the block's
+    version when mapped (a filter only: every use also compares fingerprints, so a version that
+    wrapped around is caught by the fingerprint).
+    """
 
     def __init__(self, pages: int):
-        self.disk = np.full(pages, -1, dtype=np.int64)
-        self.block = np.full(pages, -1, dtype=np.int64)
-        self.version = np.zeros(pages, dtype=np.uint64)
+        self.disk = np.full(pages, -1, dtype=np.int8)
+        self.block = np.full(pages, -1, dtype=np.int32)
+        self.version = np.zeros(pages, dtype=np.uint32)
         self.hash = np.zeros(pages, dtype=np.uint64)
         self.swapped = np.zeros(pages, dtype=bool)
         # Machine page each page's bytes were last seen equal to its block on: a memory error
         # is repaired only on that page (the hypervisor may remap a page without a trap).
-        self.verified_mpn = np.full(pages, -1, dtype=np.int64)
-        self.verified_given_up = np.zeros(pages, dtype=np.int64)  # host.times_given_up then
+        self.verified_mpn = np.full(pages, -1, dtype=np.int32)
+        self.verified_given_up = np.zeros(pages, dtype=np.uint32)  # host.times_given_up then
 
     def verified(self, host, vm, gpps: np.ndarray) -> None:
         """``gpps`` were just seen to hold their blocks' bytes."""
         self.verified_mpn[gpps] = host.backend.mpns(vm, gpps)
-        self.verified_given_up[gpps] = host.times_given_up(vm)[gpps]
+        self.verified_given_up[gpps] = host.times_given_up(vm, gpps)
 
 
 class DiskmapPlugin:
@@ -137,8 +145,8 @@ class DiskmapPlugin:
 
     @hookimpl
     def memvisor_vm_created(self, vm):
-        """Start with no mapping."""
-        self.maps[vm.name] = _Map(vm.pages)
+        """Start with no mapping (the table of mappings comes with the first one)."""
+        self.maps.pop(vm.name, None)
 
     @hookimpl
     def memvisor_vm_destroyed(self, host, vm):
@@ -151,9 +159,13 @@ class DiskmapPlugin:
     # -- helpers ------------------------------------------------------------------------------
 
     def _map_of(self, vm) -> _Map:
-        if vm.name not in self.maps:
-            self.maps[vm.name] = _Map(vm.pages)
-        return self.maps[vm.name]
+        """The VM's mappings; an empty table for a VM that has none yet (not kept)."""
+        m = self.maps.get(vm.name)
+        if m is None:
+            m = _Map(vm.pages)
+            if self._disks(vm):  # only a VM with a disk ever gets a mapping
+                self.maps[vm.name] = m
+        return m
 
     def _disks(self, vm) -> list:
         return list(self.host.disks.get(vm.name, {}).values())
@@ -167,14 +179,16 @@ class DiskmapPlugin:
         m = self._map_of(vm)
         disk = self._disks(vm)[slot]
         m.disk[gpps], m.block[gpps] = slot, blocks
-        m.version[gpps], m.hash[gpps] = disk.versions[blocks], hashes
+        m.version[gpps], m.hash[gpps] = disk.versions[blocks].astype(np.uint32), hashes
         m.verified(self.host, vm, gpps)
         if self.settings.protect and len(gpps):
             self.host.backend.protect(vm, gpps)
         self.counts["mapped"] += len(gpps)
 
     def _drop(self, vm, gpps, reason: str) -> None:
-        m = self._map_of(vm)
+        m = self.maps.get(vm.name)
+        if m is None:
+            return
         gpps = gpps[m.disk[gpps] >= 0]
         m.disk[gpps] = -1
         self.counts[f"dropped_{reason}"] += len(gpps)
@@ -189,17 +203,22 @@ class DiskmapPlugin:
 
     def _valid(self, vm, gpps) -> np.ndarray:
         """Per page, whether it is mapped and its block has not been written since."""
-        m = self._map_of(vm)
+        m = self.maps.get(vm.name)
+        if m is None:
+            return np.zeros(len(gpps), dtype=bool)
         ok = m.disk[gpps] >= 0
         for slot, disk in enumerate(self._disks(vm)):
             mine = ok & (m.disk[gpps] == slot)
             if mine.any():
-                ok[mine] = disk.versions[m.block[gpps[mine]]] == m.version[gpps[mine]]
+                ok[mine] = disk.versions[m.block[gpps[mine]]].astype(np.uint32) == m.version[gpps[mine]]
         return ok
 
     def mapped(self, vm) -> np.ndarray:
         """The pages of ``vm`` mapped to a block that has not changed since (sorted)."""
-        pages = np.flatnonzero(self._map_of(vm).disk >= 0)
+        m = self.maps.get(vm.name)
+        if m is None:
+            return np.zeros(0, dtype=np.int64)
+        pages = np.flatnonzero(m.disk >= 0)
         return pages[self._valid(vm, pages)]
 
     def still_equal(self, vm) -> np.ndarray:
@@ -211,7 +230,7 @@ class DiskmapPlugin:
         m = self._map_of(vm)
         keep = np.ones(len(pages), dtype=bool)
         if len(present):
-            same = page_hashes(self.host.backend.read(vm, present)) == m.hash[present]
+            same = self.host.backend.fingerprint(vm, present) == m.hash[present]
             keep[np.searchsorted(pages, present[~same])] = False
             m.verified(self.host, vm, present[same])
         return pages[keep]
@@ -224,7 +243,7 @@ class DiskmapPlugin:
         allocated where a mapped page once was, and the page, once taken, then sits on its old
         number with zeros in it (found by ``memvisor selftest`` through :meth:`verify`)."""
         m = self._map_of(vm)
-        return (mpns == m.verified_mpn[gpps]) & (host.times_given_up(vm)[gpps] == m.verified_given_up[gpps])
+        return (mpns == m.verified_mpn[gpps]) & (host.times_given_up(vm, gpps) == m.verified_given_up[gpps])
 
     def verify(self, vm) -> int:
         """Check the mappings this plugin would trust without looking: a dropped page's block
@@ -232,7 +251,7 @@ class DiskmapPlugin:
         page it was last seen equal to its block on still equals it (a memory error is repaired
         from there). Returns the pages for which that does not hold."""
         m = self._map_of(vm)
-        backend, disks = self.host.backend, self._disks(vm)
+        backend = self.host.backend
         pages = self.mapped(vm)
         if not len(pages):
             return 0
@@ -241,21 +260,36 @@ class DiskmapPlugin:
         trusted = pages[present]
         trusted = trusted[self._trusted(self.host, vm, trusted, backend.mpns(vm, trusted))]
         bad = 0
-        for group, data in ((swapped, None), (trusted, backend.read(vm, trusted) if len(trusted) else None)):
+        for group, hashes in ((swapped, None), (trusted, backend.fingerprint(vm, trusted) if len(trusted) else None)):
             if not len(group):
                 continue
-            blocks = np.zeros((len(group), PAGE_SIZE), dtype=np.uint8)
-            for slot in np.unique(m.disk[group]):
-                rows = np.flatnonzero(m.disk[group] == slot)
-                blocks[rows] = disks[slot].data[m.block[group[rows]]]
-            expected = m.hash[group] if data is None else page_hashes(data)
-            bad += int(np.count_nonzero(page_hashes(blocks) != expected))
+            expected = m.hash[group] if hashes is None else hashes
+            bad += int(np.count_nonzero(self._block_hashes(vm, group) != expected))
         return bad
 
-    def _index(self, disk) -> DiskIndex:
+    def _block_contents(self, vm, gpps: np.ndarray):
+        """The contents of the blocks mapped pages ``gpps`` are mapped to (in that order)."""
+        m, disks = self._map_of(vm), self._disks(vm)
+        slots = m.disk[gpps]
+        order = np.argsort(slots, kind="stable")
+        parts = [disks[slot].contents(m.block[gpps[order[slots[order] == slot]]]) for slot in np.unique(slots)]
+        data = concat(parts)
+        return data[np.argsort(order, kind="stable")]
+
+    def _block_hashes(self, vm, gpps: np.ndarray) -> np.ndarray:
+        """Fingerprints of the blocks mapped pages ``gpps`` are mapped to."""
+        m, disks = self._map_of(vm), self._disks(vm)
+        out = np.zeros(len(gpps), np.uint64)
+        for slot in np.unique(m.disk[gpps]):
+            rows = np.flatnonzero(m.disk[gpps] == slot)
+            out[rows] = disks[slot].fingerprints(m.block[gpps[rows]])
+        return out
+
+    def _index(self, disk):
         cached = self._indexes.get(id(disk))
         if cached is None or cached[0] != disk.version:
-            cached = (disk.version, DiskIndex(disk.data))
+            index = DiskIndex(disk.data) if disk.contents_model == "bytes" else _IdentityIndex(disk)
+            cached = (disk.version, index)
             self._indexes[id(disk)] = cached
         return cached[1]
 
@@ -267,16 +301,17 @@ class DiskmapPlugin:
         m = self._map_of(vm)
         gpps = gpps[m.disk[gpps] < 0]
         found = 0
-        for start in range(0, len(gpps), 8192):
-            part = gpps[start : start + 8192]
-            data = backend.read(vm, part)
-            keep = nonzero_pages(data)
+        chunk = 8192 if backend.contents_model == "bytes" else 1 << 20
+        for start in range(0, len(gpps), chunk):
+            part = gpps[start : start + chunk]
+            data = backend.contents(vm, part)
+            keep = ~zero_rows(data)
             part, data = part[keep], data[keep]
             for slot, disk in enumerate(self._disks(vm)):
                 blocks = self._index(disk).lookup(data)
                 hit = blocks >= 0
                 if hit.any():
-                    self._set(vm, part[hit], slot, blocks[hit], page_hashes(data[hit]))
+                    self._set(vm, part[hit], slot, blocks[hit], backend.fingerprint(vm, part[hit]))
                     self.counts["mapped_by_scan"] += int(hit.sum())
                     found += int(hit.sum())
                     part, data = part[~hit], data[~hit]
@@ -295,14 +330,14 @@ class DiskmapPlugin:
             stale = np.flatnonzero((m.disk == slot) & np.isin(m.block, written))
             self._drop(vm, stale, "disk_write")
         if len(io.gpps):
-            hashes = page_hashes(np.asarray(io.disk.data[io.blocks]))
+            hashes = io.disk.fingerprints(io.blocks)
             # Map only pages that equal their block now: a page read from a block that the same
             # batch then overwrote from another page does not (found by the all-techniques
             # integration test: a memory error "repaired" such a page with the other page's bytes).
             gpps, blocks = io.gpps, io.blocks
             present = host.backend.present(vm, gpps)
             same = np.zeros(len(gpps), dtype=bool)
-            same[present] = page_hashes(host.backend.read(vm, gpps[present])) == hashes[present]
+            same[present] = host.backend.fingerprint(vm, gpps[present]) == hashes[present]
             self._set(vm, gpps[same], slot, blocks[same], hashes[same])
             self._drop(vm, gpps[~same], "disk_write")
             self.counts["mapped_by_io"] += int(same.sum())
@@ -325,7 +360,7 @@ class DiskmapPlugin:
             return None
         pages = gpps[valid]
         m = self._map_of(vm)
-        same = page_hashes(host.backend.read(vm, pages)) == m.hash[pages]
+        same = host.backend.fingerprint(vm, pages) == m.hash[pages]
         if not same.all():  # changed behind the guest's back (no write trap): never describe it
             self._drop(vm, pages[~same], "hash_mismatch")
             pages = pages[same]
@@ -345,15 +380,16 @@ class DiskmapPlugin:
         fields = _fields(records.payloads, len(records.gpps), vm)
         slots, blocks, hashes = fields[:, 0], fields[:, 1], fields[:, 2]
         disks = self._disks(vm)
-        out = np.zeros((len(records.gpps), PAGE_SIZE), dtype=np.uint8)
+        order = np.argsort(slots, kind="stable")
+        parts = []
         for slot in np.unique(slots):
-            rows = np.flatnonzero(slots == slot)
+            rows = order[slots[order] == slot]
             if slot >= len(disks) or np.any(blocks[rows] >= disks[slot].blocks):
                 raise BackendError(f"disk-ref records name disk {slot} of VM {vm.name!r}, which it does not have")
-            slot = int(slot)
-            out[rows] = disks[slot].data[blocks[rows]]
+            parts.append(disks[int(slot)].contents(blocks[rows]))
             host.backend.account("disk_read", len(rows) * PAGE_SIZE, 1)
-        bad = page_hashes(out) != hashes
+        out = concat(parts)[np.argsort(order, kind="stable")] if parts else host.backend.contents(vm, [])
+        bad = _fingerprints(out) != hashes
         if bad.any():
             self.counts["stale_refs_refused"] += int(bad.sum())
             raise BackendError(f"{int(bad.sum())} disk-ref records of VM {vm.name!r} name blocks changed since")
@@ -371,7 +407,9 @@ class DiskmapPlugin:
         pages dropped under pressure are the restore's to fill, with every other page. (A
         refused restore does not get here: the VM then runs on with its mappings, dropped
         pages included.)"""
-        m = self._map_of(vm)
+        m = self.maps.get(vm.name)
+        if m is None:  # no disk, no mapping
+            return
         keep = np.zeros(vm.pages, dtype=bool)
         keep[restore.record_pages.get(KIND, np.zeros(0, dtype=np.int64))] = True
         self.counts["dropped_restore"] += int(np.count_nonzero((m.disk >= 0) & ~keep))
@@ -390,13 +428,15 @@ class DiskmapPlugin:
             need = pressure.target_free_pages - backend.free_pages()
             if need <= 0:
                 break
-            m = self._map_of(vm)
+            m = self.maps.get(vm.name)
+            if m is None:
+                continue
             m.swapped &= ~backend.present(vm)  # pages made present by others (a restore) are back
             pages = self.mapped(vm)
             pages = pages[backend.present(vm, pages)][: need * 2]
             if not len(pages):
                 continue
-            same = page_hashes(backend.read(vm, pages)) == m.hash[pages]
+            same = backend.fingerprint(vm, pages) == m.hash[pages]
             # Only a page on its own machine page: dropping a shared one frees nothing and pulls
             # it from under its owner (a balloon's page that equals a zero block — found by
             # memvisor selftest — or pages sharing merged).
@@ -415,12 +455,9 @@ class DiskmapPlugin:
     def _swap_in(self, vm, gpps) -> None:
         """Make swapped-out pages present again from their blocks (checked by hash)."""
         m = self._map_of(vm)
-        disks, backend = self._disks(vm), self.host.backend
-        data = np.zeros((len(gpps), PAGE_SIZE), dtype=np.uint8)
-        for slot in np.unique(m.disk[gpps]):
-            rows = np.flatnonzero(m.disk[gpps] == slot)
-            data[rows] = disks[slot].data[m.block[gpps[rows]]]
-        if np.any(page_hashes(data) != m.hash[gpps]):
+        backend = self.host.backend
+        data = self._block_contents(vm, gpps)
+        if np.any(_fingerprints(data) != m.hash[gpps]):
             raise BackendError(f"VM {vm.name!r}: a swapped-out page's disk block changed; the page is lost")
         backend.account("disk_read", len(gpps) * PAGE_SIZE, 1)
         backend.populate(vm, gpps, data)
@@ -470,12 +507,8 @@ class DiskmapPlugin:
         pages = pages[host.backend.present(vm, pages)]
         if not len(pages):
             return None
-        disks = self._disks(vm)
-        data = np.zeros((len(pages), PAGE_SIZE), dtype=np.uint8)
-        for slot in np.unique(m.disk[pages]):
-            rows = np.flatnonzero(m.disk[pages] == slot)
-            data[rows] = disks[slot].data[m.block[pages[rows]]]
-        good = page_hashes(data) == m.hash[pages]
+        data = self._block_contents(vm, pages)
+        good = _fingerprints(data) == m.hash[pages]
         pages, data = pages[good], data[good]
         if len(pages):
             host.backend.account("disk_read", len(pages) * PAGE_SIZE, 1)
@@ -496,3 +529,29 @@ class DiskmapPlugin:
                              text="Pages identical to disk blocks travel as 24-byte references in snapshots "
                                   "and migrations, are dropped without a write under pressure, and are "
                                   "rebuilt after memory errors.")
+
+
+class _IdentityIndex:
+    """The fingerprints of an identity disk's non-zero blocks, sorted: which block holds a page's
+    contents (the disk index of the identity model; a hit is confirmed by comparing identities)."""
+
+    def __init__(self, disk):
+        self.disk = disk
+        keys = disk.fingerprints(np.arange(disk.blocks))
+        blocks = np.flatnonzero(keys)
+        order = np.argsort(keys[blocks], kind="stable")
+        self.keys, self.blocks = keys[blocks][order], blocks[order]
+
+    def lookup(self, contents) -> np.ndarray:
+        """For each (non-zero) page, a disk block with exactly its contents, or -1."""
+        out = np.full(len(contents), -1, dtype=np.int64)
+        if not len(self.keys) or not len(contents):
+            return out
+        keys = _fingerprints(contents)
+        where = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        hit = np.flatnonzero(self.keys[where] == keys)
+        if len(hit):
+            blocks = self.blocks[where[hit]]
+            same = rows_equal(self.disk.contents(blocks), contents[hit])
+            out[hit[same]] = blocks[same]
+        return out

@@ -28,9 +28,9 @@ import structlog
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
 from memvisor.builtins.checkpoint import CheckpointError
-from memvisor.builtins.checkpoint.vm import SaveJob, write_checkpoint, writer_stats
-from memvisor.builtins.checkpoint.writer import CheckpointWriter
+from memvisor.builtins.checkpoint.vm import SaveJob, new_writer, write_checkpoint, writer_stats
 from memvisor.events import FaultBatch
+from memvisor.identity import zero_rows
 from memvisor.report import Plot, ReportSection
 from memvisor.settings import setting
 from memvisor_lazy_save import order
@@ -78,8 +78,7 @@ class LazySave:
         self.cursor = 0  # every window below it is saved
         started, real = host.now, time.perf_counter()
         self.real_start = real
-        self.writer = CheckpointWriter(request.path, vm.pages, level=request.level, block_pages=self.window,
-                                       buffer_bytes=request.buffer_bytes, key=request.key, threads=1)
+        self.writer = new_writer(host, vm, attrs.evolve(request, block_pages=self.window))
         # Pages this save protects (those not protected already) are the ones it unprotects
         # again once saved: protection that another plugin set stays.
         self.ours = ~backend.protected(vm)
@@ -96,7 +95,7 @@ class LazySave:
         self.cow_windows = self.cow_pages = self.background_windows = 0
         self.cow_seconds = 0.0  # guest time spent on copy before write
         self.cow_copied_windows = 0  # of cow_windows, those that went through the side buffer
-        self.copied: list[tuple[np.ndarray, np.ndarray]] = []  # the side buffer: (pages, bytes)
+        self.copied: list[tuple[np.ndarray, Any]] = []  # the side buffer: (pages, contents)
         self.copied_pages = 0
         self.side_pages = plugin.settings.side_buffer_pages
         self.progress: list[tuple[float, int]] = [(host.now, 0)]
@@ -164,7 +163,7 @@ class LazySave:
         if len(missing):
             host.deliver_faults(vm, FaultBatch(missing, np.zeros(len(missing), dtype=bool), host.now))
         self.cow_copied_windows += len(windows)
-        self.copied.append((pages, backend.read(vm, pages)))
+        self.copied.append((pages, backend.contents(vm, pages)))
         self.copied_pages += len(pages)
         self.saved[windows] = True
         self.cow_seconds += backend.account("copy", len(pages) * PAGE_SIZE)
@@ -177,7 +176,7 @@ class LazySave:
         self.copied_pages -= len(pages)
         w, backend = self.writer, self.host.backend
         bytes_in, bytes_out, calls = w.bytes_in, w.bytes_out, w.write_calls
-        nonzero = data.view(np.uint64).any(axis=1)
+        nonzero = ~zero_rows(data)
         w.add_zero_pages(pages[~nonzero])
         if nonzero.any():
             w.add_pages(pages[nonzero], data[nonzero])

@@ -46,6 +46,8 @@ ESTIMATORS = ("model", "shards")
 NOT_YET = np.iinfo(np.int64).max
 """Retrace time of a trap whose page has not been traced again yet."""
 
+_HASH_CHUNK = 1 << 20  # pages hashed at a time when the sample is chosen
+
 
 class _Growable:
     """An int64 array that grows by doubling (the trap log), so appends are amortised O(1)."""
@@ -83,15 +85,29 @@ class VMTracker:
         self.vm_pages = int(vm_pages)
         self.seed = seed
         self.shards = OnlineShards(rate=rate, sample_size=sample_size, seed=seed)
-        # One hash per guest page, computed once: the sample test is then one gather per batch.
-        self.hashes = _hash_mod(np.arange(self.vm_pages, dtype=np.uint64), seed)
+        # The pages that can ever be in the sample (the threshold only goes down) and their
+        # hashes, sorted by page: state is kept for them only, so a VM costs its sample's size
+        # (a rate of 0.01 keeps 1% of the pages), not a word per page.
+        members, hashes = [], []
+        for start in range(0, self.vm_pages, _HASH_CHUNK):
+            pages = np.arange(start, min(self.vm_pages, start + _HASH_CHUNK), dtype=np.uint64)
+            h = _hash_mod(pages, seed)
+            keep = h < np.uint64(self.threshold)
+            members.append(pages[keep].astype(np.int64))
+            hashes.append(h[keep])
+        self._members = np.concatenate(members) if members else np.zeros(0, np.int64)
+        self._member_hash = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         self._times = _Growable()  # access-clock time of each trap
         self._pages = _Growable()  # the trapped page
         self._retrace = _Growable()  # access-clock time the page was traced again (NOT_YET)
-        # Per guest page: the log index of its open untraced window (-1: none) and when it ends.
-        self._open = np.full(self.vm_pages, -1, dtype=np.int64)
-        self._due = np.full(self.vm_pages, np.inf)
+        # Per member page: the log index of its open untraced window (-1: none) and when it ends.
+        self._open = np.full(len(self._members), -1, dtype=np.int64)
+        self._due = np.full(len(self._members), np.inf)
         self.traps = 0
+
+    def _positions(self, gpps: np.ndarray) -> np.ndarray:
+        """Positions of sampled pages among the members (every sampled page is a member)."""
+        return np.searchsorted(self._members, gpps)
 
     # -- the sample ----------------------------------------------------------------------------
 
@@ -102,16 +118,16 @@ class VMTracker:
 
     def in_sample(self, gpps: np.ndarray) -> np.ndarray:
         """Per page, whether it is in the sample now."""
-        return self.hashes[gpps] < np.uint64(self.threshold)
+        return _hash_mod(np.asarray(gpps).astype(np.uint64), self.seed) < np.uint64(self.threshold)
 
     def sample(self) -> np.ndarray:
         """Every page of the VM that is in the sample now (the pages to trace)."""
-        return np.flatnonzero(self.hashes < np.uint64(self.threshold))
+        return self._members[self._member_hash < np.uint64(self.threshold)]
 
     @property
     def rate(self) -> float:
         """The realised sampling rate: the sampled share of the VM's page space."""
-        count = int(np.count_nonzero(self.hashes < np.uint64(self.threshold)))
+        count = int(np.count_nonzero(self._member_hash < np.uint64(self.threshold)))
         return max(count, 1) / self.vm_pages if self.vm_pages else self.threshold / MODULUS
 
     @property
@@ -135,7 +151,8 @@ class VMTracker:
             return np.zeros(0, dtype=np.int64)
         # A page that traps while we thought it untraced was retraced by someone else: its
         # window ended with this trap.
-        open_windows = self._open[g]
+        at = self._positions(g)
+        open_windows = self._open[at]
         again = open_windows >= 0
         if again.any():
             self._retrace.view()[open_windows[again]] = t[again]
@@ -144,15 +161,16 @@ class VMTracker:
         index = self._times.extend(t)
         self._pages.extend(g)
         self._retrace.extend(np.full(len(g), NOT_YET, dtype=np.int64))
-        self._open[g] = index
-        self._due[g] = deadline
+        self._open[at] = index
+        self._due[at] = deadline
         self.traps += len(g)
         if self.threshold == before:
             return np.zeros(0, dtype=np.int64)
-        left = np.flatnonzero((self.hashes >= np.uint64(self.threshold)) & (self.hashes < np.uint64(before)))
+        h = self._member_hash
+        left = np.flatnonzero((h >= np.uint64(self.threshold)) & (h < np.uint64(before)))
         self._open[left] = -1
         self._due[left] = np.inf
-        return left
+        return self._members[left]
 
     def due_for_retrace(self, now: float, accesses: int) -> np.ndarray:
         """Pages whose untraced period ended by ``now``; records ``accesses`` (the VM's access
@@ -162,7 +180,7 @@ class VMTracker:
             self._retrace.view()[self._open[due]] = accesses
             self._open[due] = -1
             self._due[due] = np.inf
-        return due
+        return self._members[due]
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -182,11 +200,12 @@ class VMTracker:
         """Recency of each page in the online LRU: ``rank / n`` from 1/n (least recently
         trapped) to 1.0 (most recent); 0.0 for pages outside the sample or never touched."""
         order = self.shards.lru.pages_lru_order().astype(np.int64)
-        dense = np.zeros(self.vm_pages)
-        if len(order):
-            dense[order] = np.arange(1, len(order) + 1) / len(order)
         gpps = np.asarray(gpps, dtype=np.int64)
         out = np.zeros(len(gpps))
-        inside = (gpps >= 0) & (gpps < self.vm_pages)
-        out[inside] = dense[gpps[inside]]
+        if not len(order):
+            return out
+        sorter = np.argsort(order, kind="stable")  # the sample's pages, not a word per VM page
+        at = np.minimum(np.searchsorted(order, gpps, sorter=sorter), len(order) - 1)
+        found = order[sorter[at]] == gpps
+        out[found] = (sorter[at[found]] + 1) / len(order)
         return out

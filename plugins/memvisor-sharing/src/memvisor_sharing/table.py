@@ -24,7 +24,6 @@ import attrs
 import numpy as np
 
 from memvisor import LARGE_PAGE_PAGES
-from memvisor_sharing.fingerprint import ZERO_HASH
 
 OWN, FOREIGN, SMALL, LARGE = 0, 1, 2, 3
 """Classes of a machine page, in the order a copy is kept: shared by this plugin, shared by
@@ -110,7 +109,7 @@ class Table:
 
 def build_table(e: Entries, zero_mpn: int) -> Table:
     """Count reclaimable machine pages and plan the shares of small pages (see the module doc)."""
-    is_zero = e.hash == ZERO_HASH
+    is_zero = e.hash == 0  # Backend.fingerprint: 0 is the page of zeros and no other
     klass = np.where(e.own & (e.refcount >= 2), OWN,
                      np.where(e.refcount >= 2, FOREIGN, np.where(e.large, LARGE, SMALL))).astype(np.int64)
 

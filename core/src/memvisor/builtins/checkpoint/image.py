@@ -30,6 +30,7 @@ from memvisor.builtins.checkpoint.writer import (
     nonzero_pages,
 )
 from memvisor.files import open_regular, temp_file
+from memvisor.identity import is_identities, materialise
 
 Progress = Callable[[int, int], None]
 """``progress(done_pages, total_pages)``, called after each chunk."""
@@ -205,7 +206,8 @@ def restore_image(
     allow_missing: bool = False,
     progress: Progress | None = None,
 ) -> RestoreStats:
-    """Write a checkpoint back as a raw memory image, byte for byte (eager restore).
+    """Write a checkpoint back as a raw memory image, byte for byte (eager restore). A
+    checkpoint of an identity-model VM is written as the bytes its identities name.
 
     Data pages are written where they belong, one write per run of consecutive pages; zero pages
     are holes of the (sparse) image file. The image is written under a temporary name in its
@@ -244,6 +246,8 @@ def restore_image(
             out = _ImageOut(fd, ps)
             done = r.zero_pages + missing
             for _, gpps, data in r.iter_page_blocks():
+                if is_identities(data):  # a checkpoint of an identity-model VM: its bytes
+                    data = materialise(data)
                 out.put(gpps, data)
                 done += len(gpps)
                 if progress is not None:

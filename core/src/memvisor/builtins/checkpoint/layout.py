@@ -50,12 +50,21 @@ SECTION_HEADER_SIZE = 16
 
 FLAG_MAC = 0x0001
 """Header flag: the trailer holds a keyed BLAKE2b MAC (block checksums are 32 bytes)."""
-KNOWN_FLAGS = FLAG_MAC
+FLAG_IDENTITY = 0x0002
+"""Header flag: a checkpoint of an identity-model VM (:mod:`memvisor.identity`): page blocks of
+codec ``identity`` hold pages by identity, and the optional ``mlen`` section gives the bytes the
+bytes model would have stored. Readers before this flag refuse the file (unknown flag)."""
+KNOWN_FLAGS = FLAG_MAC | FLAG_IDENTITY
 
 CODEC_NONE = 0
 CODEC_ZSTD = 1
+CODEC_IDENTITY = 2
+"""A page block of (identity uint64, stamp uint32) per page, zstd-compressed (identity files only)."""
 CODECS = {"none": CODEC_NONE, "zstd": CODEC_ZSTD}
-CODEC_NAMES = {v: k for k, v in CODECS.items()}
+"""Codecs a writer is asked for; identity page blocks come with identity contents."""
+CODEC_NAMES = {**{v: k for k, v in CODECS.items()}, CODEC_IDENTITY: "identity"}
+IDENTITY_BYTES = 12
+"""Bytes of one page in an identity page block, before compression."""
 
 CHECKSUM_PLAIN = 16
 """Digest size of a block checksum in a file without MAC: BLAKE2b-128."""
@@ -136,6 +145,10 @@ TAG_RANGES = b"RNGS"
 TAG_ZERO = b"ZERO"
 TAG_RECORDS = b"RECS"
 REQUIRED_TAGS = (TAG_SBLOCKS, TAG_PBLOCKS, TAG_RANGES, TAG_ZERO)
+TAG_MODELLED = b"mlen"
+"""Optional section of identity files: per page block (uint64), the bytes its pages take in the
+bytes model (its stored length for a block of bytes, the measured size model's estimate for an
+identity block): what readers and writers count as bytes read and written."""
 
 
 class CheckpointError(UserError):

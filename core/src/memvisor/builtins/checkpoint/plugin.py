@@ -154,6 +154,7 @@ def inspect_command(ckpt, as_json):
     with CheckpointReader(ckpt) as r:
         info = {"path": str(ckpt), "version": r.version, "page_size": r.page_size, "vm_pages": r.vm_pages,
                 "codec": r.codec, "level": r.level, "block_pages": r.block_pages, "keyed": r.keyed,
+                "contents": r.contents_model,
                 "storage_blocks": r.storage_blocks, "page_blocks": r.page_blocks, "data_pages": r.data_pages,
                 "zero_pages": r.zero_pages, "record_pages": r.record_pages, "record_kinds": list(r.record_kinds),
                 "file_bytes": r.file_size}

@@ -112,8 +112,12 @@ class CheckpointReader:
     name), ``level``, ``block_pages``, ``file_id``, ``keyed`` (the file has a MAC),
     ``authenticated`` (its MAC was checked with a key), ``storage_blocks``, ``page_blocks``,
     ``data_pages``, ``zero_pages``, ``record_pages``, ``record_kinds`` (names in code order),
-    ``kind_names`` (name of every kind code), and the counters ``read_calls`` and
-    ``bytes_read`` (every ``pread``, the three of :meth:`__init__` included).
+    ``kind_names`` (name of every kind code), ``contents_model`` (``"identity"`` for a
+    checkpoint of an identity-model VM: :meth:`read_page_block` then gives
+    :class:`~memvisor.identity.Identities` for its identity page blocks), and the counters
+    ``read_calls`` and ``bytes_read`` (every ``pread``, the three of :meth:`__init__` included;
+    a storage block of an identity checkpoint counts the bytes the bytes model would have
+    stored, ``file_bytes_read`` what was read from the file).
 
     A reader is not thread-safe: use one per thread.
     """
@@ -121,7 +125,7 @@ class CheckpointReader:
     def __init__(self, path, *, key=None, max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
                  cache_blocks: int = 8):
         self.path = Path(path)
-        self.read_calls = self.bytes_read = 0
+        self.read_calls = self.bytes_read = self.file_bytes_read = 0
         self._fd = -1
         # The last few storage blocks read, most recent last: a lazy restore's faults jump
         # between blocks, and re-reading a 4 MiB block for each of its 64-page blocks costs
@@ -173,6 +177,7 @@ class CheckpointReader:
             raise self._error(f"read error: {e.strerror or e}", where, offset) from e
         self.read_calls += 1
         self.bytes_read += len(data)
+        self.file_bytes_read += len(data)
         if len(data) != length:
             raise self._error(f"truncated: {len(data)} of {length} bytes", where, offset)
         return data
@@ -246,6 +251,7 @@ class CheckpointReader:
         self.version, self.page_size, self.vm_pages = h["version"], ps, h["vm_pages"]
         self.codec, self.level, self.block_pages = L.CODEC_NAMES[h["codec"]], h["level"], h["block_pages"]
         self.file_id, self.keyed, self.authenticated = h["file_id"], keyed, authenticated
+        self.contents_model = "identity" if h["flags"] & L.FLAG_IDENTITY else "bytes"
         self._checksum_size = want
         self._meta_offset = mo
         self._parse_metadata(meta, mo)
@@ -277,7 +283,7 @@ class CheckpointReader:
                 raise self._error(f"more than {L.MAX_SECTIONS} sections", "metadata", off)
             if tag == L.TAG_RECORDS:
                 records.append((base + body, payload))
-            elif tag in L.REQUIRED_TAGS:
+            elif tag in L.REQUIRED_TAGS or tag == L.TAG_MODELLED:
                 if tag in sections:
                     raise self._error("duplicate section", name, off)
                 sections[tag] = (base + body, payload)
@@ -297,6 +303,7 @@ class CheckpointReader:
             raise self._error("sections out of order", "metadata", base)
 
         self._check_blocks(sections)
+        self._check_modelled(sections.get(L.TAG_MODELLED))
         data_ranges = self._ranges
         zero = self._table(sections[L.TAG_ZERO], L.RANGE_DTYPE, "ZERO")
         self._check_ranges(zero, sections[L.TAG_ZERO][0], "zero range")
@@ -410,7 +417,8 @@ class CheckpointReader:
                 i = self._first(bad)
                 raise self._error(f"bad page count {int(n_pages[i])}", f"page block {i}", pb_off + i * 40)
             reserved = np.frombuffer(pb["reserved"].tobytes(), np.uint8).reshape(npb, 7)
-            bad = (codec > L.CODEC_ZSTD) | reserved.any(axis=1)
+            top = L.CODEC_IDENTITY if self.contents_model == "identity" else L.CODEC_ZSTD
+            bad = (codec > top) | reserved.any(axis=1)
             if bad.any():
                 i = self._first(bad)
                 raise self._error(
@@ -483,6 +491,34 @@ class CheckpointReader:
         self._rg_pblock = rg_pblock
         self.storage_blocks, self.page_blocks = ns, npb
         self.data_pages = int(n_pages.sum())
+
+    def _check_modelled(self, section) -> None:
+        """The ``mlen`` section: in an identity checkpoint, one length per page block (a block
+        of bytes counts its stored length, an identity block at most its raw size); absent
+        elsewhere (then every block counts its stored length)."""
+        stored = self._pb_stored
+        if self.contents_model != "identity":
+            if section is not None:
+                raise self._error("modelled lengths in a checkpoint of bytes", "metadata section mlen", section[0])
+            modelled = stored
+        else:
+            if section is None:
+                raise self._error("missing section mlen", "metadata", self._meta_offset)
+            off, payload = section
+            modelled = self._table(section, np.dtype("<u8"), "mlen").astype(np.int64)
+            if len(modelled) != self.page_blocks:
+                raise self._error(f"{len(modelled)} lengths for {self.page_blocks} page blocks",
+                                  "metadata section mlen", off)
+            identity = self._pb_codec == L.CODEC_IDENTITY
+            bad = np.where(identity, (modelled < 1) | (modelled > self._pb_pages * self.page_size), modelled != stored)
+            if bad.any():
+                i = self._first(bad)
+                raise self._error(f"modelled length {int(modelled[i])} for {int(self._pb_pages[i])} pages",
+                                  f"page block {i}", off + 8 * i)
+        self._pb_modelled = modelled
+        # What reading each storage block counts as bytes read.
+        extra = np.bincount(self._pb_sblock, weights=modelled - stored, minlength=self.storage_blocks)
+        self._sb_counted = self._sb_length + extra.astype(np.int64)
 
     def _parse_records(self, off: int, p: memoryview) -> RecordSet:
         where = "metadata section RECS"
@@ -673,6 +709,7 @@ class CheckpointReader:
         where = f"storage block {sblock}"
         offset, length = int(self._sb_offset[sblock]), int(self._sb_length[sblock])
         data = self._pread(length, offset, where)
+        self.bytes_read += int(self._sb_counted[sblock]) - length
         want = self._sb_checksum[sblock].tobytes()[: self._checksum_size]
         if not hmac.compare_digest(L.block_checksum(data, self._checksum_size), want):
             raise self._error("checksum mismatch", where, offset)
@@ -683,7 +720,8 @@ class CheckpointReader:
 
     def read_page_block(self, pblock) -> tuple[np.ndarray, np.ndarray]:
         """A page block's pages and contents: ``(gpps, data)`` with ``data[i]`` (a read-only
-        ``(n, page_size)`` uint8 array) the contents of page ``gpps[i]``.
+        ``(n, page_size)`` uint8 array, or :class:`~memvisor.identity.Identities` for an
+        identity page block) the contents of page ``gpps[i]``.
 
         :param pblock: a page block number or the tuple from :meth:`locate`.
 
@@ -695,10 +733,11 @@ class CheckpointReader:
         buf = self.read_storage_block(sblock)
         return self.page_block_pages(pblock), self._decode(pblock, buf)
 
-    def _decode(self, pblock: int, buf: bytes) -> np.ndarray:
+    def _decode(self, pblock: int, buf: bytes):
         rel, stored = int(self._pb_rel[pblock]), int(self._pb_stored[pblock])
         n = int(self._pb_pages[pblock])
-        expect = n * self.page_size
+        identity = self._pb_codec[pblock] == L.CODEC_IDENTITY
+        expect = n * (L.IDENTITY_BYTES if identity else self.page_size)
         frame = memoryview(buf)[rel : rel + stored]
         where = f"page block {pblock}"
         offset = int(self._pb_file[pblock])
@@ -707,6 +746,10 @@ class CheckpointReader:
         else:
             raw = decompress_frame(frame, expect, lambda problem: self._error(problem, where, offset),
                                    self._decompressor)
+        if identity:
+            from memvisor.identity import Identities
+
+            return Identities.from_records(raw)
         return np.frombuffer(raw, np.uint8).reshape(n, self.page_size)
 
     def iter_page_blocks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:

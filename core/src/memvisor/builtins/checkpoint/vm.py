@@ -26,6 +26,7 @@ from memvisor.builtins.checkpoint.reader import KIND_DATA, KIND_FIRST_RECORD, KI
 from memvisor.builtins.checkpoint.writer import CheckpointWriter
 from memvisor.errors import BackendError
 from memvisor.events import FaultBatch, PageRecords
+from memvisor.identity import concat, is_identities, zero_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.events import RestoreRequest, SaveRequest
@@ -33,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CHUNK_PAGES = 16384
 """Pages read from or loaded into guest memory at a time (64 MiB)."""
+IDENTITY_CHUNK_PAGES = 1 << 20
+"""Pages of identities (:mod:`memvisor.identity`) read or loaded at a time (12 MiB)."""
 
 
 @attrs.define
@@ -157,20 +160,13 @@ def write_checkpoint(
     map, pages other plugins describe as records, the rest as compressed page blocks."""
     backend = host.backend
     pages = np.arange(vm.pages, dtype=np.int64) if pages is None else pages
-    w = writer or CheckpointWriter(
-        request.path,
-        vm.pages,
-        level=request.level,
-        block_pages=request.block_pages,
-        buffer_bytes=request.buffer_bytes,
-        key=request.key,
-        threads=1,
-    )
+    w = writer or new_writer(host, vm, request)
+    chunk_pages = CHUNK_PAGES if backend.contents_model == "bytes" else IDENTITY_CHUNK_PAGES
     try:
-        for start in range(0, len(pages), CHUNK_PAGES):
-            chunk = pages[start : start + CHUNK_PAGES]
-            data = backend.read(vm, chunk)
-            nonzero = data.view(np.uint64).any(axis=1)
+        for start in range(0, len(pages), chunk_pages):
+            chunk = pages[start : start + chunk_pages]
+            data = backend.contents(vm, chunk)
+            nonzero = ~zero_rows(data)
             w.add_zero_pages(chunk[~nonzero])
             candidates = chunk[nonzero]
             taken = np.zeros(len(chunk), dtype=bool)
@@ -189,8 +185,26 @@ def write_checkpoint(
     return w
 
 
+def new_writer(host: Host, vm: VM, request: SaveRequest, **options) -> CheckpointWriter:
+    """A checkpoint writer for ``vm`` as ``request`` asks, of the host's machine model (an
+    identity-model VM's checkpoint holds identities and says so)."""
+    return CheckpointWriter(request.path, vm.pages, level=request.level, block_pages=request.block_pages,
+                            buffer_bytes=request.buffer_bytes, key=request.key, threads=1,
+                            contents=host.backend.contents_model, **options)
+
+
+def check_model(host: Host, reader: CheckpointReader) -> None:
+    """Refuse a checkpoint of the other machine model: a checkpoint of identities restores only
+    onto an identity-model host, one of bytes only onto a bytes-model host."""
+    model = host.backend.contents_model
+    if reader.contents_model != model:
+        raise CheckpointError(reader.path, f"holds pages as {reader.contents_model}: it restores only onto a host "
+                                           f"with contents = \"{reader.contents_model}\" (this one has \"{model}\")")
+
+
 def writer_stats(w: CheckpointWriter) -> dict[str, Any]:
-    """The writer's counters as report values."""
+    """The writer's counters as report values (``bytes_out``: what the bytes model writes, the
+    modelled size of identity page blocks included; ``file_bytes``: the file's size)."""
     return {
         "pages": w.pages,
         "zero_pages": w.zero_pages,
@@ -198,6 +212,7 @@ def writer_stats(w: CheckpointWriter) -> dict[str, Any]:
         "data_pages": w.data_pages,
         "bytes_in": w.bytes_in,
         "bytes_out": w.bytes_out,
+        "file_bytes": w.file_bytes_out,
         "write_calls": w.write_calls,
         "storage_blocks": w.storage_blocks,
         "compression_ratio": (w.bytes_in / w.bytes_out) if w.bytes_out else None,
@@ -245,6 +260,8 @@ def resolve(
     data = host.hook.memvisor_resolve_records(host=host, vm=vm, records=PageRecords(kind, pages, payloads))
     if data is None:
         raise BackendError(f"{reader.path}: no plugin resolves records of kind {kind!r}")
+    if is_identities(data):
+        return pages, data
     return pages, np.asarray(data, dtype=np.uint8).reshape(len(pages), PAGE_SIZE)
 
 
@@ -261,11 +278,17 @@ def load_pages(host: Host, vm: VM, reader: CheckpointReader, gpps: np.ndarray) -
     for code in np.unique(kinds[kinds >= KIND_FIRST_RECORD]):
         pages, data = resolve(host, vm, reader, reader.kind_names[code], gpps[kinds == code])
         backend.populate(vm, pages, data)
-    data_pages = gpps[kinds == KIND_DATA]
+    data_pages = np.sort(gpps[kinds == KIND_DATA])
+    loaded: dict[bool, tuple[list, list]] = {}  # by form (identities or bytes): pages, contents
     for pblock in np.unique(reader.locate_many(data_pages)):
         pages, data = reader.read_page_block(int(pblock))
-        wanted = np.isin(pages, data_pages)
-        backend.populate(vm, pages[wanted], data[wanted])
+        at = np.minimum(np.searchsorted(data_pages, pages), len(data_pages) - 1)
+        wanted = data_pages[at] == pages
+        form = loaded.setdefault(is_identities(data), ([], []))
+        form[0].append(pages[wanted])
+        form[1].append(data[wanted])
+    for pages, data in loaded.values():  # one populate per form, not one per page block
+        backend.populate(vm, np.concatenate(pages), concat(data))
 
 
 def eager_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob:
@@ -275,10 +298,11 @@ def eager_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob:
     with CheckpointReader(request.path, key=request.key) as reader:
         if reader.vm_pages != vm.pages:
             raise BackendError(f"{request.path}: checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
+        chunk_pages = CHUNK_PAGES if reader.contents_model == "bytes" else IDENTITY_CHUNK_PAGES
         backend = host.backend
         backend.unmap(vm, np.arange(vm.pages))
-        for start in range(0, vm.pages, CHUNK_PAGES):
-            load_pages(host, vm, reader, np.arange(start, min(vm.pages, start + CHUNK_PAGES)))
+        for start in range(0, vm.pages, chunk_pages):
+            load_pages(host, vm, reader, np.arange(start, min(vm.pages, start + chunk_pages)))
         read_calls, bytes_read = reader.read_calls, reader.bytes_read
     seconds = backend.account("disk_read", bytes_read, read_calls) + backend.account(
         "compress", vm.pages * PAGE_SIZE // 3
@@ -324,6 +348,7 @@ def check_restorable(host: Host, vm: VM, request: RestoreRequest) -> dict[str, n
     with CheckpointReader(request.path, key=request.key) as reader:
         if reader.vm_pages != vm.pages:
             raise CheckpointError(reader.path, f"checkpoint of {reader.vm_pages} pages, VM {vm.name!r} has {vm.pages}")
+        check_model(host, reader)
         kinds = reader.page_kind(np.arange(vm.pages, dtype=np.int64))
         if np.any(kinds == KIND_MISSING):
             first = int(np.flatnonzero(kinds == KIND_MISSING)[0])

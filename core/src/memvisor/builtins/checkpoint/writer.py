@@ -25,6 +25,7 @@ import zstandard
 from memvisor import PAGE_SIZE
 from memvisor.builtins.checkpoint import layout as L
 from memvisor.files import temp_file
+from memvisor.identity import Identities, is_identities, materialise, size_model
 
 DEFAULT_LEVEL = 1
 """zstd level of a new checkpoint (measured: level 3 gains about 3% of size for 10-30% more time)."""
@@ -127,11 +128,18 @@ class CheckpointWriter:
     :param page_size: bytes per page (default :data:`memvisor.PAGE_SIZE`).
     :param detect_zero: store pages of zeros given to :meth:`add_pages` in the page map rather
         than as data (default True).
+    :param contents: ``"identity"`` for a checkpoint of an identity-model VM
+        (:mod:`memvisor.identity`): :meth:`add_pages` takes :class:`~memvisor.identity.Identities`,
+        stores them as identity page blocks (literal pages as bytes), and the file says so.
 
     Counters (read them any time, final after :meth:`close`): ``write_calls``, ``bytes_in``
-    (bytes of pages given to :meth:`add_pages`), ``bytes_out`` (bytes written to the file),
+    (bytes of pages given to :meth:`add_pages`), ``bytes_out`` (bytes written to the file; for
+    an identity checkpoint, what the bytes model would have written: identity page blocks count
+    with their modelled compressed size), ``file_bytes_out`` (bytes written to the file, always),
     ``pages`` (every page described), ``data_pages``, ``zero_pages``, ``record_pages``,
-    ``page_blocks``, ``storage_blocks``.
+    ``page_blocks``, ``storage_blocks``. A storage block is sealed once its frames reach
+    ``buffer_bytes`` counted as ``bytes_out`` counts them, so an identity checkpoint makes the
+    write calls of the bytes one.
     """
 
     def __init__(
@@ -147,6 +155,7 @@ class CheckpointWriter:
         threads: int | None = None,
         page_size: int = PAGE_SIZE,
         detect_zero: bool = True,
+        contents: str = "bytes",
     ):
         page_size = int(page_size)
         if page_size < L.MIN_PAGE_SIZE or page_size > L.MAX_PAGE_SIZE or page_size & (page_size - 1):
@@ -167,6 +176,10 @@ class CheckpointWriter:
         buffer_bytes = int(buffer_bytes)
         if not 1 <= buffer_bytes <= L.MAX_BUFFER_BYTES:
             raise ValueError(f"buffer_bytes must be in [1, {L.MAX_BUFFER_BYTES}], got {buffer_bytes}")
+        if contents not in ("bytes", "identity"):
+            raise ValueError(f"contents must be 'bytes' or 'identity', got {contents!r}")
+        if contents == "identity" and page_size != PAGE_SIZE:
+            raise ValueError(f"identity checkpoints have {PAGE_SIZE}-byte pages")
         threads = default_threads() if threads is None else int(threads)
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
@@ -176,13 +189,14 @@ class CheckpointWriter:
         self.vm_pages, self.page_size, self.block_pages = vm_pages, page_size, block_pages
         self.codec, self.level, self.buffer_bytes, self.threads = codec, level, buffer_bytes, threads
         self.detect_zero = bool(detect_zero)
+        self.contents = contents
         self.keyed = material is not None
         self._key64 = L.mac_key(material) if material is not None else None
         self._checksum_size = L.CHECKSUM_KEYED if self.keyed else L.CHECKSUM_PLAIN
         self._codec_id = L.CODECS[codec]
         self._file_id = os.urandom(16)
         self._header = L.pack_header(
-            flags=L.FLAG_MAC if self.keyed else 0,
+            flags=(L.FLAG_MAC if self.keyed else 0) | (L.FLAG_IDENTITY if contents == "identity" else 0),
             page_size=page_size,
             vm_pages=vm_pages,
             codec=self._codec_id,
@@ -192,7 +206,9 @@ class CheckpointWriter:
             file_id=self._file_id,
         )
 
-        self.write_calls = self.bytes_in = self.bytes_out = 0
+        self.write_calls = self.bytes_in = self.file_bytes_out = 0
+        self._modelled_extra = self._pending_extra = 0  # bytes_out - file_bytes_out: flushed, in the buffer
+        self._mfill = 0  # bytes of the storage block being filled, counted as bytes_out counts them
         self.pages = self.data_pages = self.zero_pages = self.record_pages = 0
         self.page_blocks = self.storage_blocks = 0
 
@@ -243,6 +259,11 @@ class CheckpointWriter:
             self.abort()
 
     @property
+    def bytes_out(self) -> int:
+        """Bytes written so far (modelled ones for identity page blocks: see the class doc)."""
+        return self.file_bytes_out + self._modelled_extra
+
+    @property
     def temp_path(self) -> Path:
         """The temporary file being written (renamed to :attr:`path` by :meth:`close`)."""
         return self._tmp
@@ -261,8 +282,73 @@ class CheckpointWriter:
         The pages are split, in order, into page blocks of at most ``block_pages`` pages (pages
         of zeros first go to the page map when ``detect_zero``); each page block is compressed
         on its own.
+
+        On an identity checkpoint ``data`` may be :class:`~memvisor.identity.Identities`: their
+        pages go to identity page blocks (literal pages, whose bytes only this process holds, to
+        page blocks of bytes).
         """
+        if is_identities(data):
+            self._add_identities(gpps, data)
+            return
         self._add_pages(gpps, data, copy=True)
+
+    def _add_identities(self, gpps, contents: Identities) -> None:
+        self._check_open()
+        if self.contents != "identity":
+            raise ValueError("identity contents given to a checkpoint of bytes (contents='bytes')")
+        n = len(contents)
+        g = as_gpps(gpps, n)
+        if len(g) != n:
+            raise ValueError(f"{len(g)} page numbers for {n} pages of contents")
+        if n == 0:
+            return
+        if n > 1 and not bool((np.diff(g) > 0).all()):
+            raise ValueError("the page numbers of one add_pages call must be strictly ascending")
+        self._claim(g, ascending=True)
+        self.bytes_in += n * self.page_size
+        self.pages += n
+        keep = np.arange(n)
+        if self.detect_zero:
+            zero = contents.is_zero()
+            if zero.any():
+                self._add_zero_ranges(L.ranges_of(g[zero]), int(zero.sum()))
+            keep = np.flatnonzero(~zero)
+        self.data_pages += len(keep)
+        literal = contents.literal()[keep]
+        bp = self.block_pages
+        rows = keep[literal]  # bytes only this process holds: stored as bytes
+        for s in range(0, len(rows), bp):
+            idx = rows[s : s + bp]
+            self._submit(materialise(contents[idx]), L.ranges_of(g[idx]))
+        rows = keep[~literal]
+        if len(rows):
+            self._submit_identities(g[rows], contents[rows])
+
+    def _submit_identities(self, gpps: np.ndarray, contents: Identities) -> None:
+        """Identity page blocks of ``block_pages`` pages each: compressed here (12 bytes a page)
+        and appended in order; their modelled sizes come from one vectorised pass."""
+        self._drain(0)  # frames of bytes submitted before them go first
+        bp, n = self.block_pages, len(contents)
+        starts = np.arange(0, n, bp)
+        if self._codec_id == L.CODEC_NONE:
+            modelled = np.diff(np.append(starts, n)) * self.page_size
+        else:
+            modelled = size_model(self.level, bp).blocks_bytes(contents, starts)
+        records = memoryview(contents.to_records())
+        width = L.IDENTITY_BYTES
+        # Runs of consecutive pages, cut at block boundaries too: each block's ranges, no loop.
+        cut = np.flatnonzero((np.diff(gpps) != 1) | (np.arange(1, n) % bp == 0)) + 1
+        heads = np.concatenate(([0], cut))
+        runs = np.empty(len(heads), L.RANGE_DTYPE)
+        runs["start"] = gpps[heads]
+        runs["count"] = np.diff(np.append(heads, n))
+        by_block = np.split(runs, np.searchsorted(heads, starts[1:]))
+        compress = self._compressor().compress
+        for i, s in enumerate(starts.tolist()):
+            e = min(n, s + bp)
+            self._submitted += 1
+            self._append(compress(records[s * width : e * width]), L.CODEC_IDENTITY, by_block[i], e - s,
+                         int(modelled[i]))
 
     def _add_pages(self, gpps, data, *, copy: bool, nonzero: np.ndarray | None = None) -> int:
         """:meth:`add_pages`; with ``copy=False`` page blocks may be views of ``data``, which
@@ -351,8 +437,8 @@ class CheckpointWriter:
         """
         self._check_open()
         raw = tag.encode("ascii") if isinstance(tag, str) else bytes(tag)
-        if not L.OPTIONAL_TAG_RE.match(raw) or raw in self._sections:
-            raise ValueError(f"bad or repeated optional section tag {tag!r}")
+        if not L.OPTIONAL_TAG_RE.match(raw) or raw in self._sections or raw == L.TAG_MODELLED:
+            raise ValueError(f"bad, repeated or reserved optional section tag {tag!r}")
         payload = bytes(payload)
         if len(payload) > L.MAX_OPTIONAL_SECTION:
             raise ValueError(f"optional section {tag!r} of {len(payload)} bytes exceeds {L.MAX_OPTIONAL_SECTION}")
@@ -427,16 +513,19 @@ class CheckpointWriter:
             frame, codec = future.result()
             self._append(frame, codec, ranges, n)
 
-    def _append(self, frame, codec: int, ranges: np.ndarray, n: int) -> None:
+    def _append(self, frame, codec: int, ranges: np.ndarray, n: int, modelled: int | None = None) -> None:
         size = len(frame)
+        modelled = size if modelled is None else int(modelled)
         self._view[self._fill : self._fill + size] = frame
-        self._pblocks.append((self._fill - self._block_start, size, self._n_ranges, len(ranges), n, codec))
+        self._pblocks.append((self._fill - self._block_start, size, self._n_ranges, len(ranges), n, codec, modelled))
         self._ranges.append(ranges)
         self._n_ranges += len(ranges)
         self._fill += size
+        self._mfill += modelled
+        self._pending_extra += modelled - size
         self.page_blocks += 1
         self._appended += 1
-        if self._fill - self._block_start >= self.buffer_bytes:
+        if self._fill - self._block_start >= self.buffer_bytes or self._mfill >= self.buffer_bytes:
             self._seal()
             self._flush()
 
@@ -457,12 +546,15 @@ class CheckpointWriter:
         )
         self._sb_first_pblock = len(self._pblocks)
         self._block_start = self._fill
+        self._mfill = 0
         self.storage_blocks += 1
 
     def _flush(self, *more) -> None:
         self._write_all([self._view[: self._fill], *more])
         self._file_pos += self._fill
         self._fill = self._block_start = 0
+        self._modelled_extra += self._pending_extra
+        self._pending_extra = 0
 
     def _write_all(self, parts) -> None:
         """Write buffers in order, one system call for all (more only after a short write)."""
@@ -471,9 +563,10 @@ class CheckpointWriter:
             try:
                 n = os.writev(self._fd, parts) if len(parts) > 1 else os.write(self._fd, parts[0])
             except OSError as e:
-                raise L.CheckpointError(self.path, f"cannot write: {e.strerror or e}", offset=self.bytes_out) from e
+                raise L.CheckpointError(self.path, f"cannot write: {e.strerror or e}",
+                                        offset=self.file_bytes_out) from e
             self.write_calls += 1
-            self.bytes_out += n
+            self.file_bytes_out += n
             while parts and n >= len(parts[0]):
                 n -= len(parts[0])
                 parts.pop(0)
@@ -483,14 +576,17 @@ class CheckpointWriter:
     def _metadata(self) -> bytes:
         sblocks = np.array(self._sblocks, L.SBLOCK_DTYPE) if self._sblocks else np.empty(0, L.SBLOCK_DTYPE)
         pblocks = np.zeros(len(self._pblocks), L.PBLOCK_DTYPE)
+        modelled = np.zeros(len(self._pblocks), "<u8")
         if self._pblocks:
             cols = np.array(self._pblocks, np.uint64).T
             for name, col in zip(("rel_offset", "stored_length", "first_range", "n_ranges", "n_pages", "codec"), cols):
                 pblocks[name] = col
+            modelled[:] = cols[6]
         ranges = np.concatenate(self._ranges) if self._ranges else np.empty(0, L.RANGE_DTYPE)
         zero = _merge_ranges(np.concatenate(self._zero) if self._zero else np.empty(0, L.RANGE_DTYPE))
         records = [_pack_kind(kind, chunks) for kind, chunks in self._records.items()]
-        return L.pack_metadata(sblocks, pblocks, ranges, zero, records, list(self._sections.items()))
+        extra = [(L.TAG_MODELLED, modelled.tobytes())] if self.contents == "identity" else []
+        return L.pack_metadata(sblocks, pblocks, ranges, zero, records, extra + list(self._sections.items()))
 
     # --- finishing ----------------------------------------------------------------------------
 

@@ -10,13 +10,17 @@ there), and the rest in the background.
 
 Pages travel as records (:mod:`memvisor.builtins.migration.stream`): all-zero pages as ``zero``
 records, pages that a plugin describes (:func:`memvisor_describe_pages`, purpose
-``"migration"``) as that plugin's records, the rest as zstd-compressed ``page`` records. The
-destination (:class:`Destination`) checks every record's CRC, takes each sequence number once
-and in order, and knows the pages it is owed: each round begins with a ``round`` record naming
-them, a record may carry only pages still owed, and the next round or the switch-over verifies
-that none is left. A damaged record is refused and asked for again; a record replayed,
-duplicated, reordered or not owed, or a round left short, aborts the migration with the source
-running — never a silent difference. A plugin record that no plugin on the destination resolves, or whose resolution is
+``"migration"``) as that plugin's records, the rest as zstd-compressed ``page`` records —
+or, between identity-model hosts (:mod:`memvisor.identity`), as ``identity`` records counted
+as the ``page`` records they stand for (the bytes, time and record counts of the bytes model;
+``identity_wire_bytes`` is what really went over the link). The destination
+(:class:`Destination`) checks every record's CRC, takes each sequence number once and in
+order, and knows the pages it is owed: each round begins with a ``round`` record naming them,
+a record (``identity`` ones too) may carry only pages still owed, and the next round or the
+switch-over verifies that none is left. A damaged record is refused and asked for again; a
+record replayed, duplicated, reordered or not owed, or a round left short, aborts the
+migration with the source running — never a silent difference. A plugin record that no
+plugin on the destination resolves, or whose resolution is
 refused (a disk block changed), is asked for again in halves, down to single pages that are
 then sent as page data.
 
@@ -47,6 +51,7 @@ from memvisor.builtins.checkpoint.vm import describe
 from memvisor.builtins.migration import stream
 from memvisor.errors import BackendError, UserError
 from memvisor.events import FaultBatch, MigrationPhase, PageRecords
+from memvisor.identity import is_identities, materialise, zero_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.host import VM, Host
@@ -103,6 +108,8 @@ class MigrationResult:
     :ivar postcopy_faults: pages the destination pulled on a fault.
     :ivar postcopy_background: pages the destination pulled in the background.
     :ivar real_seconds: wall-clock time of the migration.
+    :ivar identity_wire_bytes: bytes of ``identity`` records really sent (identity-model hosts;
+        they are counted in ``bytes_sent`` as the ``page`` records they stand for).
     """
 
     vm: str
@@ -121,6 +128,7 @@ class MigrationResult:
     postcopy_faults: int = 0
     postcopy_background: int = 0
     real_seconds: float = 0.0
+    identity_wire_bytes: int = 0
 
     def to_json(self) -> dict:
         """The figures as report values."""
@@ -186,7 +194,8 @@ class Destination:
         self.next_seq = 0
         self.round = 0
         self.switched = False
-        self.opaque = frozenset(opaque) - set(stream.CONTROL) - {stream.PAGE, stream.ZERO}
+        self.opaque = frozenset(opaque) - set(stream.CONTROL) - {stream.PAGE, stream.ZERO, stream.IDENTITY}
+        self.identity = host.backend.contents_model == "identity"
         self._decompressor = zstandard.ZstdDecompressor() if compressed else None
 
     def receive(self, wire: bytes) -> str:
@@ -270,8 +279,9 @@ class Destination:
             raise stream.StreamViolation(f"switch-over with {len(left)} pages never received (first: {int(left[0])})")
         self.switched = True
 
-    def _materialise(self, record: stream.Record) -> np.ndarray | None:
-        """Bytes of a record's pages (None: a plugin record not resolved here)."""
+    def _materialise(self, record: stream.Record):
+        """Contents of a record's pages, bytes or identities (None: a plugin record not
+        resolved here)."""
         n = len(record.gpps)
         if record.kind == stream.ZERO:
             if record.payload:
@@ -279,6 +289,10 @@ class Destination:
             return np.zeros((n, PAGE_SIZE), dtype=np.uint8)
         if record.kind == stream.PAGE:
             return stream.page_data(record.payload, n, self._decompressor)
+        if record.kind == stream.IDENTITY:
+            if not self.identity:
+                raise stream.StreamViolation(f"record {record.seq}: an identity record to a host of bytes")
+            return stream.identity_data(record.payload, n, self._decompressor)
         payloads = stream.unpack_payloads(record.payload, n)
         host = self.host
         try:
@@ -290,6 +304,10 @@ class Destination:
             raise stream.StreamError(f"{record.kind} record: {type(exc).__name__}: {exc}".splitlines()[0]) from None
         if data is None:
             return None
+        if is_identities(data):
+            if len(data) != n:
+                raise stream.StreamError(f"{record.kind} record resolved to {len(data)} identities for {n} pages")
+            return data
         data = np.asarray(data, dtype=np.uint8)
         if data.size != n * PAGE_SIZE:
             raise stream.StreamError(f"{record.kind} record resolved to {data.size} bytes for {n} pages")
@@ -320,6 +338,11 @@ class LiveMigration:
         self.source, self.vm, self.destination = source, vm, destination
         self.options = options or MigrationOptions()
         self.link = link or Link()
+        model, dest_model = source.backend.contents_model, destination.backend.contents_model
+        if model != dest_model:
+            raise MigrationAborted(f"migration of VM {vm.name!r}: the source holds pages as {model}, "
+                                   f"the destination as {dest_model}")
+        self.identity = model == "identity"
         self.dest_vm = destination.create_vm(vm.name, vm.pages, seed=vm.seed)
         destination.backend.unmap(self.dest_vm, np.arange(vm.pages, dtype=np.int64))
         for name, disk in source.disks.get(vm.name, {}).items():
@@ -497,22 +520,30 @@ class LiveMigration:
         data_bytes = 0
         for start in range(0, len(gpps), stream.MAX_RECORD_PAGES):
             part = gpps[start : start + stream.MAX_RECORD_PAGES]
-            data = src.backend.read(self.vm, part)
+            data = src.backend.contents(self.vm, part)
             zero, described, rows = sort_pages(src, self.vm, part, data, opts.zero_pages, opts.records)
             if zero.any():
                 nbytes += self._deliver(stream.ZERO, part[zero], b"")
             for records in described:
                 nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
-            for first in range(0, len(rows), opts.chunk_pages):
-                chunk = rows[first : first + opts.chunk_pages]
-                data_bytes += len(chunk) * PAGE_SIZE
-                nbytes += self._deliver(stream.PAGE, part[chunk], stream.page_payload(data[chunk], self._compressor))
+            pages, data = part[rows], data[rows]
+            if self.identity:
+                literal = data.literal()
+                if not literal.all():
+                    data_bytes += int(np.count_nonzero(~literal)) * PAGE_SIZE
+                    nbytes += self._deliver_identities(pages[~literal], data[~literal])
+                # Literal pages (bytes only this process holds) go as bytes.
+                pages, data = pages[literal], materialise(data[literal])
+            for first in range(0, len(pages), opts.chunk_pages):
+                chunk = slice(first, first + opts.chunk_pages)
+                data_bytes += len(pages[chunk]) * PAGE_SIZE
+                nbytes += self._deliver(stream.PAGE, pages[chunk], stream.page_payload(data[chunk], self._compressor))
         if switch is not None:
             nbytes += self._switch(switch)
         result.pages_resent += int(np.count_nonzero(self.ever_sent[gpps]))
         self.ever_sent[gpps] = True
         self.sent_mpn[gpps] = src.backend.mpns(self.vm, gpps)
-        self.sent_given_up[gpps] = src.times_given_up(self.vm)[gpps]
+        self.sent_given_up[gpps] = src.times_given_up(self.vm, gpps)
         result.pages_sent += len(gpps)
         src_work = _background(src.backend) - src_work  # reading dropped pages back, describing
         dest_work = _background(self.destination.backend) - dest_work
@@ -538,17 +569,22 @@ class LiveMigration:
         return self._deliver(stream.SWITCH, np.empty(0, np.int64),
                              stream.pack_ranges(np.sort(stale), int(self.options.postcopy)))
 
-    def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes) -> int:
+    def _deliver(self, kind: str, gpps: np.ndarray, payload: bytes, counted: int | None = None) -> int:
         """Send one record until it arrives intact and the destination takes it; returns bytes
         sent, negated when the destination could not resolve a plugin record (nothing
-        installed, its pages still owed)."""
+        installed, its pages still owed). ``counted``: the bytes the record counts as (an
+        ``identity`` record counts as the ``page`` records it stands for)."""
         wire = stream.encode(kind, gpps, payload, self.seq)
+        shown = stream.PAGE if kind == stream.IDENTITY else kind
+        size = len(wire) if counted is None else counted
         sent = 0
         for _ in range(self.options.max_retries + 1):
             arrived = self.link.transmit(wire)
-            sent += len(wire)
-            self.result.bytes_sent += len(wire)
-            self.result.bytes_by_kind[kind] += len(wire)
+            sent += size
+            self.result.bytes_sent += size
+            self.result.bytes_by_kind[shown] += size
+            if kind == stream.IDENTITY:
+                self.result.identity_wire_bytes += len(wire)
             outcome = self.dest.receive(arrived)
             if outcome == "refused":
                 self.result.refused += 1
@@ -557,7 +593,7 @@ class LiveMigration:
             if outcome == "unresolved":  # the caller asks again (halves, then data)
                 return -sent
             if kind not in stream.CONTROL:
-                self.result.records[kind] += len(gpps)
+                self.result.records[shown] += len(gpps)
             return sent
         raise BackendError(f"migration of VM {self.vm.name!r}: a {kind} record arrived damaged "
                            f"{self.options.max_retries + 1} times")
@@ -580,19 +616,28 @@ class LiveMigration:
             return sent + self._deliver_records(kind, gpps[:half], first) + self._deliver_records(
                 kind, gpps[half:], second)
         self.result.fallbacks += 1
-        data = self.source.backend.read(self.vm, gpps)
+        data = self.source.backend.contents(self.vm, gpps)
+        if self.identity:
+            if not data.literal().any():
+                return sent + self._deliver_identities(gpps, data)
+            data = materialise(data)
         return sent + self._deliver(stream.PAGE, gpps, stream.page_payload(data, self._compressor))
 
+    def _deliver_identities(self, gpps: np.ndarray, data) -> int:
+        """Send pages by identity, counted as the ``page`` records they stand for."""
+        counted = stream.modelled_page_bytes(data, self.options.chunk_pages, self.options.level)
+        return self._deliver(stream.IDENTITY, gpps, stream.identity_payload(data, self._compressor), counted)
 
-def sort_pages(host: Host, vm: VM, gpps: np.ndarray, data: np.ndarray, zero_pages: bool = True,
+
+def sort_pages(host: Host, vm: VM, gpps: np.ndarray, data, zero_pages: bool = True,
                records: bool = True) -> tuple[np.ndarray, list[PageRecords], np.ndarray]:
     """How the stream carries a batch of pages (``gpps`` sorted and distinct, at most
-    :data:`stream.MAX_RECORD_PAGES`; ``data`` their bytes): the mask of the all-zero ones
+    :data:`stream.MAX_RECORD_PAGES`; ``data`` their contents, bytes or identities): the mask of the all-zero ones
     (``zero`` records, when ``zero_pages``), the records plugins describe the others with
     (``memvisor_describe_pages``, purpose ``"migration"``, when ``records``), and the rows
     left to send as page data. The source of :class:`LiveMigration` and a backend's own link
     sort pages alike."""
-    zero = ~data.view(np.uint64).any(axis=1) if zero_pages else np.zeros(len(gpps), bool)
+    zero = zero_rows(data) if zero_pages else np.zeros(len(gpps), bool)
     rest = ~zero
     described = describe(host, vm, gpps[rest], "migration") if records and rest.any() else []
     for described_records in described:

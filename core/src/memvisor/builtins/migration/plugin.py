@@ -11,6 +11,7 @@ import numpy as np
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.cli import InputFile, OutputDir, OutputFile
+from memvisor.identity import rows_equal
 from memvisor.report import ReportSection
 
 # -- timeline actions ---------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def _migrate(run, migration, options, postcopy_for: float, verify: bool) -> dict
     snapshot = None
     if verify:
         make_present(source, vm)
-        snapshot = source.backend.read(vm, np.arange(vm.pages))
+        snapshot = source.backend.contents(vm, np.arange(vm.pages))
     destination.backend.take_dirty(migration.dest_vm)
     if options.postcopy:
         workload = run.workloads.get(vm.name)
@@ -82,7 +83,7 @@ def _migrate(run, migration, options, postcopy_for: float, verify: bool) -> dict
     if snapshot is not None:
         written = destination.backend.take_dirty(migration.dest_vm)
         make_present(destination, migration.dest_vm)
-        same = (destination.backend.read(migration.dest_vm, np.arange(vm.pages)) == snapshot).all(axis=1)
+        same = rows_equal(destination.backend.contents(migration.dest_vm, np.arange(vm.pages)), snapshot)
         # Pages a guest driver took (balloon pages) hold nothing the guest reads: not compared.
         compared = ~written & ~source.guest_pinned(vm)
         record["verified"] = bool(same[compared].all())

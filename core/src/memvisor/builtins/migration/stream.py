@@ -14,6 +14,12 @@ record replayed, duplicated or delivered out of order is caught however intact i
     size); raw bytes when compression is off.
 ``zero``
     All-zero pages: no payload.
+``identity``
+    Pages by content identity (:mod:`memvisor.identity`), between identity-model hosts only:
+    12 bytes a page (uint64 identity, uint32 stamp), zstd-compressed (the frame declares its
+    size). The migration counts such a record as the ``page`` records the bytes model would
+    send for the same pages (:func:`modelled_page_bytes`), so both models report the same
+    stream; it is numbered, owed and checked like a ``page`` record.
 ``round``
     Control: a round of pre-copy (or stop-and-copy) begins; its payload is the round number
     (u32) and the pages the destination is owed in it, as ``(start, count)`` ranges of u64.
@@ -42,13 +48,14 @@ import numpy as np
 
 from memvisor import PAGE_SIZE
 from memvisor.errors import BackendError
+from memvisor.identity import RECORD_DTYPE, Identities, size_model
 from memvisor.limits import decompress_frame
 
 MAGIC = b"MVR2"
 """The first bytes of every record."""
 HEADER = struct.Struct("<4sBBIIQI")
 """A record's header: magic, flags, kind length, pages, payload length, sequence, CRC-32."""
-PAGE, ZERO, ROUND, SWITCH = "page", "zero", "round", "switch"
+PAGE, ZERO, IDENTITY, ROUND, SWITCH = "page", "zero", "identity", "round", "switch"
 CONTROL = (ROUND, SWITCH)
 """Kinds of the control records (no pages of their own)."""
 MAX_RECORD_PAGES = 16384
@@ -192,15 +199,47 @@ def page_payload(data: np.ndarray, compressor) -> bytes:
     return compressor.compress(raw) if compressor is not None else raw
 
 
+def identity_payload(contents: Identities, compressor) -> bytes:
+    """Payload of an ``identity`` record: 12 bytes a page, zstd-compressed when ``compressor``."""
+    raw = contents.to_records()
+    return compressor.compress(raw) if compressor is not None else raw
+
+
+def identity_data(payload: bytes, count: int, decompressor) -> Identities:
+    """The identities of ``count`` pages from an ``identity`` record's payload: a compressed one
+    must declare exactly that many records before it is decompressed, as a ``page`` record."""
+    return Identities.from_records(_payload_bytes(IDENTITY, payload, count * RECORD_DTYPE.itemsize, decompressor))
+
+
+def modelled_page_bytes(contents: Identities, chunk_pages: int, level: int | None) -> int:
+    """Bytes on the link of the ``page`` records that would carry these pages in the bytes
+    model: one record per ``chunk_pages`` pages, each a header, the kind name, 8 bytes a page
+    number and the pages compressed together (the measured size model) or raw."""
+    n = len(contents)
+    if not n:
+        return 0
+    starts = np.arange(0, n, chunk_pages)
+    overhead = len(starts) * (HEADER.size + len(PAGE)) + 8 * n
+    if level is None:
+        return overhead + n * PAGE_SIZE
+    return overhead + int(size_model(level, chunk_pages).blocks_bytes(contents, starts).sum())
+
+
 def page_data(payload: bytes, count: int, decompressor) -> np.ndarray:
     """Bytes of ``count`` pages from a ``page`` record's payload: a compressed one must declare
     exactly that many bytes before it is decompressed (:func:`memvisor.limits.decompress_frame`)."""
-    expected = count * PAGE_SIZE
+    raw = _payload_bytes(PAGE, payload, count * PAGE_SIZE, decompressor)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(count, PAGE_SIZE)
+
+
+def _payload_bytes(kind: str, payload: bytes, expected: int, decompressor) -> bytes:
+    """Exactly ``expected`` bytes of a ``kind`` record's payload, raw or (with a decompressor)
+    from a zstd frame that declares that size (:class:`StreamError` otherwise)."""
     if decompressor is None:
         raw = payload
     else:
-        raw = decompress_frame(payload, expected, lambda problem: StreamError(f"page record: {problem}"),
+        raw = decompress_frame(payload, expected, lambda problem: StreamError(f"{kind} record: {problem}"),
                                decompressor)
     if len(raw) != expected:
-        raise StreamError("page record of a bad length")
-    return np.frombuffer(raw, dtype=np.uint8).reshape(count, PAGE_SIZE)
+        raise StreamError(f"{kind} record of a bad length")
+    return raw
