@@ -86,7 +86,8 @@ def _check_report(report: dict) -> int:
 
 
 def test_the_scenario_runs_on_the_emulator(plugin, tmp_path):
-    """Both pressures free pages (the restore brought zero pages back as private ones)."""
+    """Both pressures free pages (the restore brought zero pages back as private ones), and the
+    emulator's identity model gives the same figures as its bytes model."""
     source, env = plugin
     proc = memvisor(env, "run", str(source / "zero-reclaim.toml"), "--out", str(tmp_path / "report"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -94,6 +95,16 @@ def test_the_scenario_runs_on_the_emulator(plugin, tmp_path):
     _check_report(report)
     assert all(e["reclaimed_pages"] > 0 for e in report["core"]["events"] if e["kind"] == "memory_pressure")
     assert (tmp_path / "report" / "zeroreclaim-freed.png").stat().st_size > 0
+    # The emulator's other machine model (pages by content identity) frees the same pages.
+    identity = tmp_path / "identity.toml"
+    scenario = (source / "zero-reclaim.toml").read_text()
+    identity.write_text(scenario.replace("[host]\n", '[host]\ncontents = "identity"\n'))
+    proc = memvisor(env, "run", str(identity), "--out", str(tmp_path / "identity"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_identity = json.loads((tmp_path / "identity" / "report.json").read_text())
+    assert by_identity["host"]["backend"]["contents"] == "identity" and report["host"]["backend"]["contents"] == "bytes"
+    mine = [next(s["metrics"] for s in r["sections"] if s["plugin"] == "zeroreclaim") for r in (report, by_identity)]
+    assert mine[0] == mine[1] and _check_report(by_identity) == _check_report(report)
 
 
 def test_the_scenario_runs_on_the_linux_backend(plugin, tmp_path):
