@@ -14,39 +14,10 @@ from memvisor_sweep import parse_vary, read_table, run_sweep, sweep_from_scenari
 from memvisor_sweep.driver import DaskExecutor, SerialExecutor  # noqa: E402
 from memvisor_sweep.table import WALL_CLOCK_COLUMNS  # noqa: E402
 
-TINY = """
-name = "tiny"
-seed = 1
-[host]
-memory = "16MiB"
-tick = "1ms"
-batch = 1024
-[plugins.counter]
-[[vm]]
-name = "web"
-memory = "1MiB"
-workload = { kind = "zipf", alpha = 0.9 }
-[[vm]]
-name = "db"
-memory = "1MiB"
-workload = { kind = "uniform" }
-[[timeline]]
-do = "run"
-for = "2ms"
-"""
-
 
 def deterministic(rows):
     """Rows without the wall-clock columns, the only ones two equal sweeps may differ in."""
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK_COLUMNS} for r in rows]
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    """A two-VM scenario of 2 ms on a 16 MiB host, as a file."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
-    return path
 
 
 @pytest.fixture

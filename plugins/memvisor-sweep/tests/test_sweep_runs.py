@@ -17,38 +17,7 @@ from memvisor_sweep.run import RunTask, run_one, to_toml
 from memvisor_sweep.spec import apply_setting, parse_values
 from memvisor_sweep.table import WALL_CLOCK_COLUMNS, flatten_report, write_table
 
-TINY = """
-name = "tiny"
-seed = 1
-[host]
-memory = "16MiB"
-tick = "1ms"
-batch = 1024
-[plugins.counter]
-[[vm]]
-name = "web"
-memory = "1MiB"
-contents = { zero = 0.5, text = 0.5 }
-workload = { kind = "zipf", alpha = 0.9 }
-[[vm]]
-name = "db"
-memory = "1MiB"
-workload = { kind = "uniform" }
-[[timeline]]
-do = "run"
-for = "2ms"
-"""
-
-
 MISSING_TRACE = '{kind="trace", path="/nonexistent/memvisor-sweep-test.npy"}'
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    """A two-VM scenario of 2 ms on a 16 MiB host, as a file."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
-    return path
 
 
 def deterministic(rows):
@@ -72,9 +41,9 @@ def test_vary_values_are_toml_with_bare_words_as_strings():
         parse_values("{kind='zipf'")
 
 
-def test_paths_address_vms_plugins_seed_and_arrays():
+def test_paths_address_vms_plugins_seed_and_arrays(tiny):
     """vm.NAME, vm.*, plugins.NAME.KEY (enabling it), plugins sets, seed aliases, array indexes."""
-    data = tomllib.loads(TINY)
+    data = tomllib.loads(tiny.read_text())
     apply_setting(data, "vm.web.workload.alpha", 0.99)
     apply_setting(data, "vm.*.memory", "2MiB")
     apply_setting(data, "host.seed", 5)
@@ -139,7 +108,7 @@ def test_sweep_file_with_vary_variants_and_compare(tmp_path, tiny):
     sweep.write_text('scenario = "tiny.toml"\n[compare]\npolicy = "nope"\n[vary]\nseed = [1]\n')
     with pytest.raises(UserError, match="compare.policy: no axis named 'nope'"):
         load_sweep(sweep).check()
-    inline_tables = re.sub(r"(?m)^(\[+)", r"\1scenario.", TINY)
+    inline_tables = re.sub(r"(?m)^(\[+)", r"\1scenario.", tiny.read_text())
     sweep.write_text('[vary]\n"vm.*.memory" = ["1MiB", "2MiB"]\n[scenario]\n' + inline_tables)
     inline = load_sweep(sweep)  # the base scenario inline, as a [scenario] table
     assert inline.base_path == sweep
@@ -151,7 +120,7 @@ def test_sweep_file_with_vary_variants_and_compare(tmp_path, tiny):
 
 def test_scenario_toml_round_trips(tiny):
     """runs/KEY/scenario.toml reads back as the resolved scenario (memvisor run repeats the run)."""
-    data = tomllib.loads(TINY)
+    data = tomllib.loads(tiny.read_text())
     data["host"]["costs"] = {"dram_remote_ns": 150}
     data["vm"][0]["name"] = "web server"
     assert tomllib.loads(to_toml(data)) == data
