@@ -53,6 +53,13 @@ Not the core's: plugins declare these for other plugins (`memvisor_register_hook
 and implement them with `@memvisor.hookimpl(optionalhook=True)` to answer them, so that the
 answering plugin loads where no plugin asks. This list holds those of the plugins installed
 when it was generated (the plugins of this repository).
+
+To offer one from your plugin: write the specification in a module of your own, marked
+`@memvisor.hookspec` (`firstresult=True` for a decision), with a docstring that states the
+contract as the core's do; declare it with `memvisor_register_hookspecs(register)`, calling
+`register(your_module)`; ask it with `host.hook.memvisor_NAME(...)`. Its name starts with
+`memvisor_` and is not the core's; a plugin that declares the same hook declares it alike (same
+arguments, same kind of call), else loading fails in one line naming both.
 """
 
 SETTINGS_BLOCK = re.compile(
