@@ -207,12 +207,43 @@ class CoreCheckpoints:
 
     @hookimpl
     def memvisor_report(self, host):
-        """One section listing every checkpoint save and restore of the run."""
+        """One section listing every checkpoint save and restore of the run, one row each;
+        headlines for the core's own methods (a plugin's section has its jobs' details)."""
         if not host.checkpoint_jobs:
             return None
+        from memvisor.report import Column, Figure, Headline, Table
+
         jobs = [job.to_json() for job in host.checkpoint_jobs]
-        return ReportSection("memvisor", "Checkpoints", {"jobs": jobs},
-                             text="Every save and restore of the run: method, stop time, total time, bytes and calls.")
+        headlines = []
+        for i, job in enumerate(jobs):
+            def at(key: str, i: int = i) -> tuple:
+                return ("jobs", i, key)
+
+            if job["method"] == "stop-the-world" and job["total_s"] is not None:
+                headlines.append(Headline("checkpoint {name} saved stop-the-world: the VM stopped for {stop}, "
+                                          "{size} written", {"name": Figure(at("checkpoint"), "text"),
+                                                            "stop": Figure(at("stop_s"), "s", "lower"),
+                                                            "size": Figure(at("bytes_out"), "bytes", "lower")},
+                                          vm=job["vm"], key=f"save {job['checkpoint']}"))
+            elif job["method"] == "eager":
+                headlines.append(Headline("checkpoint {name} restored eagerly: the VM resumed after {resume}",
+                                          {"name": Figure(at("checkpoint"), "text"),
+                                           "resume": Figure(at("resume_s"), "s", "lower")},
+                                          vm=job["vm"], key=f"restore {job['checkpoint']}"))
+        table = Table("Saves and restores", [
+            Column("vm", "VM", "text"), Column("kind", "job", "text"), Column("checkpoint", "checkpoint", "text"),
+            Column("method", "method", "text"), Column("started_s", "started", "s"),
+            Column("stop_s", "VM stopped", "s", "a restore", help="how long the VM was stopped for the save"),
+            Column("resume_s", "resumed after", "s", "a save", help="time until the restored VM ran again"),
+            Column("first_access_s", "first access after", "s", "a save",
+                   help="time until the restored VM's first access was served"),
+            Column("total_s", "saved after", "s", "a restore, or a save still running"),
+            Column("bytes_out", "file", "bytes", "a restore"), Column("bytes_read", "read", "bytes", "a save")],
+            rows=("jobs",), keys=())
+        return ReportSection("memvisor", "Checkpoints", {"jobs": jobs}, headlines=headlines, tables=[table],
+                             text="Every save and restore of the run, whichever method took it: a plugin's "
+                                  "section has the details of its own (lazy) jobs. A null figure is one the "
+                                  "job does not have (a save's resume time).")
 
 
 PLUGIN = CoreCheckpoints

@@ -276,17 +276,63 @@ class CoreMigration:
         """One section with every migration and memory error of the run."""
         if not host.migrations and not host.memory_errors:
             return None
-        errors = host.memory_errors
+        errors = [{**e, "pages_hit": len(e["pages"]), "pages_repaired": len(e["repaired"]),
+                   "pages_lost": len(e["lost"])} for e in host.memory_errors]
         metrics = {
             "migrations": list(host.migrations),
-            "memory_error_pages": sum(len(e["pages"]) for e in errors),
-            "memory_error_repaired": sum(len(e["repaired"]) for e in errors),
-            "memory_error_lost": sum(len(e["lost"]) for e in errors),
-            "memory_errors": list(errors),
+            "memory_error_pages": sum(e["pages_hit"] for e in errors),
+            "memory_error_repaired": sum(e["pages_repaired"] for e in errors),
+            "memory_error_lost": sum(e["pages_lost"] for e in errors),
+            "memory_errors": errors,
         }
         return ReportSection("memvisor", "Live migrations and memory errors", metrics,
+                             headlines=_headlines(metrics), tables=_tables(metrics),
                              text="Each migration: total time, downtime, bytes and pages by record kind, rounds. "
                                   "Memory errors: pages hit, repaired by a plugin, and lost (reported to the guest).")
+
+
+def _headlines(metrics: dict) -> list:
+    from memvisor.report import Figure, Headline
+
+    out = []
+    for i, m in enumerate(metrics["migrations"]):
+        figures = {"method": Figure(("migrations", i, "method"), "text"),
+                   "total": Figure(("migrations", i, "total_s"), "s", "lower"),
+                   "downtime": Figure(("migrations", i, "downtime_s"), "s", "lower"),
+                   "sent": Figure(("migrations", i, "bytes_sent"), "bytes", "lower")}
+        text = "migrated live ({method}) in {total} with {downtime} of downtime, sending {sent}"
+        if "verified" in m:
+            figures["verified"] = Figure(("migrations", i, "verified"), "text")
+            text += "; the destination checked equal: {verified}"
+        out.append(Headline(text, figures, vm=m["vm"], key="migration"))
+    if metrics["memory_errors"]:
+        out.append(Headline("memory errors hit {hit} pages: {repaired} repaired, {lost} reported lost to the guest",
+                            {"hit": Figure(("memory_error_pages",), "count"),
+                             "repaired": Figure(("memory_error_repaired",), "count", "higher"),
+                             "lost": Figure(("memory_error_lost",), "count", "lower")}, key="memory errors"))
+    return out
+
+
+def _tables(metrics: dict) -> list:
+    from memvisor.report import Column, Table
+
+    kinds = sorted({k for m in metrics["migrations"] for k in m.get("bytes_by_kind", {})})
+    return [
+        Table("Live migrations", [
+            Column("vm", "VM", "text"), Column("method", "method", "text"), Column("started", "started", "s"),
+            Column("total_s", "total", "s"), Column("downtime_s", "downtime", "s"), Column("rounds", "rounds", "count"),
+            Column("pages_sent", "pages sent", "count"), Column("pages_resent", "pages re-sent", "count"),
+            Column("bytes_sent", "sent", "bytes"), Column("refused", "records refused", "count"),
+            Column("fallbacks", "fallbacks", "count"), Column("postcopy_faults", "post-copy faults", "count"),
+            Column("postcopy_background", "post-copy background pages", "count"),
+            Column("verified", "destination checked equal", "text", "not checked")], rows=("migrations",), keys=()),
+        Table("Bytes sent by record kind", [Column("vm", "VM", "text")] + [
+            Column(("bytes_by_kind", k), k, "bytes") for k in kinds], rows=("migrations",), keys=()),
+        Table("Memory errors", [
+            Column("vm", "VM", "text"), Column("time", "time", "s"), Column("pages_hit", "pages hit", "count"),
+            Column("pages_repaired", "repaired", "count"), Column("pages_lost", "lost", "count")],
+            rows=("memory_errors",), keys=()),
+    ]
 
 
 PLUGIN = CoreMigration

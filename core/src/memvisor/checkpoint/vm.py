@@ -13,6 +13,7 @@ and writing (or reading and decompressing) cost what the cost model says.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -31,6 +32,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from memvisor.host import VM, Host
 
 CHUNK_PAGES = 16384  # pages read from guest memory at a time (64 MiB)
+
+
+def checkpoint_name(path: str) -> str:
+    """A checkpoint's name as the scenario gave it (its file name without ``.ckpt``): what a
+    report shows, where the file itself lived in the run's temporary folder."""
+    name = Path(path).name
+    return name[: -len(".ckpt")] if name.endswith(".ckpt") else name
 
 
 @attrs.define
@@ -68,6 +76,8 @@ class SaveJob:
         total = None if self.finished is None else self.finished - self.started
         return {
             "vm": self.vm,
+            "kind": "save",
+            "checkpoint": checkpoint_name(self.path),
             "path": self.path,
             "method": self.method,
             "started_s": self.started,
@@ -103,6 +113,8 @@ class RestoreJob:
         """The job as report values."""
         return {
             "vm": self.vm,
+            "kind": "restore",
+            "checkpoint": checkpoint_name(self.path),
             "path": self.path,
             "method": self.method,
             "started_s": self.started,
