@@ -31,6 +31,7 @@ import pytest
 from memvisor.report import metric_at
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_duration, parse_scenario, parse_size
+from memvisor.testing.report_checks import headline_problems, page_problems
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.toml") if p.name != "sweep.toml")  # a sweep: tests/test_sweep.py
@@ -101,9 +102,16 @@ def example(request, tmp_path_factory):
         close = getattr(run.host.backend, "close", None)
         if close is not None:
             close()
-    out = tmp_path_factory.mktemp(name) / "report.json"
-    out.write_text(json.dumps(report.data, allow_nan=False), encoding="utf-8")
-    return name, json.loads(out.read_text(encoding="utf-8"), parse_constant=_no_constant), set(data.get("plugins", {}))
+    out = tmp_path_factory.mktemp(name)
+    report.write(out)
+    json.dumps(report.data, allow_nan=False)  # no NaN or infinity in report.json
+    PAGES[name] = out / "report.html"
+    text = (out / "report.json").read_text(encoding="utf-8")
+    return name, json.loads(text, parse_constant=_no_constant), set(data.get("plugins", {}))
+
+
+PAGES: dict[str, Path] = {}
+"""Each example's report.html, once its fixture ran."""
 
 
 def _section(data: dict, title: str) -> dict | None:
@@ -219,6 +227,31 @@ def test_numa_t90_and_t99_are_where_the_plot_reaches_them(example):
                 reached = [x for x, y in zip(xs, ys) if move["time_s"] < x <= until and y is not None and y >= level]
                 expected = reached[0] - move["time_s"] if reached else None
                 assert move[key] == (pytest.approx(expected, abs=1e-9) if reached else None), (vm, key)
+
+
+# -- the summary says what each technique did, with the tables' figures ----------------------------
+
+
+def test_headlines_are_the_figures_of_their_tables(example):
+    """Every headline's numbers are the metrics it points at, formatted in their units, and
+    its sentence is its template filled with them: the summary cannot disagree with a table."""
+    name, data, _ = example
+    assert not headline_problems(data)
+
+
+def test_every_technique_says_what_it_did(example):
+    """Each technique the example enables has a headline (the summary's sentence of what it
+    did); the event counter needs none."""
+    name, data, plugins = example
+    for plugin in plugins - {"stats"}:
+        assert any(s["headlines"] for s in data["sections"] if s["plugin"] == plugin), plugin
+
+
+def test_report_page_shows_no_key_none_or_missing_path(example):
+    """report.html's tables show no flattened key, no Python None and no path that does not
+    exist; every image and link it names is there, and every plot has points."""
+    name, data, _ = example
+    assert not page_problems(PAGES[name])
 
 
 # -- every figure is a figure ----------------------------------------------------------------------

@@ -58,10 +58,10 @@ class CoreBudgets:
                                     "handler_threads": host.config.handler_threads},
             plots=plots, headlines=headlines, tables=[_table(limited)],
             text="Each VM's use of the host's trap handler, content scanners and network, against its budget "
-                 "(None: unlimited). A VM's batches stop at the first trap its trap or handler budget cannot "
-                 "pay, and it waits until the budget refills, so a guest trapping in a loop cannot take the "
-                 "handler from the others (waited_s: time waited for its budget; handler_wait_s: time its "
-                 "traps waited behind other VMs' in the handler; docs/reliability.md).")
+                 "(null in report.json: unlimited). A VM's batches stop at the first trap its trap or handler "
+                 "budget cannot pay, and it waits until the budget refills, so a guest trapping in a loop cannot "
+                 "take the handler from the others (waited: time waited for its budget; queued: time its traps "
+                 "waited behind other VMs' in the handler; docs/reliability.md).")
 
     @hookimpl
     def memvisor_register_benchmarks(self, register):
