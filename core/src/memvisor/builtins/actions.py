@@ -133,10 +133,13 @@ class CoreActions:
             "plugin_failures_by_plugin": _count(f"{f['plugin']}:{f['hook']}" for f in host.plugin_failures),
             "vms_stopped": {vm.name: vm.stopped for vm in host.vms.values() if vm.stopped},
         }
-        headlines = [Headline("the VMs' {vms} of memory took {used} of the host's {host} at the end: the techniques "
-                              "save {saved}",
-                              {"vms": Figure(("vm_mib",), "MiB"), "used": Figure(("used_mib",), "MiB", "lower"),
-                               "host": Figure(("host_mib",), "MiB"), "saved": Figure(("saved_mib",), "MiB", "higher")})]
+        memory = {"vms": Figure(("vm_mib",), "MiB"), "used": Figure(("used_mib",), "MiB", "lower"),
+                  "host": Figure(("host_mib",), "MiB")}
+        text = "the VMs' {vms} of memory took {used} of the host's {host} at the end"
+        if metrics["saved_mib"]:
+            memory["saved"] = Figure(("saved_mib",), "MiB", "higher")
+            text += ": the techniques save {saved}"
+        headlines = [Headline(text, memory)]
         if host.plugin_failures:
             headlines.append(Headline("{failures} plugin failures inside hooks, isolated (docs/reliability.md)",
                                       {"failures": Figure(("plugin_failures",), "count", "lower")}, key="failures"))

@@ -4,13 +4,12 @@ actions, the ``memvisor checkpoint`` command over raw memory images, and the rep
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.cli import InputFile, OutputFile, Size
+from memvisor.cli import InputFile, OutputFile, Size, console, json_option, table, write_json
 from memvisor.report import ReportSection
+from memvisor.units import shown
 
 # -- timeline actions ---------------------------------------------------------------------------
 
@@ -81,19 +80,11 @@ def restore(run, step):
 # -- the command ----------------------------------------------------------------------------------
 
 
-def _write_json(path, stats) -> None:
-    if path:
-        from memvisor.files import atomic_write
-
-        atomic_write(path, json.dumps(stats.to_json(), indent=2) + "\n")
-
-
 def _progress(label: str):
-    from rich.console import Console
     from rich.progress import Progress
 
-    console = Console(stderr=True)
-    progress = Progress(console=console, transient=True, disable=not console.is_terminal)
+    err = console(stderr=True)
+    progress = Progress(console=err, transient=True, disable=not err.is_terminal)
     task = progress.add_task(label, total=None)
     return progress, lambda done, total: progress.update(task, completed=done, total=total)
 
@@ -112,7 +103,7 @@ def checkpoint_command():
               help="Staging buffer (binary units, at most 256MiB): one storage block is written per full buffer.")
 @click.option("--level", type=click.IntRange(-7, 22), default=1, show_default=True, help="zstd level.")
 @click.option("--key-file", type=InputFile("key file"), default=None, help="Add a keyed MAC (BLAKE2b).")
-@click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures as JSON.")
+@json_option()
 def save_command(image, out, block_pages, buffer_bytes, level, key_file, json_out):
     """Save a raw memory IMAGE as checkpoint OUT (stop-the-world)."""
     from memvisor.checkpoint import save_image
@@ -123,16 +114,17 @@ def save_command(image, out, block_pages, buffer_bytes, level, key_file, json_ou
     with progress:
         stats = save_image(image, out, progress=update, block_pages=block_pages, buffer_bytes=buffer_bytes,
                            level=level, key=key_file)
-    _write_json(json_out, stats)
-    click.echo(f"{out}: {stats.pages:,} pages ({stats.zero_pages:,} zero), {stats.bytes_in / 2**20:.1f} MiB "
-               f"-> {stats.bytes_out / 2**20:.1f} MiB in {stats.write_calls} writes, {stats.seconds:.2f} s")
+    write_json(json_out, stats.to_json())
+    if json_out != "-":
+        click.echo(f"{out}: {stats.pages:,} pages ({stats.zero_pages:,} zero), {shown(stats.bytes_in, 'bytes')} "
+                   f"-> {shown(stats.bytes_out, 'bytes')} in {stats.write_calls:,} writes, {shown(stats.seconds, 's')}")
 
 
 @checkpoint_command.command("restore")
 @click.argument("ckpt", type=InputFile("checkpoint"))
 @click.argument("image", type=OutputFile("memory image"))
 @click.option("--key-file", type=InputFile("key file"), default=None, help="Refuse a file without a valid MAC.")
-@click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures as JSON.")
+@json_option()
 def restore_command(ckpt, image, key_file, json_out):
     """Write checkpoint CKPT back as a raw memory IMAGE, byte for byte (eager)."""
     from memvisor.checkpoint import restore_image
@@ -140,15 +132,21 @@ def restore_command(ckpt, image, key_file, json_out):
     progress, update = _progress("restoring")
     with progress:
         stats = restore_image(ckpt, image, key=key_file, progress=update)
-    _write_json(json_out, stats)
-    click.echo(f"{image}: {stats.pages:,} pages restored in {stats.read_calls} reads, {stats.seconds:.2f} s")
+    write_json(json_out, stats.to_json())
+    if json_out != "-":
+        click.echo(f"{image}: {stats.pages:,} pages restored in {stats.read_calls:,} reads, "
+                   f"{shown(stats.seconds, 's')}")
 
 
 @checkpoint_command.command("inspect")
 @click.argument("ckpt", type=InputFile("checkpoint"))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect_command(ckpt, as_json):
-    """Show a checkpoint's header, blocks and page map."""
+@click.option("--rows", type=click.IntRange(1, 10**9), default=20, show_default=True,
+              help="Storage blocks and page-map runs shown at most (--json has them all).")
+@json_option("the header, every storage block and the page map")
+def inspect_command(ckpt, rows, json_out):
+    """Show a checkpoint's header, its storage blocks and its page map (which pages are data,
+    zero or records, and the storage block of each run of data pages). Reads the file's
+    metadata only; ``verify`` reads every block."""
     from memvisor.checkpoint import CheckpointReader
 
     with CheckpointReader(ckpt) as r:
@@ -157,11 +155,50 @@ def inspect_command(ckpt, as_json):
                 "storage_blocks": r.storage_blocks, "page_blocks": r.page_blocks, "data_pages": r.data_pages,
                 "zero_pages": r.zero_pages, "record_pages": r.record_pages, "record_kinds": list(r.record_kinds),
                 "file_bytes": r.file_size}
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
-            click.echo(f"{key:>15}: {value}")
+        blocks, runs, names = r.storage_block_table(), r.page_map(), r.kind_names
+    info["storage_block_table"] = [{k: int(v[i]) for k, v in blocks.items()} for i in range(len(blocks["offset"]))]
+    info["page_map"] = [{"first": int(runs["start"][i]), "last": int(runs["end"][i]) - 1,
+                         "kind": names[runs["kind"][i]],
+                         "storage_block": int(runs["storage_block"][i]) if runs["storage_block"][i] >= 0 else None}
+                        for i in range(len(runs["start"]))]
+    write_json(json_out, info)
+    if json_out != "-":
+        _inspect_summary(info, rows)
+
+
+def _inspect_summary(info: dict, rows: int) -> None:
+    """The header in two lines, then the storage blocks and the page map (``rows`` at most)."""
+    from rich.markup import escape
+
+    out = console()
+    missing = info["vm_pages"] - info["data_pages"] - info["zero_pages"] - info["record_pages"]
+    out.print(f"{escape(info['path'])}: checkpoint format {info['version']}, {info['vm_pages']:,} pages of "
+              f"{shown(info['page_size'], 'bytes')} ({shown(info['vm_pages'] * info['page_size'], 'bytes')}), "
+              f"{info['codec']} level {info['level']}, {info['block_pages']} pages per page block, "
+              f"{'keyed (MAC)' if info['keyed'] else 'no MAC'}, file {shown(info['file_bytes'], 'bytes')}")
+    kinds = ", ".join(info["record_kinds"]) or "none"
+    out.print(f"pages: {info['data_pages']:,} data in {info['page_blocks']:,} page blocks and "
+              f"{info['storage_blocks']:,} storage blocks, {info['zero_pages']:,} zero, {info['record_pages']:,} "
+              f"records (kinds: {escape(kinds)}), {missing:,} missing")
+    blocks = table("storage block", "offset", "stored", "page blocks", "pages", title="Storage blocks",
+                   numbers=("storage block", "offset", "stored", "page blocks", "pages"))
+    for i, b in enumerate(info["storage_block_table"][:rows]):
+        blocks.add_row(str(i), f"{b['offset']:,}", shown(b["stored_bytes"], "bytes"), f"{b['page_blocks']:,}",
+                       f"{b['pages']:,}")
+    out.print(blocks)
+    _more(out, len(info["storage_block_table"]), rows, "storage blocks")
+    page_map = table("pages", "count", "kind", "storage block", title="Page map", numbers=("count", "storage block"))
+    for run in info["page_map"][:rows]:
+        span = f"{run['first']:,}" if run["first"] == run["last"] else f"{run['first']:,}-{run['last']:,}"
+        block = "-" if run["storage_block"] is None else str(run["storage_block"])
+        page_map.add_row(span, f"{run['last'] - run['first'] + 1:,}", escape(run["kind"]), block)
+    out.print(page_map)
+    _more(out, len(info["page_map"]), rows, "runs")
+
+
+def _more(out, total: int, shown_rows: int, what: str) -> None:
+    if total > shown_rows:
+        out.print(f"... {total - shown_rows:,} more {what} (--rows N shows more, --json all)")
 
 
 @checkpoint_command.command("verify")

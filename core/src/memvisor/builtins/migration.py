@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.cli import InputFile, OutputDir, OutputFile
+from memvisor.cli import InputFile, OutputDir, json_option
 from memvisor.report import ReportSection
 
 # -- timeline actions ---------------------------------------------------------------------------
@@ -120,16 +120,17 @@ def memory_error(run, step):
 
 
 def _table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from memvisor.cli import console, table
+    from memvisor.units import shown
 
-    table = Table("VM", "method", "rounds", "total (ms)", "downtime (ms)", "MiB sent", "pages re-sent",
-                  "records (pages by kind)", "refused", title="Live migrations", title_justify="left")
+    numbers = ("rounds", "total", "downtime", "sent", "pages re-sent", "refused")
+    out = table("VM", "method", "rounds", "total", "downtime", "sent", "pages re-sent", "records (pages by kind)",
+                "refused", title="Live migrations", numbers=numbers)
     for r in rows:
-        table.add_row(r["vm"], r["method"], str(r["rounds"]), f"{r['total_s'] * 1e3:.2f}",
-                      f"{r['downtime_s'] * 1e3:.3f}", f"{r['bytes_sent'] / 2**20:.2f}", f"{r['pages_resent']:,}",
-                      ", ".join(f"{k}={v:,}" for k, v in r["records"].items()), str(r["refused"]))
-    Console().print(table)
+        out.add_row(r["vm"], r["method"], str(r["rounds"]), shown(r["total_s"], "s"), shown(r["downtime_s"], "s"),
+                    shown(r["bytes_sent"], "bytes"), f"{r['pages_resent']:,}",
+                    ", ".join(f"{k}={v:,}" for k, v in r["records"].items()), str(r["refused"]))
+    console().print(out)
 
 
 DISK_REFERENCES = "diskmap"
@@ -215,13 +216,13 @@ def _settings(pairs: tuple[str, ...]) -> dict:
 @click.option("--set", "settings", multiple=True, help="A plugin setting for --image: PLUGIN.KEY=VALUE.")
 @click.option("--postcopy", is_flag=True, help="--image: switch over at once and pull the rest.")
 @click.option("--no-records", is_flag=True, help="--image: do not let plugins describe pages.")
-@click.option("--json", "json_out", default=None, type=OutputFile("JSON file"), help="Write the figures as JSON.")
+@json_option()
 @click.option("--out", "out_dir", default=None, type=OutputDir(), help="Write the report here.")
 def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_records, json_out, out_dir):
     """Run a migration SCENARIO and print its migrations, or migrate a raw memory --image
     with its --disk image: {"bytes_sent": B, "records": {KIND: pages}, ...}."""
+    from memvisor.cli import write_json
     from memvisor.errors import UserError
-    from memvisor.files import atomic_write
     from memvisor.migration import MigrationOptions
 
     if (scenario is None) == (image is None):
@@ -234,12 +235,13 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
         if disk and not no_records and figures["disk_references"] is None:
             click.echo(f"memvisor migrate: --disk {disk}: no disk references without the {DISK_REFERENCES} "
                        f"plugin (pip install memvisor-{DISK_REFERENCES}); every page was sent as data", err=True)
-        elif disk:
+        write_json(json_out, figures)
+        if json_out == "-":
+            return
+        if disk and figures["disk_references"] is not None:
             by = figures["disk_references"]
             chosen = ", ".join(f"{key} = {json.dumps(value)}" for key, value in by["settings"].items())
             click.echo(f"disk references to {disk}: plugin {by['plugin']} ({chosen}); records by kind below")
-        if json_out:
-            atomic_write(json_out, json.dumps(figures, indent=2) + "\n")
         _table([figures])
         return
     from memvisor.runner import ScenarioRun
@@ -250,11 +252,11 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
     rows = scenario_run.host.migrations
     if out_dir:
         report.write(out_dir)
-    if json_out:
-        atomic_write(json_out, json.dumps({"migrations": rows}, indent=2) + "\n")
     if not rows:
         raise UserError(f"{scenario}: the timeline has no migrate step")
-    _table(rows)
+    write_json(json_out, {"migrations": rows})
+    if json_out != "-":
+        _table(rows)
 
 
 class CoreMigration:

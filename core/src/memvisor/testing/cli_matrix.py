@@ -42,14 +42,14 @@ MEMORY_LIMIT = 256 << 20
 
 BASELINES: dict[str, dict[str, object]] = {
     "run": {"scenario": "{scenario}", "out_dir": "{out}/report", "quiet": True},
-    "plugins": {"as_json": True},
-    "backends": {"as_json": True},
-    "bench": {"groups": ["emulator"], "runs": "1", "cases": ["zipf-untraced"], "as_json": True},
+    "plugins": {"json_out": "{out}/plugins.json"},
+    "backends": {"json_out": "{out}/backends.json"},
+    "bench": {"groups": ["emulator"], "runs": "1", "cases": ["zipf-untraced"], "json_out": "{out}/bench.json"},
     "checkpoint save": {"image": "{image}", "out": "{out}/saved.ckpt", "key_file": "{key}",
                         "json_out": "{out}/save.json"},
     "checkpoint restore": {"ckpt": "{ckpt}", "image": "{out}/restored.raw", "key_file": "{key}",
                            "json_out": "{out}/restore.json"},
-    "checkpoint inspect": {"ckpt": "{ckpt}", "as_json": True},
+    "checkpoint inspect": {"ckpt": "{ckpt}", "rows": "5", "json_out": "{out}/inspect.json"},
     "checkpoint verify": {"ckpt": "{ckpt}", "key_file": "{key}"},
     "migrate": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/migrate.json"},
     "sweep": {"sweep_file": "{scenario}", "varies": ["seed=1,2"], "serial": True, "out_dir": "{out}/sweep",
@@ -57,7 +57,7 @@ BASELINES: dict[str, dict[str, object]] = {
     "selftest": {"examples": "1", "steps": "1", "fuzz": False, "json_out": "{out}/selftest.json"},
     "mrc": {"trace": "{trace}", "json_out": "{out}/mrc.json", "plot_out": "{out}/mrc.png", "quiet": True},
     "sharing estimate": {"images": ["{image}"], "json_out": "{out}/sharing.json"},
-    "numa compare": {"vm_gib": "0.004", "pre": "0.001", "post": "0.001", "json_out": "{out}/numa.json"},
+    "numa compare": {"vm_bytes": "4MiB", "pre": "0.001", "post": "0.001", "json_out": "{out}/numa.json"},
     "diskmap scan": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/scan.json"},
 }
 """A valid invocation of each command, by parameter name (values may name the sandbox's

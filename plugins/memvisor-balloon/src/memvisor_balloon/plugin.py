@@ -507,9 +507,9 @@ class BalloonPlugin:
                              tables=_tables(metrics),
                              text="Balloon pages share one zero-filled page per VM; a guest write to it resets "
                                   "that VM's balloon. Under memory pressure each VM's target follows the "
-                                  f"{self.settings.policy} policy (docs/balloon.md). mrc_miss_ratio_increase: "
-                                  "the rise in miss ratio the MRC-guided targets allowed (null: no MRC plugin "
-                                  "answered).")
+                                  f"{self.settings.policy} policy (docs/balloon.md). Miss-ratio rise allowed: the rise "
+                                  "in miss ratio the MRC-guided targets allowed (a dash, null in report.json: no "
+                                  "MRC plugin answered).")
 
     # -- registration -------------------------------------------------------------------------
 

@@ -421,10 +421,11 @@ class LazyRestorePlugin:
                     ends_at=ends_at)
         return ReportSection(NAME, "Lazy checkpoint restore", {"restores": jobs}, [plot],
                              headlines=[_headline(i, job) for i, job in enumerate(jobs)], tables=[TABLE],
-                             text="Time to the first guest access, read calls and bytes, fault_windows (faults a "
-                                  "guest touching pages one at a time would take: one per window), fault_pages "
-                                  "(faulting pages delivered), pages loaded on fault and prefetched, pages loaded "
-                                  "that the guest never touched.")
+                             text="The restored VM resumes at once; a page it touches before it is loaded faults "
+                                  "and its storage block is read, while the rest is prefetched, hottest first. "
+                                  "Fault windows: the faults a guest touching pages one at a time would take (one "
+                                  "per window); never touched: pages loaded that the guest did not touch since (a "
+                                  "dash, null in report.json: still loading at the end).")
 
 
 def _headline(i: int, job: dict[str, Any]) -> Headline:

@@ -10,7 +10,6 @@ The same estimators as the plugin, over a whole trace read by :func:`memvisor.tr
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import attrs
 import click
 
-from memvisor.cli import InputFile, Number, OutputFile
+from memvisor.cli import InputFile, Number, OutputFile, json_option, write_json
 from memvisor.errors import UserError
 
 __all__ = ["SMALL_SAMPLE", "MRCResult", "compute", "mrc"]
@@ -127,8 +126,7 @@ def _plot(result: MRCResult, trace: str, path: str) -> None:
 @click.option("--untrace-period", type=click.IntRange(0, 2**62), default=0, show_default=True,
               help="Accesses a sampled page stays untraced after it trapped (simulated; needs a fixed rate).")
 @click.option("--exact", is_flag=True, help="Exact curve (Mattson stack distances, O(N log N)).")
-@click.option("--json", "json_out", default=None, type=OutputFile("JSON file", allow_dash=True),
-              help="Write the curve as JSON to this file ('-': stdout).")
+@json_option("the curve")
 @click.option("--address", is_flag=True, help="The trace holds byte addresses, not page numbers.")
 @click.option("--format", "fmt", default=None, type=click.Choice(["npy", "csv", "oracleGeneral"], case_sensitive=False),
               help="Trace format (default: by name).")
@@ -150,13 +148,7 @@ def mrc(trace, rate, sample_size, untrace_period, exact, json_out, address, fmt,
         result = compute(loaded.pages, rate=rate, sample_size=sample_size, untrace_period=untrace_period,
                          exact=exact, seed=seed, read_seconds=read_seconds)
         progress.update(task, advance=1)
-    if json_out == "-":
-        click.echo(json.dumps(result.to_json()))
-    elif json_out:
-        try:
-            Path(json_out).write_text(json.dumps(result.to_json()) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise UserError(f"{json_out}: cannot write: {error.strerror or error}") from None
+    write_json(json_out, result.to_json())
     if plot_out:
         try:
             _plot(result, trace, plot_out)

@@ -446,11 +446,11 @@ class NumaPlugin:
             plugin="numa", title="NUMA migration", metrics=metrics, plots=plots, headlines=_headlines(per_vm),
             tables=TABLES,
             text=("After a VM's virtual CPUs move, its pages are migrated to the new node "
-                  f"({self.settings.heuristic} order, at most {self.settings.pages_per_tick} pages per tick). "
-                  "t90_s / t99_s: seconds from the move until 90% / 99% of a tick's accesses are local "
-                  "(null: not reached); wasted_pages: migrated pages the guest did not touch afterwards; "
-                  "heat_source: where the mrc heuristic's order came from (null: not asked); "
-                  "mean_local_fraction_after_move: null for a VM that did not move."),
+                  f"({self.settings.heuristic} order, at most {self.settings.pages_per_tick:,} pages per tick). "
+                  "90 % / 99 % local after: time from the move until 90 % / 99 % of a tick's accesses are "
+                  "local; not touched since: migrated pages the guest did not touch afterwards; heat from: "
+                  "where the mrc heuristic's order came from. A dash (null in report.json): not reached, not "
+                  "asked, or a VM that did not move."),
         )
 
 

@@ -459,8 +459,8 @@ class SharingPlugin:
             headlines=HEADLINES, tables=TABLES,
             text="Machine pages that sharing could reclaim (estimate, by 4 KiB fingerprints verified byte for "
                  "byte before any share), what the plugin reclaimed, and the large pages it broke up under "
-                 "memory pressure, most reclaimable first (reclaimed_per_broken_large_page: null when none was "
-                 "broken; pages_hashed_per_s: null before the first hash).")
+                 "memory pressure, most reclaimable first (a dash, null in report.json: no large page broken, or no "
+                 "page hashed yet).")
 
     # -- registration -------------------------------------------------------------------------
 
