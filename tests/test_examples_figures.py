@@ -18,7 +18,6 @@ written (about 5 minutes on the project's 2-core machine).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -30,13 +29,13 @@ import pytest
 
 from memvisor.report import metric_at
 from memvisor.runner import ScenarioRun
-from memvisor.scenario import parse_duration, parse_scenario, parse_size
+from memvisor.scenario import parse_scenario
 from memvisor.testing.report_checks import headline_problems, page_problems
+from memvisor.testing.scaled import scaled
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.toml") if p.name != "sweep.toml")  # a sweep: tests/test_sweep.py
 SCALE = float(os.environ.get("MEMVISOR_EXAMPLE_SCALE", "0.25"))
-LARGE_PAGE = 2 << 20
 
 FLOAT_NOISE = 1e-9
 """Below this, a non-zero figure is a rounding error standing in for zero or for "not measured"
@@ -44,40 +43,6 @@ FLOAT_NOISE = 1e-9
 
 SIGNED = {"mrc_miss_ratio_increase"}
 """Figures that may be negative (none so far may: an increase of a miss ratio could be)."""
-
-
-def _memory(value, factor: float) -> int:
-    return max(LARGE_PAGE, int(parse_size(value) * factor) // LARGE_PAGE * LARGE_PAGE)
-
-
-def _workload(spec, factor: float) -> None:
-    if isinstance(spec, dict) and "phase_accesses" in spec:
-        spec["phase_accesses"] = max(1, int(spec["phase_accesses"] * factor))
-
-
-def scaled(data: Mapping, factor: float) -> dict:
-    """A scenario (as TOML gives it) shortened and shrunk by ``factor`` (see the module's text)."""
-    data = copy.deepcopy(dict(data))
-    if factor == 1:
-        return data
-    host = data.get("host", {})
-    if "memory" in host:
-        host["memory"] = _memory(host["memory"], factor)
-    for vm in data.get("vm", []):
-        vm["memory"] = _memory(vm["memory"], factor)
-        if isinstance(vm.get("disk"), dict) and "size" in vm["disk"]:
-            vm["disk"]["size"] = _memory(vm["disk"]["size"], factor)
-        _workload(vm.get("workload"), factor)
-    for step in data.get("timeline", []):
-        if "for" in step:
-            step["for"] = parse_duration(step["for"]) * factor
-        for key in ("memory", "target_free"):
-            if key in step:
-                step[key] = _memory(step[key], factor)
-        if "stop_pages" in step:
-            step["stop_pages"] = max(1, int(step["stop_pages"] * factor))
-        _workload(step.get("workload"), factor)
-    return data
 
 
 def _no_constant(name: str):

@@ -156,11 +156,14 @@ class Figure:
     :ivar unit: one of :data:`memvisor.units.UNITS`.
     :ivar better: ``"higher"`` or ``"lower"`` when one of two runs is better for it (``memvisor
         compare`` says which run is), None when it only describes.
+    :ivar label: what it is, in a few words, where it stands without its sentence (``memvisor
+        compare``'s rows); default: the last key of ``path`` without its unit.
     """
 
     path: Path_
     unit: str = attrs.field(default="", validator=lambda _, __, unit: check_unit(unit))
     better: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, "higher", "lower")))
+    label: str = ""
 
 
 @attrs.frozen
@@ -379,9 +382,10 @@ def headline_json(section: ReportSection, metrics: Mapping[str, Any]) -> list[di
             value = _at(metrics, figure.path)
             if value is None and not _has(metrics, figure.path):
                 raise ValueError(f"{section.plugin}: headline {headline.text!r}: no metric at {list(figure.path)}")
+            last = figure.path[-1] if figure.path and isinstance(figure.path[-1], str) else name
             figures[name] = {"path": list(figure.path), "unit": figure.unit, "value": value,
                              "shown": shown(value, figure.unit), "exact": exact(value, figure.unit),
-                             "better": figure.better}
+                             "better": figure.better, "label": figure.label or guess_column(last).label}
         missing = [f for f in fields.findall(headline.text) if f not in figures]
         if missing:
             raise ValueError(f"{section.plugin}: headline {headline.text!r} names {missing[0]!r}, not a figure")
@@ -549,17 +553,18 @@ def series_styles(labels: Sequence[str], colours: Mapping[str, str]) -> dict[str
     return styles
 
 
-def draw_plot(plot: Plot, path: str | Path, colours: Mapping[str, str] | None = None) -> None:
+def draw_plot(plot: Plot, path: str | Path, colours: Mapping[str, str] | None = None,
+              styles: Mapping[str, tuple[str | None, str]] | None = None) -> None:
     """Draw a :class:`Plot` as a PNG at ``path`` (written under a temporary name, then renamed),
-    each VM's series in its colour of ``colours``. Non-finite points (NaN: no data in that
-    interval) are left out as gaps."""
+    each VM's series in its colour of ``colours`` (or each series in its (colour, line style)
+    of ``styles``). Non-finite points (NaN: no data in that interval) are left out as gaps."""
     path = Path(path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = series_styles(list(plot.series), colours or {})
+    styles = styles or series_styles(list(plot.series), colours or {})
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for label, (xs, ys) in plot.series.items():
         xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)

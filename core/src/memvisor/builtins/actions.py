@@ -133,19 +133,20 @@ class CoreActions:
             "plugin_failures_by_plugin": _count(f"{f['plugin']}:{f['hook']}" for f in host.plugin_failures),
             "vms_stopped": {vm.name: vm.stopped for vm in host.vms.values() if vm.stopped},
         }
-        memory = {"vms": Figure(("vm_mib",), "MiB"), "used": Figure(("used_mib",), "MiB", "lower"),
-                  "host": Figure(("host_mib",), "MiB")}
+        memory = {"vms": Figure(("vm_mib",), "MiB", label="VM memory"),
+                  "used": Figure(("used_mib",), "MiB", "lower", "memory in use"),
+                  "host": Figure(("host_mib",), "MiB", label="host memory")}
         text = "the VMs' {vms} of memory took {used} of the host's {host} at the end"
         if metrics["saved_mib"]:
-            memory["saved"] = Figure(("saved_mib",), "MiB", "higher")
+            memory["saved"] = Figure(("saved_mib",), "MiB", "higher", "saved by the techniques")
             text += ": the techniques save {saved}"
         headlines = [Headline(text, memory)]
         if host.plugin_failures:
             headlines.append(Headline("{failures} plugin failures inside hooks, isolated (docs/reliability.md)",
                                       {"failures": Figure(("plugin_failures",), "count", "lower")}, key="failures"))
         for name in metrics["vms_stopped"]:
-            headlines.append(Headline("stopped: {why}", {"why": Figure(("vms_stopped", name), "text")}, vm=name,
-                                      key="stopped"))
+            headlines.append(Headline("stopped: {why}", {"why": Figure(("vms_stopped", name), "text", label="stopped")},
+                                      vm=name, key="stopped"))
         tables = [
             Table("", [Column("host_mib", "host memory", "MiB"), Column("vm_mib", "VM memory", "MiB"),
                        Column("overcommit", "overcommit", "ratio", help="VM memory / host memory"),

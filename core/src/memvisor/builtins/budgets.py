@@ -78,14 +78,15 @@ def _headline(name: str, use):
     and the time its traps queued behind other VMs' in the handler."""
     from memvisor.report import Figure, Headline
 
-    queued = Figure(("vms", name, "handler_wait_s"), "s", "lower")
+    queued = Figure(("vms", name, "handler_wait_s"), "s", "lower", "queued behind other VMs")
     if not use.throttled_batches and not use.waited_s:
         return Headline("budgets: never throttled; its traps waited {queued} behind other VMs'", {"queued": queued},
                         vm=name)
     return Headline("budgets: throttled {throttled} times, waiting {waited} for its budget; its traps waited "
                     "{queued} behind other VMs'",
                     {"throttled": Figure(("vms", name, "throttled_batches"), "count"),
-                     "waited": Figure(("vms", name, "waited_s"), "s"), "queued": queued}, vm=name)
+                     "waited": Figure(("vms", name, "waited_s"), "s", label="waited for its budget"),
+                     "queued": queued}, vm=name)
 
 
 def _table(limited: bool):

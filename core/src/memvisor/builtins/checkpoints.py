@@ -257,15 +257,15 @@ class CoreCheckpoints:
                 return ("jobs", i, key)
 
             if job["method"] == "stop-the-world" and job["total_s"] is not None:
+                figures = {"name": Figure(at("checkpoint"), "text"),
+                           "stop": Figure(at("stop_s"), "s", "lower", "VM stopped"),
+                           "size": Figure(at("bytes_out"), "bytes", "lower", "file size")}
                 headlines.append(Headline("checkpoint {name} saved stop-the-world: the VM stopped for {stop}, "
-                                          "{size} written", {"name": Figure(at("checkpoint"), "text"),
-                                                            "stop": Figure(at("stop_s"), "s", "lower"),
-                                                            "size": Figure(at("bytes_out"), "bytes", "lower")},
-                                          vm=job["vm"], key=f"save {job['checkpoint']}"))
+                                          "{size} written", figures, vm=job["vm"], key=f"save {job['checkpoint']}"))
             elif job["method"] == "eager":
                 headlines.append(Headline("checkpoint {name} restored eagerly: the VM resumed after {resume}",
                                           {"name": Figure(at("checkpoint"), "text"),
-                                           "resume": Figure(at("resume_s"), "s", "lower")},
+                                           "resume": Figure(at("resume_s"), "s", "lower", "resumed after")},
                                           vm=job["vm"], key=f"restore {job['checkpoint']}"))
         table = Table("Saves and restores", [
             Column("vm", "VM", "text"), Column("kind", "job", "text"), Column("checkpoint", "checkpoint", "text"),

@@ -1,4 +1,4 @@
-"""The core's own subcommands: run, plugins, backends and bench."""
+"""The core's own subcommands: run, plugins, backends, bench and compare."""
 
 from __future__ import annotations
 
@@ -188,13 +188,84 @@ def bench(groups, json_out, runs, cases):
     console().print(out)
 
 
+class ReportInput(InputFile):
+    """A run's report: a folder holding report.json (what ``memvisor run --out`` writes), or
+    the report.json file itself."""
+
+    def __init__(self):
+        super().__init__("report")
+
+    def convert(self, value, param, ctx):
+        from memvisor.compare import report_file
+
+        return super().convert(str(report_file(value)) if value else value, param, ctx)
+
+
+@click.command("compare")
+@click.argument("reports", nargs=-1, required=True, type=ReportInput(), metavar="RUN_A RUN_B [RUN...]")
+@click.option("--out", "out_dir", default=None, type=OutputDir(),
+              help="Write compare.html (the figures side by side, the plots overlaid) and compare.json here.")
+@json_option("every paired figure")
+def compare_command(reports, out_dir, json_out):
+    """Two runs (or more) of a scenario side by side: every headline figure of each run beside
+    the first run's, the difference and whether it is better or worse; the settings that differ;
+    with --out, a page with every plot overlaid. Each RUN is a report folder (memvisor run
+    --out) or its report.json."""
+    from memvisor import compare
+
+    if len(reports) < 2:
+        raise UserError("compare: give two reports or more (RUN_A RUN_B ...)")
+    runs = compare.load_runs(reports)
+    names = sorted({r.data["scenario"]["name"] for r in runs})
+    rows = compare.compare(runs)
+    if not rows:
+        raise UserError(f"{reports[0]}: no headline figures to compare (reports of memvisor before its headlines; "
+                        "run the scenarios again)")
+    page = compare.write_page(runs, rows, out_dir) if out_dir else None
+    write_json(json_out, compare.summary(runs, rows))
+    if json_out == "-":
+        return
+    _compare_summary(runs, rows, names)
+    if page is not None:
+        console().print(f"page: {page}")
+
+
+def _compare_summary(runs, rows, names: list[str]) -> None:
+    """A table per section: each figure of each run, the differences from the first run."""
+    from rich.markup import escape
+
+    from memvisor.compare import difference_shown, differences
+
+    out = console()
+    if len(names) > 1:
+        out.print(f"note: these are runs of different scenarios ({', '.join(map(escape, names))})")
+    for d in differences(runs):
+        out.print(f"{escape(d['setting'])}: " + ", ".join(f"{escape(r.label)} {escape(str(v))}"
+                                                        for r, v in zip(runs, d["values"])))
+    colour = {"better": "green", "worse": "red"}
+    labels = [r.label for r in runs]
+    changes = [f"{label} - {labels[0]}" for label in labels[1:]]
+    for section in dict.fromkeys(row["section"] for row in rows):
+        rows_table = table("VM", "figure", *labels, *changes, title=section, numbers=(*labels, *changes))
+        for row in (r for r in rows if r["section"] == section):
+            cells = []
+            for change in row["changes"]:
+                text = escape(difference_shown(change, row["unit"]))
+                direction = change["direction"]
+                if direction in colour:
+                    text = f"[{colour[direction]}]{text} {direction}[/{colour[direction]}]"
+                cells.append(text)
+            rows_table.add_row(escape(row["vm"] or "host"), escape(row["figure"]), *map(escape, row["shown"]), *cells)
+        out.print(rows_table)
+
+
 class CoreCommands:
-    """Registers run, plugins, backends and bench."""
+    """Registers run, plugins, backends, bench and compare."""
 
     @hookimpl
     def memvisor_register_commands(self, cli):
         """Add the core's subcommands to ``memvisor``."""
-        for command in (run, plugins, backends, bench):
+        for command in (run, plugins, backends, bench, compare_command):
             cli.add_command(command)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import tempfile
@@ -42,6 +43,7 @@ MEMORY_LIMIT = 256 << 20
 
 BASELINES: dict[str, dict[str, object]] = {
     "run": {"scenario": "{scenario}", "out_dir": "{out}/report", "quiet": True},
+    "compare": {"reports": ["{run_a}", "{run_b}"], "out_dir": "{out}/compare", "json_out": "{out}/compare.json"},
     "plugins": {"json_out": "{out}/plugins.json"},
     "backends": {"json_out": "{out}/backends.json"},
     "bench": {"groups": ["emulator"], "runs": "1", "cases": ["zipf-untraced"], "json_out": "{out}/bench.json"},
@@ -141,12 +143,15 @@ class Sandbox:
         np.save(root / "trace.npy", rng.integers(0, 500, 5000).astype(np.int64))
         (root / "s.toml").write_text('[host]\nmemory = "16MiB"\n[[vm]]\nname = "a"\nmemory = "4MiB"\n'
                                      'workload = { kind = "uniform" }\n[[timeline]]\ndo = "run"\nfor = "1ms"\n')
+        for name, seed in (("run_a", 1), ("run_b", 2)):  # two runs' reports (compare's inputs)
+            (root / name).mkdir()
+            (root / name / "report.json").write_text(json.dumps(_report(root / "s.toml", seed)))
         (root / "folder").mkdir()
         os.mkfifo(root / "fifo")
         (root / "link.ckpt").symlink_to(root / "vm.ckpt")
         self.files = {"scenario": root / "s.toml", "image": root / "image.raw", "disk": root / "disk.raw",
                       "ckpt": root / "vm.ckpt", "trace": root / "trace.npy", "key": root / "key",
-                      "out": root / "out"}
+                      "run_a": root / "run_a", "run_b": root / "run_b", "out": root / "out"}
 
     def fill(self, value: str) -> str:
         """``value`` with the sandbox's files in place of ``{scenario}``, ``{out}``..."""
@@ -176,6 +181,14 @@ class Sandbox:
             if name.startswith("memvisor-") and mine in name:
                 found[f"$TMP/{name}"] = ()
         return found
+
+
+def _report(scenario: Path, seed: int) -> dict:
+    """report.json of the sandbox's scenario run with ``seed``."""
+    from memvisor.runner import ScenarioRun
+    from memvisor.scenario import load_scenario
+
+    return ScenarioRun(load_scenario(scenario).with_seed(seed)).run().data
 
 
 def _bad_values(param: click.Parameter, sandbox: Sandbox, inputs: list[str]) -> list[tuple[str, str]]:

@@ -24,6 +24,9 @@ from typing import Any
 FLATTENED_KEY = re.compile(r"\w\[\d+\]|^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+$")
 """A key path flattened into one name: ``restores[0].bytes_read``, ``budget.trap_rate``."""
 
+FILE_NAME = re.compile(r"\.(html|json|png|md|toml|ckpt|npy|zst|csv|parquet|raw|img)$")
+"""A file's name, which looks like a dotted key but is not one."""
+
 LEVEL = re.compile(r"\d+ %")
 """A level a template may write as a number ("90 % of its accesses local")."""
 
@@ -114,7 +117,7 @@ def page_problems(page: str | os.PathLike) -> list[str]:
     for text in parser.cells:
         for word in text.split():
             word = word.strip(",;:()")
-            if FLATTENED_KEY.search(word):
+            if FLATTENED_KEY.search(word) and not FILE_NAME.search(word):
                 problems.append(f"{path.name}: a flattened key in a table: {text!r}")
             if word == "None":
                 problems.append(f"{path.name}: Python's None in a table: {text!r}")

@@ -534,16 +534,17 @@ def _headlines(metrics: dict[str, Any]) -> list[Headline]:
     """What ballooning kept free, and each VM's balloon (for a VM whose balloon ever held a page)."""
     out = [Headline("ballooning keeps {now} free now ({peak} at most), with {policy} targets; balloon pages that "
                     "read non-zero: {errors}",
-                    {"now": Figure(("reclaimed_mib",), "MiB", "higher"), "peak": Figure(("reclaimed_mib_peak",), "MiB"),
+                    {"now": Figure(("reclaimed_mib",), "MiB", "higher", "kept free now"),
+                     "peak": Figure(("reclaimed_mib_peak",), "MiB", label="kept free at most"),
                      "policy": Figure(("policy",), "text"),
                      "errors": Figure(("guest_visible_errors",), "count", "lower")})]
     for name, vm in metrics["vms"].items():
         if vm["balloon_pages_peak"] or vm["resets"]:
             at = ("vms", name)
             out.append(Headline("its balloon holds {size} at the end ({peak} at most); balloon resets: {resets}",
-                                {"size": Figure((*at, "balloon_pages"), "pages"),
-                                 "peak": Figure((*at, "balloon_pages_peak"), "pages"),
-                                 "resets": Figure((*at, "resets"), "count")}, vm=name))
+                                {"size": Figure((*at, "balloon_pages"), "pages", label="balloon at the end"),
+                                 "peak": Figure((*at, "balloon_pages_peak"), "pages", label="balloon at most"),
+                                 "resets": Figure((*at, "resets"), "count", label="balloon resets")}, vm=name))
     return out
 
 

@@ -476,9 +476,9 @@ _USES = (("records_migration", "{n} pages travelled as disk references in live m
 def _headlines(metrics: dict) -> list[Headline]:
     """Each VM's pages equal to disk blocks, and what the mappings were used for."""
     out = [Headline("diskmap: {mapped} of its memory equals disk blocks at the end",
-                    {"mapped": Figure(("mapped_pages", name), "pages", "higher")}, vm=name)
+                    {"mapped": Figure(("mapped_pages", name), "pages", "higher", "equal to disk blocks")}, vm=name)
            for name, pages in metrics["mapped_pages"].items() if pages]
-    out += [Headline("diskmap: " + text, {"n": Figure((key,), "count", "higher")}, key=key)
+    out += [Headline("diskmap: " + text, {"n": Figure((key,), "count", "higher", text.split("{n} ")[1])}, key=key)
             for key, text in _USES if metrics.get(key)]
     return out
 

@@ -433,13 +433,15 @@ def _headline(i: int, job: dict[str, Any]) -> Headline:
     def at(key: str) -> tuple:
         return ("restores", i, key)
 
-    figures = {"name": Figure(at("checkpoint"), "text"), "resume": Figure(at("resume_s"), "s", "lower"),
-               "first": Figure(at("first_access_s"), "s", "lower"),
-               "faults": Figure(at("fault_pages"), "count", "lower")}
+    figures = {"name": Figure(at("checkpoint"), "text"),
+               "resume": Figure(at("resume_s"), "s", "lower", "resumed after"),
+               "first": Figure(at("first_access_s"), "s", "lower", "first access after"),
+               "faults": Figure(at("fault_pages"), "count", "lower", "pages faulted")}
     text = "lazy restore of {name}: resumed after {resume}, first access served after {first}; {faults} pages faulted"
     if job.get("complete_s") is not None:
-        figures |= {"loaded": Figure(at("pages_loaded"), "pages"), "complete": Figure(at("complete_s"), "s", "lower"),
-                    "untouched": Figure(at("pages_never_touched"), "pages", "lower")}
+        figures |= {"loaded": Figure(at("pages_loaded"), "pages"),
+                    "complete": Figure(at("complete_s"), "s", "lower", "complete after"),
+                    "untouched": Figure(at("pages_never_touched"), "pages", "lower", "loaded, never touched")}
         text += ", all {loaded} loaded after {complete} ({untouched} of it not touched since)"
     return Headline(text, figures, vm=job["vm"], key=f"restore {job['checkpoint']}")
 

@@ -449,12 +449,14 @@ def _headline(i: int, job: dict[str, Any]) -> Headline:
     def at(key: str) -> tuple:
         return ("saves", i, key)
 
-    figures = {"name": Figure(at("checkpoint"), "text"), "stop": Figure(at("stop_s"), "s", "lower")}
+    figures = {"name": Figure(at("checkpoint"), "text"), "stop": Figure(at("stop_s"), "s", "lower", "VM stopped")}
     if job.get("total_s") is None:
         return Headline("lazy save of {name}: the VM stopped for {stop}; still saving at the end", figures,
                         vm=job["vm"], key=f"save {job['checkpoint']}")
-    figures |= {"data": Figure(at("bytes_in"), "bytes"), "file": Figure(at("bytes_out"), "bytes", "lower"),
-                "total": Figure(at("total_s"), "s", "lower"), "cow": Figure(at("cow_pages"), "count", "lower")}
+    figures |= {"data": Figure(at("bytes_in"), "bytes", label="data"),
+                "file": Figure(at("bytes_out"), "bytes", "lower", "file size"),
+                "total": Figure(at("total_s"), "s", "lower", "saved after"),
+                "cow": Figure(at("cow_pages"), "count", "lower", "copy-before-write saves")}
     return Headline("lazy save of {name}: the VM stopped for {stop}, then {data} saved as {file} in {total} while "
                     "it ran; {cow} copy-before-write saves", figures, vm=job["vm"], key=f"save {job['checkpoint']}")
 

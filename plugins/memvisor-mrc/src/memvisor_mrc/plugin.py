@@ -352,8 +352,8 @@ def _headlines(per_vm: Mapping[str, dict]) -> list[Headline]:
     """Each VM's recommended size, from how many traps of how many sampled pages."""
     return [Headline("its miss-ratio curve recommends {size} (miss ratio {ratio} there), measured from {traps} traps "
                      "of {sampled} sampled pages",
-                     {"size": Figure(("vms", name, "recommended_pages"), "pages"),
-                      "ratio": Figure(("vms", name, "recommended_miss_ratio"), "fraction"),
+                     {"size": Figure(("vms", name, "recommended_pages"), "pages", label="recommended size"),
+                      "ratio": Figure(("vms", name, "recommended_miss_ratio"), "fraction", label="miss ratio there"),
                       "traps": Figure(("vms", name, "traps"), "count", "lower"),
                       "sampled": Figure(("vms", name, "sampled_pages"), "count")}, vm=name)
             for name, m in per_vm.items() if "recommended_pages" in m]

@@ -462,16 +462,17 @@ def _headlines(per_vm: dict[str, dict]) -> list[Headline]:
             def at(key: str, i: int = i, name: str = name) -> tuple:
                 return ("vms", name, "moves", i, key)
 
-            figures = {"heuristic": Figure(("heuristic",), "text"), "pages": Figure(at("migrated_pages"), "pages"),
-                       "node": Figure(at("new_node"), "text")}
+            figures = {"heuristic": Figure(("heuristic",), "text"),
+                       "pages": Figure(at("migrated_pages"), "pages", label="migrated"),
+                       "node": Figure(at("new_node"), "text", label="to node")}
             text = "NUMA migration ({heuristic}) moved {pages} to node {node} after its move; "
             if move["t90_s"] is not None:
-                figures["t90"] = Figure(at("t90_s"), "s", "lower")
+                figures["t90"] = Figure(at("t90_s"), "s", "lower", "90 % local after")
                 text += "90 % of its accesses were local again after {t90}"
             else:
                 text += "its accesses never came back to 90 % local"
             if len(vm["moves"]) == 1:
-                figures["wasted"] = Figure(("vms", name, "wasted_pages"), "pages", "lower")
+                figures["wasted"] = Figure(("vms", name, "wasted_pages"), "pages", "lower", "moved, not touched since")
                 text += " ({wasted} of what moved not touched since)"
             out.append(Headline(text, figures, vm=name, key=f"move {i}"))
     return out

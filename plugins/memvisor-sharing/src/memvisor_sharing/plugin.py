@@ -483,8 +483,8 @@ class SharingPlugin:
 HEADLINES = (
     Headline("sharing saves {saved} now, of the {estimated} it estimates reclaimable; {broken} large pages broken "
              "up, {intact} intact",
-             {"saved": Figure(("saved_pages",), "pages", "higher"),
-              "estimated": Figure(("estimated_reclaimable_pages",), "pages"),
+             {"saved": Figure(("saved_pages",), "pages", "higher", "saved now"),
+              "estimated": Figure(("estimated_reclaimable_pages",), "pages", label="estimated reclaimable"),
               "broken": Figure(("large_pages_broken",), "count", "lower"),
               "intact": Figure(("large_pages_intact",), "count", "higher")}),
 )
