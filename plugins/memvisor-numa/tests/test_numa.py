@@ -199,6 +199,23 @@ def test_hinting_migrates_what_traps_and_ignores_other_plugins_traces():
     assert not plugin.vms["a"].queue
 
 
+def test_hinting_migrates_inside_the_trap_within_the_budget():
+    """hinting migrates a sampled page in its hinting trap, as Linux migrates a misplaced page in
+    its NUMA hinting fault, up to the tick's budget, and queues the rest for the next ticks (a
+    queue drained only at ticks lost two ticks in three to batches that outlast them)."""
+    host, plugin = numa_host("hinting", pages_per_tick=30, hint_pages=200)
+    vm = host.create_vm("a", 200, home_node=1)
+    host.move_vcpus(vm, 0)
+    host.advance(host.tick_interval)  # arms the sample (the whole VM); the tick's budget is unused
+    assert host.backend.traced(vm).all()
+    host.access(vm, np.arange(50), np.zeros(50, bool))
+    assert (host.backend.node_of(vm, np.arange(30)) == 0).all()
+    assert (host.backend.node_of(vm, np.arange(30, 200)) == 1).all()
+    host.advance(host.tick_interval)
+    assert (host.backend.node_of(vm, np.arange(50)) == 0).all()
+    assert (host.backend.node_of(vm, np.arange(50, 200)) == 1).all()
+
+
 def test_touch_migrates_inside_the_trap_within_the_budget():
     """touch migrates pages when they trap, up to the tick's budget, and queues the rest."""
     host, plugin = numa_host("touch", pages_per_tick=30)

@@ -16,8 +16,10 @@ no longer remote or cannot move. All work is on numpy arrays of pages, never per
     every page (no ranking) nor almost none.
 ``hinting``
     Sampled hinting traps, like Linux NUMA balancing: each tick a random sample of
-    ``hint_pages`` remote pages is traced; the pages that trap are the ones in use, and are
-    migrated in the order they trapped. Armed pages that are never touched are never moved.
+    ``hint_pages`` remote pages is traced; the pages that trap are the ones in use, and each is
+    migrated inside its trap while the tick's budget lasts (as Linux migrates a misplaced page
+    in its hinting fault), the rest queued in the order they trapped. Armed pages that are never
+    touched are never moved.
 ``mrc``
     The order a page-use plugin (an MRC plugin's LRU) offers through
     :func:`memvisor.hookspecs.memvisor_page_heat`, hottest first, ties broken by ``scan``'s
@@ -201,8 +203,10 @@ class HintingTraps(Heuristic):
             st.armed[sample] = True
 
     def trapped(self, plugin, host, st, gpps):
-        """Queue the trapped pages in the order they were touched."""
+        """Migrate the trapped pages at once while the tick's budget lasts (Linux migrates a
+        misplaced page in its hinting fault); queue the rest in the order they were touched."""
         st.queue.append(gpps)
+        plugin.drain(host, st)
 
 
 class MigrateOnTouch(Heuristic):
