@@ -26,6 +26,7 @@ section{border-top:1px solid #ddd;margin-top:1.6em;padding-top:.4em}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:.8em}
 .card{border:1px solid #ddd;border-top:5px solid #999;border-radius:4px;padding:.5em .8em;font-size:.93em}
 .card ul{margin:.2em 0;padding-left:1.1em} .card li{margin:.15em 0} .card small{color:#666;font-weight:normal}
+.cards.many .host{grid-column:1/-1} .cards.many .host ul{columns:2 340px}
 .swatch{display:inline-block;width:.8em;height:.8em;border-radius:2px;margin-right:.35em;vertical-align:baseline}
 table{border-collapse:collapse;margin:.4em 0 .8em} caption{text-align:left;font-weight:600;padding:.2em 0}
 th,td{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
@@ -35,7 +36,8 @@ thead th{font-weight:600;color:#444;border-bottom:1px solid #ccc} tbody th{font-
 td.n{text-align:right;font-variant-numeric:tabular-nums} td.none{color:#999;text-align:center}
 [title]{text-decoration:none} b[title]{cursor:help}
 img{max-width:100%;height:auto;display:block;margin:.5em 0} figure{margin:.5em 0} figcaption{color:#555;font-size:.9em}
-nav{font-size:.92em} nav a{margin-right:.9em} details{margin:.4em 0} summary{cursor:pointer;font-weight:600}
+nav{font-size:.92em;margin-top:.8em} nav a{margin-right:.9em}
+details{margin:.4em 0} summary{cursor:pointer;font-weight:600}
 .better{color:#176b1d} .worse{color:#b3261e}
 """
 """The style sheet of every page memvisor writes."""
@@ -90,10 +92,11 @@ def cell(value: Any, unit: str = "", none: str = "") -> str:
     return f"<td{' class=n' if number else ''}{tip}>{esc(text)}</td>"
 
 
-def table_html(metrics: Mapping[str, Any], spec: Mapping[str, Any], fold: int = FOLD_ROWS) -> str:
+def table_html(metrics: Mapping[str, Any], spec: Mapping[str, Any], fold: int = FOLD_ROWS,
+               turn: bool = True) -> str:
     """A table of report.json (its definition ``spec`` over a section's ``metrics``): columns
-    whose every value is empty are left out; a table of more than ``fold`` rows is folded.
-    Empty string when it has no rows."""
+    whose every value is empty are left out; a table of more than ``fold`` rows is folded; a
+    wide one of a few rows is turned (unless not ``turn``). Empty string when it has no rows."""
     rows = list(table_rows(metrics, spec))
     if not rows:
         return ""
@@ -106,7 +109,7 @@ def table_html(metrics: Mapping[str, Any], spec: Mapping[str, Any], fold: int = 
         body = "".join(f"<tr><th{_help(c)}>{esc(c['label'])}</th>{cell(_path(record, c['key']), c['unit'], c['none'])}"
                        f"</tr>" for c in columns)
         return f"<table>{caption}<tbody>{body}</tbody></table>"
-    if len(columns) > WIDE_COLUMNS and len(rows) <= WIDE_ROWS:
+    if turn and len(columns) > WIDE_COLUMNS and len(rows) <= WIDE_ROWS:
         return _transposed(caption, columns, rows)
     width = max(len(names) for names, _ in rows)
     keys = list(spec.get("keys") or [])
@@ -203,8 +206,9 @@ def summary_html(d: Mapping[str, Any]) -> str:
         if vm is not None and vm not in d["vms"]:
             cards.append(f"<div class='card'><h3>{esc(vm)}</h3><ul>{''.join(lines)}</ul></div>")
     if None in by_vm:
-        cards.append(f"<div class='card'><h3>Host</h3><ul>{''.join(by_vm[None])}</ul></div>")
-    return (f"<section id='summary'><h2>What each technique did</h2><div class='cards'>{''.join(cards)}</div>"
+        cards.append(f"<div class='card host'><h3>Host</h3><ul>{''.join(by_vm[None])}</ul></div>")
+    many = " many" if len(cards) > 4 else ""  # the host's card then spans the page, under the VMs'
+    return (f"<section id='summary'><h2>What each technique did</h2><div class='cards{many}'>{''.join(cards)}</div>"
             "</section>")
 
 
@@ -269,7 +273,7 @@ def render(d: Mapping[str, Any]) -> str:
         summary_html(d),
         f"<nav>{''.join(nav)}</nav>",
         "<section id='host'><h2>Host and VMs</h2>",
-        table_html(d["vms"], VM_TABLE, fold=10**9),
+        table_html(d["vms"], VM_TABLE, fold=10**9, turn=False),
         core,
         "</section>",
         *(h for _, h in shown_sections),
