@@ -66,7 +66,7 @@ def test_headlines_lead_the_page_with_the_tables_figures(tmp_path):
     assert web["text"] == "mine saved 172 MiB, first after 2.6 ms" and web["key"] == "web"
     assert web["figures"]["saved"] == {"path": ["vms", "web", "saved_pages"], "unit": "pages", "value": 44032,
                                        "shown": "172 MiB", "exact": "44,032 pages (180,355,072 bytes)",
-                                       "better": "higher"}
+                                       "better": "higher", "label": "saved pages"}
     assert host["vm"] is None and host["text"] == "2,454 copies in all"
     assert not headline_problems(data) and not page_problems(path)
     summary = page.index("What each technique did")
