@@ -184,8 +184,9 @@ def test_checkpoint_inspect_shows_its_blocks_and_page_map(tmp_path):
     pages[200:] = 3
     with CheckpointWriter(tmp_path / "c.ckpt", 300, block_pages=16, buffer_bytes=64 << 10, threads=1) as writer:
         writer.add_pages(0, pages)
-    proc = memvisor("checkpoint", "inspect", str(tmp_path / "c.ckpt"), "--json", "-")
+    proc = memvisor("checkpoint", "inspect", str(tmp_path / "c.ckpt"), "--json", "-", "--rows", "1000")
     info = json.loads(proc.stdout)
+    assert len(info["page_map"]) == info["page_map_runs"]
     assert sum(b["pages"] for b in info["storage_block_table"]) == info["data_pages"] == 200
     assert len(info["storage_block_table"]) == info["storage_blocks"] > 1
     with CheckpointReader(tmp_path / "c.ckpt") as r:
@@ -197,7 +198,9 @@ def test_checkpoint_inspect_shows_its_blocks_and_page_map(tmp_path):
             drawn[g] = (run["kind"], run["storage_block"])
     assert drawn == expected
     shown = memvisor("checkpoint", "inspect", str(tmp_path / "c.ckpt"), "--rows", "2").stdout
-    assert "Storage blocks" in shown and "Page map" in shown and "(--rows N shows more, --json all)" in shown
+    assert "Storage blocks" in shown and "Page map" in shown and "more runs (--rows N lists more)" in shown
+    cut = json.loads(memvisor("checkpoint", "inspect", str(tmp_path / "c.ckpt"), "--json", "-", "--rows", "2").stdout)
+    assert cut["page_map"] == info["page_map"][:2] and cut["page_map_runs"] == info["page_map_runs"] > 2
     first = info["page_map"][0]
     assert f"{first['first']}-{first['last']}" in shown
 
