@@ -82,7 +82,7 @@ def _headline(name: str, use):
     if not use.throttled_batches and not use.waited_s:
         return Headline("budgets: never throttled; its traps waited {queued} behind other VMs'", {"queued": queued},
                         vm=name)
-    return Headline("budgets: throttled {throttled} times, waiting {waited} for its budget; its traps waited "
+    return Headline("budgets: batches throttled: {throttled}, waiting {waited} for its budget; its traps waited "
                     "{queued} behind other VMs'",
                     {"throttled": Figure(("vms", name, "throttled_batches"), "count"),
                      "waited": Figure(("vms", name, "waited_s"), "s", label="waited for its budget"),

@@ -541,10 +541,14 @@ def _headlines(metrics: dict[str, Any]) -> list[Headline]:
     for name, vm in metrics["vms"].items():
         if vm["balloon_pages_peak"] or vm["resets"]:
             at = ("vms", name)
-            out.append(Headline("its balloon holds {size} at the end ({peak} at most); balloon resets: {resets}",
-                                {"size": Figure((*at, "balloon_pages"), "pages", label="balloon at the end"),
-                                 "peak": Figure((*at, "balloon_pages_peak"), "pages", label="balloon at most"),
-                                 "resets": Figure((*at, "resets"), "count", label="balloon resets")}, vm=name))
+            figures = {"peak": Figure((*at, "balloon_pages_peak"), "pages", label="balloon at most"),
+                       "resets": Figure((*at, "resets"), "count", label="balloon resets")}
+            if vm["balloon_pages"]:
+                figures["size"] = Figure((*at, "balloon_pages"), "pages", label="balloon at the end")
+                text = "its balloon holds {size} at the end ({peak} at most); balloon resets: {resets}"
+            else:
+                text = "its balloon held {peak} at most, empty at the end; balloon resets: {resets}"
+            out.append(Headline(text, figures, vm=name))
     return out
 
 
