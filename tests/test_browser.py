@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from memvisor.cli import _register_commands, cli
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
+from memvisor.testing.report_checks import page_problems
 from memvisor.testing.scaled import scaled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,5 +186,9 @@ def test_a_sweep_index_loads_with_its_plots(browser, tmp_path):
     assert done.exit_code == 0, done.output
     page, problems = browser(tmp_path / "out" / "index.html")
     _keep(page, "sweep-index")
-    assert not problems + _images_and_plots(page)
+    assert not problems + _images_and_plots(page) + page_problems(tmp_path / "out" / "index.html", dotted_names=True)
     assert page.locator("img").count() >= 2
+    runs = page.eval_on_selector_all("#runs a", "links => links.map(a => a.href)")
+    assert len(runs) == 4 and all(link.endswith("/report.html") for link in runs)
+    run, more = browser(Path(runs[0].removeprefix("file://")))
+    assert not more + _images_and_plots(run) and run.locator("#summary .card").count() >= 2

@@ -53,9 +53,12 @@ def _goal(text: str | None) -> tuple[str | None, str | None]:
 @click.option("--workload-axis", default=None, help="The axis holding the workloads in index.html.")
 @click.option("--goal", default=None, metavar="METRIC[:max|min]",
               help="The column that decides the best policy (default total.accesses:max).")
+@click.option("--pages/--no-pages", default=True, show_default=True,
+              help="Write each run's report.html and plots (drawn by the workers; they cost about as much as "
+                   "a short run); index.html links them, or each run's report.json without.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backend, retries, table_format,
-          policy_axis, workload_axis, goal, quiet):
+          policy_axis, workload_axis, goal, pages, quiet):
     """Run FILE (a sweep file, or a scenario with --vary axes) for every combination of the axes,
     on a Dask cluster, and write a results table and a comparison report to --out."""
     import attrs
@@ -116,7 +119,8 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
 
         try:
             summary = driver.run_sweep(spec, out_dir, executor, resume=resume, retries=retries,
-                                       table_format=table_format, on_start=on_start, on_outcome=on_outcome)
+                                       table_format=table_format, on_start=on_start, on_outcome=on_outcome,
+                                       pages=pages)
         except KeyboardInterrupt:
             progress.stop()
             console.print(f"interrupted: finished runs are kept in {out_dir}/runs; continue with --resume")

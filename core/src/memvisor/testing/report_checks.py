@@ -108,8 +108,10 @@ class _Cells(HTMLParser):
             self._text[-1] += data
 
 
-def page_problems(page: str | os.PathLike) -> list[str]:
-    """Problems of the page at ``page`` (report.html, or another page memvisor writes)."""
+def page_problems(page: str | os.PathLike, dotted_names: bool = False) -> list[str]:
+    """Problems of the page at ``page`` (report.html, or another page memvisor writes);
+    ``dotted_names``: the page may show dotted names, which a sweep's page does (its axes and
+    columns are named as the sweep file names them: ``vm.db.workload``, ``total.accesses``)."""
     path = Path(page)
     parser = _Cells()
     parser.feed(path.read_text(encoding="utf-8"))
@@ -117,7 +119,7 @@ def page_problems(page: str | os.PathLike) -> list[str]:
     for text in parser.cells:
         for word in text.split():
             word = word.strip(",;:()")
-            if FLATTENED_KEY.search(word) and not FILE_NAME.search(word):
+            if not dotted_names and FLATTENED_KEY.search(word) and not FILE_NAME.search(word):
                 problems.append(f"{path.name}: a flattened key in a table: {text!r}")
             if word == "None":
                 problems.append(f"{path.name}: Python's None in a table: {text!r}")
