@@ -54,8 +54,8 @@ def _goal(text: str | None) -> tuple[str | None, str | None]:
 @click.option("--goal", default=None, metavar="METRIC[:max|min]",
               help="The column that decides the best policy (default total.accesses:max).")
 @click.option("--pages/--no-pages", default=True, show_default=True,
-              help="Write each run's report.html and plots (drawn by the workers; they cost about as much as "
-                   "a short run); index.html links them, or each run's report.json without.")
+              help="Write each run's report.html and plots (drawn by the workers: examples/sweep.toml took a "
+                   "third longer with them); index.html links them, or each run's report.json without.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backend, retries, table_format,
           policy_axis, workload_axis, goal, pages, quiet):
