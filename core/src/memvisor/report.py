@@ -229,14 +229,18 @@ def metric_at(data: Mapping[str, Any], section: str | None, path: Sequence[str |
     return value
 
 
-def _at(value: Any, path: Sequence[str | int]) -> Any:
-    """The value at ``path`` in ``value`` (plain keys and indexes), None where it is missing."""
+def value_at(value: Any, path: Sequence[str | int], missing: Any = None) -> Any:
+    """The value at ``path`` in ``value`` (plain keys and indexes), ``missing`` where there is
+    none."""
     for key in path:
         try:
             value = value[key]
         except (KeyError, IndexError, TypeError):
-            return None
+            return missing
     return value
+
+
+_MISSING = object()
 
 
 def table_rows(metrics: Mapping[str, Any], table: Mapping[str, Any] | Table) -> Iterator[tuple[list[str], Mapping]]:
@@ -244,7 +248,7 @@ def table_rows(metrics: Mapping[str, Any], table: Mapping[str, Any] | Table) -> 
     metrics: (names from the ``"*"`` levels and a final mapping, record)."""
     spec = table.to_json() if isinstance(table, Table) else table
     if spec["record"] is not None:
-        record = _at(metrics, spec["record"])
+        record = value_at(metrics, spec["record"])
         if isinstance(record, Mapping):
             yield [], record
         return
@@ -265,7 +269,7 @@ def table_rows(metrics: Mapping[str, Any], table: Mapping[str, Any] | Table) -> 
             for name, item in items:
                 yield from walk(item, rest, [*names, str(name)])
         else:
-            item = _at(value, [key])
+            item = value_at(value, [key])
             if item is not None:
                 yield from walk(item, rest, names)
 
@@ -379,8 +383,8 @@ def headline_json(section: ReportSection, metrics: Mapping[str, Any]) -> list[di
     for headline in section.headlines:
         figures = {}
         for name, figure in headline.figures.items():
-            value = _at(metrics, figure.path)
-            if value is None and not _has(metrics, figure.path):
+            value = value_at(metrics, figure.path, _MISSING)
+            if value is _MISSING:
                 raise ValueError(f"{section.plugin}: headline {headline.text!r}: no metric at {list(figure.path)}")
             last = figure.path[-1] if figure.path and isinstance(figure.path[-1], str) else name
             figures[name] = {"path": list(figure.path), "unit": figure.unit, "value": value,
@@ -397,15 +401,6 @@ def headline_json(section: ReportSection, metrics: Mapping[str, Any]) -> list[di
                     "text": headline.text.format(**{n: f["shown"] for n, f in figures.items()}),
                     "figures": figures})
     return out
-
-
-def _has(value: Any, path: Sequence[str | int]) -> bool:
-    for key in path:
-        try:
-            value = value[key]
-        except (KeyError, IndexError, TypeError):
-            return False
-    return True
 
 
 @attrs.define
@@ -620,4 +615,4 @@ def plot_png(plot: Plot, colours: Mapping[str, str] | None = None,
 
 
 __all__ = ["FOLD_ROWS", "MEMORY_SECTION", "UNITS", "Column", "Figure", "Headline", "Plot", "Report", "ReportSection",
-           "Table", "auto_tables", "draw_plot", "metric_at", "table_rows", "time_summary", "to_jsonable"]
+           "Table", "auto_tables", "draw_plot", "metric_at", "table_rows", "time_summary", "to_jsonable", "value_at"]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from memvisor.report import FOLD_ROWS, table_rows, time_summary
+from memvisor.report import FOLD_ROWS, table_rows, time_summary, value_at
 from memvisor.units import exact, shown
 
 STYLE = """
@@ -68,15 +68,6 @@ def swatch(colour: str | None) -> str:
 # -- values and tables ----------------------------------------------------------------------------
 
 
-def _path(record: Any, path: Sequence[str | int]) -> Any:
-    for key in path:
-        try:
-            record = record[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return record
-
-
 def cell(value: Any, unit: str = "", none: str = "") -> str:
     """A ``<td>`` of ``value`` in ``unit``: the human value, the exact one in its tooltip; a
     dash for None (``none`` says what that means)."""
@@ -100,14 +91,14 @@ def table_html(metrics: Mapping[str, Any], spec: Mapping[str, Any], fold: int = 
     rows = list(table_rows(metrics, spec))
     if not rows:
         return ""
-    columns = [c for c in spec["columns"] if any(_path(r, c["key"]) is not None for _, r in rows)]
+    columns = [c for c in spec["columns"] if any(value_at(r, c["key"]) is not None for _, r in rows)]
     if not columns:
         return ""
     caption = f"<caption>{esc(spec['title'])}</caption>" if spec["title"] else ""
     if spec["record"] is not None:
         record = rows[0][1]
-        body = "".join(f"<tr><th{_help(c)}>{esc(c['label'])}</th>{cell(_path(record, c['key']), c['unit'], c['none'])}"
-                       f"</tr>" for c in columns)
+        body = "".join(f"<tr><th{_help(c)}>{esc(c['label'])}</th>"
+                       f"{cell(value_at(record, c['key']), c['unit'], c['none'])}</tr>" for c in columns)
         return f"<table>{caption}<tbody>{body}</tbody></table>"
     if turn and len(columns) > WIDE_COLUMNS and len(rows) <= WIDE_ROWS:
         return _transposed(caption, columns, rows)
@@ -118,7 +109,7 @@ def table_html(metrics: Mapping[str, Any], spec: Mapping[str, Any], fold: int = 
                                                                   for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<th>{esc(n)}</th>" for n in (names + [""] * width)[:width])
-        + "".join(cell(_path(r, c["key"]), c["unit"], c["none"]) for c in columns) + "</tr>"
+        + "".join(cell(value_at(r, c["key"]), c["unit"], c["none"]) for c in columns) + "</tr>"
         for names, r in rows)
     table = (f"<div class='wide'><table>{caption if len(rows) <= fold else ''}<thead><tr>{head}</tr></thead>"
              f"<tbody>{body}</tbody></table></div>")
@@ -135,11 +126,11 @@ def _transposed(caption: str, columns: list[Mapping[str, Any]], rows: list[tuple
     """A few wide records side by side: a row per figure, a column per record, headed by its
     names and first words (``web · web-1``)."""
     texts = [c for c in columns if c["unit"] == "text"][:2]
-    heads = [" · ".join([*names, *(shown(_path(r, c["key"])) for c in texts if _path(r, c["key"]) is not None)])
+    heads = [" · ".join([*names, *(shown(value_at(r, c["key"])) for c in texts if value_at(r, c["key"]) is not None)])
              for names, r in rows]
     head = "<th></th>" + "".join(f"<th>{esc(h)}</th>" for h in heads)
     body = "".join(f"<tr><th{_help(c)}>{esc(c['label'])}</th>"
-                   + "".join(cell(_path(r, c["key"]), c["unit"], c["none"]) for _, r in rows) + "</tr>"
+                   + "".join(cell(value_at(r, c["key"]), c["unit"], c["none"]) for _, r in rows) + "</tr>"
                    for c in columns if c not in texts)
     return f"<div class='wide'><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 

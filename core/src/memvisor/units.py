@@ -67,6 +67,26 @@ def count(value: float) -> str:
     return f"{round(value):,}"
 
 
+def _rate(value: float) -> str:
+    return f"{_digits(value) if value < 1000 else count(value)}/s"
+
+
+_SHOWN = {
+    "count": count,
+    "pages": lambda v: size(v * PAGE_SIZE),
+    "bytes": size,
+    "MiB": lambda v: size(v * (1 << 20)),
+    "s": duration,
+    "fraction": lambda v: f"{_digits(v * 100)} %",
+    "ratio": lambda v: f"{_digits(v)}×",
+    "per_s": _rate,
+    "MiB/s": lambda v: f"{size(v * (1 << 20))}/s",
+    "bytes/s": lambda v: f"{size(v)}/s",
+    "": lambda v: count(v) if isinstance(v, int) else _digits(v),
+}
+"""How :func:`shown` shows a number in each unit."""
+
+
 def shown(value: Any, unit: str = "") -> str:
     """``value`` as a person reads it in ``unit`` (one of :data:`UNITS`); a missing value
     (None) is a dash."""
@@ -80,29 +100,24 @@ def shown(value: Any, unit: str = "") -> str:
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return "–"
-    if unit == "count":
-        return count(value)
-    if unit == "pages":
-        return size(value * PAGE_SIZE)
-    if unit == "bytes":
-        return size(value)
-    if unit == "MiB":
-        return size(value * (1 << 20))
-    if unit == "s":
-        return duration(value)
-    if unit == "fraction":
-        return f"{_digits(value * 100)} %"
-    if unit == "ratio":
-        return f"{_digits(value)}×"
-    if unit == "per_s":
-        return f"{_digits(value) if value < 1000 else count(value)}/s"
-    if unit == "MiB/s":
-        return f"{size(value * (1 << 20))}/s"
-    if unit == "bytes/s":
-        return f"{size(value)}/s"
-    if unit:
-        raise ValueError(f"no unit {unit!r} (units: {', '.join(u for u in UNITS if u)})")
-    return count(value) if isinstance(value, int) else _digits(value)
+    return _SHOWN[check_unit(unit)](value)
+
+
+def _whole(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) or float(value).is_integer() else f"{value:,.9g}"
+
+
+_EXACT = {
+    "pages": lambda v: f"{_whole(v)} pages ({_whole(v * PAGE_SIZE)} bytes)",
+    "bytes": lambda v: f"{_whole(v)} bytes",
+    "MiB": lambda v: f"{_whole(v)} MiB ({_whole(v * (1 << 20))} bytes)",
+    "s": lambda v: f"{v:.9g} s",
+    "fraction": lambda v: f"{v:.9g}",
+    "per_s": lambda v: f"{v:.9g} per second",
+    "MiB/s": lambda v: f"{v:.9g} MiB/s",
+    "bytes/s": lambda v: f"{v:.9g} bytes/s",
+}
+"""How :func:`exact` says a number in the units it has a unit word for (else: the number)."""
 
 
 def exact(value: Any, unit: str = "") -> str:
@@ -110,22 +125,7 @@ def exact(value: Any, unit: str = "") -> str:
     bytes)"``): what a tooltip shows beside :func:`shown`."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return shown(value, unit)
-    whole = lambda v: f"{v:,}" if isinstance(v, int) or float(v).is_integer() else f"{v:,.9g}"  # noqa: E731
-    if unit == "pages":
-        return f"{whole(value)} pages ({whole(value * PAGE_SIZE)} bytes)"
-    if unit == "bytes":
-        return f"{whole(value)} bytes"
-    if unit == "MiB":
-        return f"{whole(value)} MiB ({whole(value * (1 << 20))} bytes)"
-    if unit == "s":
-        return f"{value:.9g} s"
-    if unit == "fraction":
-        return f"{value:.9g}"
-    if unit in ("MiB/s", "bytes/s"):
-        return f"{value:.9g} {unit}"
-    if unit == "per_s":
-        return f"{value:.9g} per second"
-    return whole(value)
+    return _EXACT.get(check_unit(unit), _whole)(value)
 
 
 def check_unit(unit: str) -> str:

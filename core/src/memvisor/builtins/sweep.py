@@ -62,8 +62,8 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
     """Run FILE (a sweep file, or a scenario with --vary axes) for every combination of the axes,
     on a Dask cluster, and write a results table and a comparison report to --out."""
     import attrs
-    from rich.console import Console
 
+    from memvisor.cli import console as make_console
     from memvisor.sweep import driver
     from memvisor.sweep.spec import load_sweep, parse_vary
 
@@ -95,7 +95,7 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
     else:
         spec.check()
     # Checked before a cluster starts: a mistake costs no worker start-up.
-    console = Console(stderr=True)
+    console = make_console(stderr=True)  # into a pipe: whole lines, never wrapped at 80 columns
     executor = driver.SerialExecutor() if serial else driver.DaskExecutor(scheduler, workers)
     with executor, _progress(console, quiet) as progress:
         if not serial and not quiet:
