@@ -286,6 +286,30 @@ def test_records_round_trip(tmp_path):
             r.records("other")
 
 
+def test_optional_sections_round_trip_and_are_sealed(tmp_path):
+    """Optional sections come back verbatim; a flipped byte in one is refused by the metadata checksum, and
+    with a key by the MAC, before any caller sees it."""
+    path = tmp_path / "o.ckpt"
+    key = b"k" * 32
+    state = bytes(range(256)) * 9 + b"tail"
+    with CheckpointWriter(path, 8, key=key) as w:
+        w.add_pages(0, np.full((8, PAGE_SIZE), 3, np.uint8))
+        w.add_section("qemu", state)
+        w.add_section("qdsc", b"{}")
+        with pytest.raises(ValueError, match="repeated"):
+            w.add_section("qemu", b"again")
+        with pytest.raises(ValueError, match="bad"):
+            w.add_section("QEMU", b"required tags are the format's")
+    with CheckpointReader(path, key=key) as r:
+        assert r.section("qemu") == state and r.section("qdsc") == b"{}" and r.section("none") is None
+        assert r.optional_sections == ("qemu", "qdsc")
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"tail")] ^= 1
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="metadata checksum mismatch"):
+        CheckpointReader(path)
+
+
 def test_restore_needs_a_resolver_for_records(tmp_path):
     """restore_image refuses records it cannot resolve, naming the kind, and uses a resolver when given."""
     path, out = tmp_path / "r.ckpt", tmp_path / "r.raw"

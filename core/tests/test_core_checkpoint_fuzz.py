@@ -428,8 +428,19 @@ def test_forged_block_is_caught_only_by_the_mac(valid_keyed, tmp_path):
         CheckpointReader(path, key=KEY)
 
 
+def _empty_sections(n: int) -> bytes:
+    """``n`` empty optional sections of distinct tags (``x`` and a 3-byte number): a tag twice
+    is refused as a duplicate at once."""
+    sections = np.zeros(n, np.dtype([("tag", "S4"), ("reserved", "<u4"), ("length", "<u8")]))
+    numbers = np.arange(n, dtype=">u4").view("u1").reshape(n, 4)
+    numbers[:, 0] = ord("x")
+    sections["tag"] = numbers.copy().view("S4").ravel()
+    return sections.tobytes()
+
+
 def _metadata_only(path, vm_pages, zero=None, extra_sections=0):
-    """A checkpoint of no data: ``zero`` ranges, ``extra_sections`` empty optional sections."""
+    """A checkpoint of no data: ``zero`` ranges, ``extra_sections`` empty optional sections (or
+    these bytes of sections)."""
     import os
 
     file_id = os.urandom(16)
@@ -437,7 +448,8 @@ def _metadata_only(path, vm_pages, zero=None, extra_sections=0):
                            block_pages=64, file_id=file_id)
     empty = np.empty(0, L.RANGE_DTYPE)
     meta = L.pack_metadata(np.empty(0, L.SBLOCK_DTYPE), np.empty(0, L.PBLOCK_DTYPE), empty,
-                           empty if zero is None else zero) + L.SECTION.pack(b"xtra", 0, 0) * extra_sections
+                           empty if zero is None else zero) + (
+        extra_sections if isinstance(extra_sections, bytes) else _empty_sections(extra_sections))
     trailer = L.pack_trailer(header=header, meta=meta, meta_offset=L.HEADER_SIZE, file_id=file_id, key64=None)
     path.write_bytes(header + meta + trailer)
     return path
@@ -450,6 +462,8 @@ def test_many_empty_sections_are_refused_without_walking_them(tmp_path):
     with pytest.raises(CheckpointError, match=f"more than {L.MAX_SECTIONS} sections"):
         CheckpointReader(path)
     assert CheckpointReader(_metadata_only(tmp_path / "few.ckpt", 16, extra_sections=8)).vm_pages == 16
+    with pytest.raises(CheckpointError, match="duplicate section"):
+        CheckpointReader(_metadata_only(tmp_path / "twice.ckpt", 16, extra_sections=_empty_sections(1) * 2))
 
 
 def test_a_restore_larger_than_its_file_system_is_refused(tmp_path):

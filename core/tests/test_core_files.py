@@ -46,6 +46,31 @@ def test_a_fifo_is_refused_at_once(tmp_path):
         open_regular(tmp_path, "checkpoint")
 
 
+def test_a_socket_parameter_takes_only_a_socket_it_can_reach(tmp_path):
+    """UnixSocket (a QMP socket): a socket is taken; a missing path, a regular file, a folder, a
+    FIFO, or a socket reached by a path too long to connect to is one line naming it."""
+    import socket
+
+    import click
+
+    from memvisor.cli import UnixSocket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "qmp"))
+    (tmp_path / "file").write_bytes(b"x")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / ("d" * 100)).mkdir()
+    param = click.Option(["--qmp"], type=UnixSocket("QMP socket"))
+    assert param.type.convert(str(tmp_path / "qmp"), param, None) == str(tmp_path / "qmp")
+    for path, problem in [("absent", "no such QMP socket"), ("file", "a regular file, not a socket"),
+                          ("d" * 100, "a directory, not a socket"), ("fifo", "a FIFO, not a socket"),
+                          ("d" * 100 + "/../qmp", "too long to connect")]:
+        with pytest.raises(UserError, match=problem) as error:
+            param.type.convert(str(tmp_path / path), param, None)
+        assert str(error.value).startswith(f"--qmp: {tmp_path / path}: ")
+    server.close()
+
+
 def test_same_file_through_links(tmp_path):
     """A symbolic or a hard link to a file is that file."""
     (tmp_path / "a").write_bytes(b"x")

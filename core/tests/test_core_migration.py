@@ -237,6 +237,29 @@ def test_intact_records_the_destination_was_not_owed_abort():
     assert dest.receive(short) == "refused"  # a payload too short for its header: damaged
 
 
+def test_opaque_records_keep_their_place_in_the_sequence():
+    """A transport's own records (memvisor-qemu's QEMU bytes) are handed back to the caller in
+    sequence, never installed; replayed, carrying pages or of a kind not declared opaque,
+    they are refused like any record."""
+    from memvisor.migration.live import Destination
+    from memvisor.migration.stream import StreamViolation
+
+    host = small_host(memory_pages=1024)
+    vm = host.create_vm("d", 64)
+    host.backend.unmap(vm, np.arange(64))
+    dest = Destination(host, vm, compressed=False, opaque=("carrier",))
+    opaque = stream.encode("carrier", np.empty(0), b"\x00bytes of the transport", 0)
+    assert dest.take(stream.decode(opaque, 64)) == "opaque"
+    assert dest.receive(stream.encode("round", np.empty(0), stream.pack_ranges(np.arange(2), 1), 1)) == "ok"
+    assert dest.receive(stream.encode("zero", np.arange(2), b"", 2)) == "ok"
+    assert dest.missing.sum() == 62
+    with pytest.raises(StreamViolation, match="replayed"):
+        dest.take(stream.decode(opaque, 64))
+    with pytest.raises(StreamViolation, match="carrier record with pages"):
+        dest.receive(stream.encode("carrier", np.array([5]), b"", 3))
+    assert Destination(host, vm, compressed=False).receive(opaque) == "refused"  # not declared: a plugin's record
+
+
 def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort():
     """The link drops while the destination pulls a page after the switch-over: one
     MigrationAborted, the destination's VM and its fault handler gone, the source running."""

@@ -6,7 +6,7 @@ for click's own usage errors too (a missing argument, an unknown option, a value
 type). Commands declare the files they read and write with the parameter types of this module
 (:class:`InputFile`, :class:`OutputFile`, :class:`OutputDir`): an input must be a regular file,
 an output must be writable and is never one of the inputs (also through links), and an output
-folder is checked before any work.
+folder is checked before any work; a socket of another program is a :class:`UnixSocket`.
 
 Every command speaks to a terminal and to a pipe alike (:func:`console`, :func:`table`): on a
 terminal, rich's tables at the terminal's width; into a pipe or a file, plain columns at full
@@ -191,6 +191,24 @@ class OutputDir(click.ParamType):
 
         value = str(value)
         _checked(check_out_dir, value, param)
+        return value
+
+
+class UnixSocket(click.ParamType):
+    """A Unix socket another program listens on (a QEMU's QMP socket): it must exist and be a
+    socket with a path short enough to connect to; a regular file, a folder, a FIFO or a
+    missing path is refused in one line before the command does anything."""
+
+    name = "socket"
+
+    def __init__(self, what: str = "Unix socket"):
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        from memvisor.files import check_socket
+
+        value = str(value)
+        _checked(lambda path: check_socket(path, self.what), value, param)
         return value
 
 

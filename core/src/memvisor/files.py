@@ -5,6 +5,7 @@ folders are removed on SIGTERM/SIGINT and, after a kill, by the next run.
 Every place where input becomes a path goes through here: checkpoint names and VM names
 (:func:`safe_name`, :func:`path_inside`), the files a command reads and writes
 (:func:`open_regular`, :func:`check_output`, :func:`refuse_same_file`, :func:`check_out_dir`),
+the sockets of other programs it connects to (:func:`check_socket`),
 raw memory images (:func:`image_pages`) and temporaries (:func:`temp_file`,
 :func:`temp_dir`).
 """
@@ -113,6 +114,28 @@ def image_pages(path: str | os.PathLike, what: str = "memory image") -> int:
         raise UserError(f"{path}: {size} bytes is not a whole number of 4 KiB pages; a {what} is "
                         f"guest memory from address 0, page after page")
     return size // PAGE_SIZE
+
+
+MAX_SOCKET_PATH = 107
+"""The longest path a Unix socket can be reached by (``sun_path`` holds 108 bytes with its NUL)."""
+
+
+def check_socket(path: str | os.PathLike, what: str = "Unix socket") -> None:
+    """:class:`UserError` unless ``path`` is a Unix socket (another program's, e.g. a QEMU's QMP
+    socket) that can be connected to: it exists, is a socket, and its path fits in
+    :data:`MAX_SOCKET_PATH` bytes."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot use the {what}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        kind = "a regular file" if stat.S_ISREG(mode) else _kind(mode)
+        raise UserError(f"{path}: {kind}, not a socket: the {what} must be a Unix socket")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UserError(f"{path}: a path of more than {MAX_SOCKET_PATH} bytes, too long to connect to a Unix "
+                        f"socket: give a shorter one (relative, or through a link)")
 
 
 # -- outputs ------------------------------------------------------------------------------------

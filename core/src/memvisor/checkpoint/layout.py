@@ -79,6 +79,11 @@ MAX_SECTIONS = 1024
 """Most metadata sections a reader accepts (the four tables, one per record kind and optional
 ones): parsing a section header is work per section, not per byte."""
 
+MAX_OPTIONAL_SECTION = 256 << 20
+"""Largest optional section a writer writes (readers bound the whole metadata)."""
+OPTIONAL_TAG_RE = re.compile(rb"[a-z][A-Za-z0-9_]{3}\Z")
+"""Tag of an optional section: 4 ASCII characters, the first a lowercase letter."""
+
 RESERVED_KINDS = ("missing", "zero", "data")
 """Page-kind names of the core; record kinds may not use them."""
 

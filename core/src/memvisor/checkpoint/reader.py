@@ -253,6 +253,7 @@ class CheckpointReader:
         """Split the metadata into sections and check every one (vectorised)."""
         sections: dict[bytes, tuple[int, memoryview]] = {}
         records: list[tuple[int, memoryview]] = []
+        optional: dict[bytes, bytes] = {}
         order: list[bytes] = []
         mv = memoryview(meta)
         pos = 0
@@ -281,6 +282,10 @@ class CheckpointReader:
                 sections[tag] = (base + body, payload)
             elif not (tag[:1].isalpha() and tag[:1].islower()):
                 raise self._error("unknown section", name, off)
+            elif tag in optional:
+                raise self._error("duplicate section", name, off)
+            else:  # optional: kept for callers that know it (section())
+                optional[tag] = bytes(payload)
             order.append(tag)
             pos = body + padded
         for tag in L.REQUIRED_TAGS:
@@ -301,6 +306,7 @@ class CheckpointReader:
             if rs.kind in self._records:
                 raise self._error(f"duplicate record kind {rs.kind!r}", "metadata section RECS", off)
             self._records[rs.kind] = rs
+        self._optional = optional
         self.record_kinds = tuple(self._records)
         self.kind_names = ("missing", "zero", "data", *self.record_kinds)
         self._build_map(data_ranges, zero)
@@ -663,6 +669,17 @@ class CheckpointReader:
         return self._records[kind]
 
     # --- reading data -------------------------------------------------------------------------
+
+    def section(self, tag: str) -> bytes | None:
+        """The payload of optional metadata section ``tag`` (see
+        :meth:`CheckpointWriter.add_section`), or None when the file has none. Its bytes were
+        checked with the metadata (checksum, and MAC with a key) when the file was opened."""
+        return self._optional.get(tag.encode("ascii"))
+
+    @property
+    def optional_sections(self) -> tuple[str, ...]:
+        """Tags of the optional sections in the file, in file order."""
+        return tuple(t.decode("ascii", "replace") for t in self._optional)
 
     def is_cached(self, sblock: int) -> bool:
         """Whether storage block ``sblock`` would be read without a read call now."""

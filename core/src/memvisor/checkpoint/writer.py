@@ -210,6 +210,7 @@ class CheckpointWriter:
         self._sb_first_pblock = 0
         self._zero: list[np.ndarray] = []
         self._records: dict[str, list[tuple]] = {}
+        self._sections: dict[bytes, bytes] = {}  # optional metadata sections, by tag
         self._seen = np.zeros((vm_pages + 7) // 8, np.uint8)
 
         self._local = threading.local()
@@ -335,6 +336,25 @@ class CheckpointWriter:
         self._records.setdefault(kind, []).append((g, width, lengths, blob))
         self.pages += len(g)
         self.record_pages += len(g)
+
+    def add_section(self, tag: str, payload) -> None:
+        """Add an optional metadata section: data about the checkpoint that is not page
+        contents (a hypervisor's device state, say), covered by the metadata checksum and the
+        MAC like the page map. Readers that do not know ``tag`` skip it
+        (:meth:`CheckpointReader.section` returns it to those that do).
+
+        :param tag: 4 ASCII characters, the first a lowercase letter (an optional section),
+            each tag once per file.
+        :param payload: bytes-like, at most :data:`~memvisor.checkpoint.layout.MAX_OPTIONAL_SECTION` bytes.
+        """
+        self._check_open()
+        raw = tag.encode("ascii") if isinstance(tag, str) else bytes(tag)
+        if not L.OPTIONAL_TAG_RE.match(raw) or raw in self._sections:
+            raise ValueError(f"bad or repeated optional section tag {tag!r}")
+        payload = bytes(payload)
+        if len(payload) > L.MAX_OPTIONAL_SECTION:
+            raise ValueError(f"optional section {tag!r} of {len(payload)} bytes exceeds {L.MAX_OPTIONAL_SECTION}")
+        self._sections[raw] = payload
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -468,7 +488,7 @@ class CheckpointWriter:
         ranges = np.concatenate(self._ranges) if self._ranges else np.empty(0, L.RANGE_DTYPE)
         zero = _merge_ranges(np.concatenate(self._zero) if self._zero else np.empty(0, L.RANGE_DTYPE))
         records = [_pack_kind(kind, chunks) for kind, chunks in self._records.items()]
-        return L.pack_metadata(sblocks, pblocks, ranges, zero, records)
+        return L.pack_metadata(sblocks, pblocks, ranges, zero, records, list(self._sections.items()))
 
     # --- finishing ----------------------------------------------------------------------------
 

@@ -172,34 +172,50 @@ class Destination:
     """The destination's end of a migration: it installs a record only when it is intact, the
     next in sequence and made of pages it is owed.
 
+    :param opaque: kinds of records that carry no pages and that the caller uses itself (a
+        transport's own bytes: memvisor-qemu's QEMU stream); :meth:`take` checks their place
+        in the sequence and hands them back.
     :ivar missing: per page, whether the destination VM still lacks it.
     :ivar owed: per page, whether the current round (or post-copy request) still owes it.
     """
 
-    def __init__(self, host: Host, vm: VM, compressed: bool):
+    def __init__(self, host: Host, vm: VM, compressed: bool, opaque: tuple[str, ...] = ()):
         self.host, self.vm = host, vm
         self.missing = np.ones(vm.pages, dtype=bool)
         self.owed = np.zeros(vm.pages, dtype=bool)
         self.next_seq = 0
         self.round = 0
         self.switched = False
+        self.opaque = frozenset(opaque) - set(stream.CONTROL) - {stream.PAGE, stream.ZERO}
         self._decompressor = zstandard.ZstdDecompressor() if compressed else None
 
     def receive(self, wire: bytes) -> str:
         """Take one record off the link: ``"ok"`` (installed, or a control record taken),
         ``"refused"`` (damaged: ask for it again) or ``"unresolved"`` (a plugin record no
-        plugin here resolves: its pages stay owed). Raises :class:`stream.StreamViolation` for
-        a record the destination was not owed."""
+        plugin here resolves: its pages stay owed); see :meth:`take`. Raises
+        :class:`stream.StreamViolation` for a record the destination was not owed."""
         try:
             record = stream.decode(wire, self.vm.pages)
         except stream.StreamViolation:
             raise
         except stream.StreamError:
             return "refused"
+        return self.take(record)
+
+    def take(self, record: stream.Record) -> str:
+        """Take one record that :func:`stream.decode` read with this VM's size (so its pages
+        are distinct pages of the VM, at most :data:`stream.MAX_RECORD_PAGES`): as
+        :meth:`receive`, and ``"opaque"`` for a record of one of the ``opaque`` kinds, next in
+        sequence and without pages, which is the caller's to use."""
         if record.seq != self.next_seq:
             how = "replayed or duplicated" if record.seq < self.next_seq else "out of order (records are missing)"
             raise stream.StreamViolation(f"record {record.seq} arrived where record {self.next_seq} was expected: "
                                          f"{how}")
+        if record.kind in self.opaque:
+            if len(record.gpps):
+                raise stream.StreamViolation(f"record {record.seq}: a {record.kind} record with pages")
+            self.next_seq += 1
+            return "opaque"
         if record.kind in stream.CONTROL:
             self._control(record)
             self.next_seq += 1
@@ -478,15 +494,11 @@ class LiveMigration:
         for start in range(0, len(gpps), stream.MAX_RECORD_PAGES):
             part = gpps[start : start + stream.MAX_RECORD_PAGES]
             data = src.backend.read(self.vm, part)
-            zero = ~data.view(np.uint64).any(axis=1) if opts.zero_pages else np.zeros(len(part), bool)
+            zero, described, rows = sort_pages(src, self.vm, part, data, opts.zero_pages, opts.records)
             if zero.any():
                 nbytes += self._deliver(stream.ZERO, part[zero], b"")
-            rest = ~zero
-            if opts.records and rest.any():
-                for records in describe(src, self.vm, part[rest], "migration"):
-                    nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
-                    rest[np.searchsorted(part, records.gpps)] = False
-            rows = np.flatnonzero(rest)
+            for records in described:
+                nbytes += self._deliver_records(records.kind, records.gpps, records.payloads)
             for first in range(0, len(rows), opts.chunk_pages):
                 chunk = rows[first : first + opts.chunk_pages]
                 data_bytes += len(chunk) * PAGE_SIZE
@@ -566,6 +578,22 @@ class LiveMigration:
         self.result.fallbacks += 1
         data = self.source.backend.read(self.vm, gpps)
         return sent + self._deliver(stream.PAGE, gpps, stream.page_payload(data, self._compressor))
+
+
+def sort_pages(host: Host, vm: VM, gpps: np.ndarray, data: np.ndarray, zero_pages: bool = True,
+               records: bool = True) -> tuple[np.ndarray, list[PageRecords], np.ndarray]:
+    """How the stream carries a batch of pages (``gpps`` sorted and distinct, at most
+    :data:`stream.MAX_RECORD_PAGES`; ``data`` their bytes): the mask of the all-zero ones
+    (``zero`` records, when ``zero_pages``), the records plugins describe the others with
+    (``memvisor_describe_pages``, purpose ``"migration"``, when ``records``), and the rows
+    left to send as page data. The source of :class:`LiveMigration` and memvisor-qemu's link
+    sort pages alike."""
+    zero = ~data.view(np.uint64).any(axis=1) if zero_pages else np.zeros(len(gpps), bool)
+    rest = ~zero
+    described = describe(host, vm, gpps[rest], "migration") if records and rest.any() else []
+    for described_records in described:
+        rest[np.searchsorted(gpps, described_records.gpps)] = False
+    return zero, described, np.flatnonzero(rest)
 
 
 def _background(backend) -> float:

@@ -4,12 +4,13 @@ The matrix walks the ``memvisor`` command tree as installed (the core's commands
 plugin's), and for each command runs a valid invocation (:data:`BASELINES`) with one parameter
 made bad in each way its type can be — a missing, folder, FIFO, device or over-long file; an
 output that is one of the inputs, directly or through a link; an output folder under /proc, or
-a file; NaN, infinite, huge and non-numeric numbers; sizes in decimal units, zero or absurd;
-unknown choices; empty, binary, path-like and very long strings; a flag given a value — plus
-an unknown option, missing arguments and an extra one. Each case must end with exit status 2
-and one line on standard error, in bounded time (:data:`CASE_SECONDS`) and memory
-(:data:`MEMORY_LIMIT`), without changing any file but the command's output (its inputs, the
-working folder and the temp folder are checked).
+a file; a socket that is missing, a file, a folder or too long a path; NaN, infinite, huge and
+non-numeric numbers; sizes in decimal units, zero or absurd; unknown choices; empty, binary,
+path-like and very long strings; a flag given a value — plus an unknown option, missing
+arguments and an extra one. Each case must end with exit status 2 and one line on standard
+error, in bounded time (:data:`CASE_SECONDS`) and memory (:data:`MEMORY_LIMIT`), without
+changing any file but the command's output (its inputs, the working folder and the temp folder
+are checked).
 
 :func:`cases` lists the cases; :func:`check` runs one; :func:`run` runs many and returns the
 outcomes. pytest runs every case (``tests/integration/test_integration_cli_matrix.py``);
@@ -61,10 +62,22 @@ BASELINES: dict[str, dict[str, object]] = {
     "sharing estimate": {"images": ["{image}"], "json_out": "{out}/sharing.json"},
     "numa compare": {"vm_bytes": "4MiB", "pre": "0.001", "post": "0.001", "json_out": "{out}/numa.json"},
     "diskmap scan": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/scan.json"},
+    "qemu save": {"out": "{out}/vm.ckpt", "qmp": "{qmp}", "disk": "{disk}", "key_file": "{key}",
+                  "json_out": "{out}/save.json"},
+    "qemu restore": {"checkpoint": "{ckpt}", "qmp": "{qmp_incoming}", "disk": "{disk}", "key_file": "{key}",
+                     "json_out": "{out}/restore.json"},
+    "qemu migrate": {"source": "{qmp}", "target": "{qmp_incoming}", "disk": "{disk}",
+                     "json_out": "{out}/migrate.json"},
 }
 """A valid invocation of each command, by parameter name (values may name the sandbox's
 files): the matrix makes one parameter bad at a time. A command without an entry is run with
-no arguments but the bad one."""
+no arguments but the bad one. The sandbox's QMP sockets (``{qmp}``, a running VM's, and
+``{qmp_incoming}``, a QEMU waiting with ``-incoming defer``) have no QEMU behind them: the
+matrix's cases are refused before anything connects, and memvisor-qemu's tests run the qemu
+baselines against real QEMUs (:data:`NEEDS_QEMU`)."""
+
+NEEDS_QEMU = ("{qmp}", "{qmp_incoming}")
+"""Placeholders of a baseline that runs only with a real QEMU listening on the socket."""
 
 
 @attrs.frozen
@@ -122,9 +135,9 @@ def untyped_files() -> list[str]:
 
 
 class Sandbox:
-    """A folder of valid inputs for the baselines, a FIFO, a link to an input, an ``out``
-    folder for outputs, and a working folder; :meth:`snapshot` lists every file's size and
-    modification time."""
+    """A folder of valid inputs for the baselines, a FIFO, a link to an input, two Unix sockets
+    (nobody listens on them), an ``out`` folder for outputs, and a working folder;
+    :meth:`snapshot` lists every file's size and modification time."""
 
     def __init__(self, root: Path):
         from memvisor.checkpoint import CheckpointWriter
@@ -147,11 +160,15 @@ class Sandbox:
             (root / name).mkdir()
             (root / name / "report.json").write_text(json.dumps(_report(root / "s.toml", seed)))
         (root / "folder").mkdir()
+        (root / ("d" * 100)).mkdir()  # reaches a socket by a path too long to connect to
         os.mkfifo(root / "fifo")
         (root / "link.ckpt").symlink_to(root / "vm.ckpt")
+        for name in ("qmp.sock", "incoming.sock"):
+            _bind(root, name)
         self.files = {"scenario": root / "s.toml", "image": root / "image.raw", "disk": root / "disk.raw",
                       "ckpt": root / "vm.ckpt", "trace": root / "trace.npy", "key": root / "key",
-                      "run_a": root / "run_a", "run_b": root / "run_b", "out": root / "out"}
+                      "run_a": root / "run_a", "run_b": root / "run_b", "out": root / "out", "qmp": root / "qmp.sock",
+                      "qmp_incoming": root / "incoming.sock"}
 
     def fill(self, value: str) -> str:
         """``value`` with the sandbox's files in place of ``{scenario}``, ``{out}``..."""
@@ -191,9 +208,24 @@ def _report(scenario: Path, seed: int) -> dict:
     return ScenarioRun(load_scenario(scenario).with_seed(seed)).run().data
 
 
+def _bind(folder: Path, name: str) -> None:
+    """A Unix socket file ``folder/name`` that nobody listens on (bound from inside ``folder``:
+    its full path may be too long to bind)."""
+    import socket
+
+    cwd = os.getcwd()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.chdir(folder)
+        sock.bind(name)
+    finally:
+        os.chdir(cwd)
+        sock.close()
+
+
 def _bad_values(param: click.Parameter, sandbox: Sandbox, inputs: list[str]) -> list[tuple[str, str]]:
     """``(kind, value)`` of every way ``param``'s value can be bad."""
-    from memvisor.cli import InputFile, Number, OutputDir, OutputFile, Size
+    from memvisor.cli import InputFile, Number, OutputDir, OutputFile, Size, UnixSocket
 
     root = sandbox.root
     long_name = str(root / ("x" * 300))
@@ -212,6 +244,11 @@ def _bad_values(param: click.Parameter, sandbox: Sandbox, inputs: list[str]) -> 
             if any(Path(i).resolve() == (root / "vm.ckpt").resolve() for i in inputs):
                 out.append(("a link to the input", str(root / "link.ckpt")))
         return out
+    if isinstance(kind, UnixSocket):
+        return [("missing socket", str(root / "absent.sock")), ("regular file", str(root / "image.raw")),
+                ("folder", str(root / "folder")), ("FIFO", str(root / "fifo")), ("device", "/dev/null"),
+                ("name too long", long_name), ("path too long to connect", str(root / ("d" * 100) / ".." / "qmp.sock")),
+                ("empty", "")]
     if isinstance(kind, OutputDir):
         return [("under /proc", "/proc/memvisor-absent"), ("under /sys", "/sys/memvisor-absent"),
                 ("a file", str(root / "image.raw")), ("name too long", long_name)]
