@@ -56,6 +56,8 @@ def test_a_two_second_run_fires_its_ticks_and_acts_on_pressure():
     assert len(during) >= 150
     assert clockwork.pressure and clockwork.pressure[0] - step <= 0.03
     assert len([t for t in clockwork.pressure if t > step]) >= 150
-    assert report.data["vms"]["g"]["accesses"] > 100_000
+    # The guest keeps running between ticks. Not a throughput goal (that lives in `memvisor bench`):
+    # a guest starved by the pacing makes next to none; a loaded CI machine made 90,510 here.
+    assert report.data["vms"]["g"]["accesses"] > 10_000
     assert report.data["time"]["clock"] == "real" and "virtual_seconds" not in report.data["time"]
     assert not before.leaks()
