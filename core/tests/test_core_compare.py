@@ -72,6 +72,7 @@ def test_compare_puts_every_figure_beside_the_first_runs(tmp_path):
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "<a href='../slow/report.html'>" in page and "<a href='../fast/report.html'>" in page
     assert "class='n worse'>-50 MiB (-50 %) worse</td>" in page
+    assert "class='n changed'>changed</td>" in page  # words differ: said, not an empty cell
     plot = json.loads((tmp_path / "cmp" / "compare.json").read_text())["plots"]
     assert "policy-saved" in plot and (tmp_path / "cmp" / "policy-saved.png").read_bytes()[:4] == b"\x89PNG"
     assert not page_problems(tmp_path / "cmp" / "compare.html")

@@ -121,6 +121,23 @@ def test_tables_show_a_dash_fold_long_lists_and_turn_wide_ones(tmp_path):
     assert not page_problems(path)
 
 
+def test_an_empty_setting_is_a_dash_and_groups_read_as_words(tmp_path):
+    """An empty list or text (sharing's ``across = []``) is a dash saying what it means, not
+    an empty cell, which page_problems finds; a few groups of names read as words, not as
+    "1 values"."""
+    section = ReportSection("mine", "Mine", {"settings": {"across": [], "name": "", "groups": [["web", "db"]]}},
+                            tables=[Table("Settings", [Column("across", "across", "text", "no group"),
+                                                       Column("name", "name", "text"),
+                                                       Column("groups", "groups", "text")], record=("settings",))])
+    _, page, path = _report(tmp_path, section)
+    assert "<th>across</th><td class='none' title='no group'>–</td>" in page
+    assert "<th>name</th><td class='none' title='no value'>–</td>" in page
+    assert "<th>groups</th><td>(web, db)</td>" in page
+    assert not page_problems(path)
+    path.write_text(page.replace("<td class='none' title='no group'>–</td>", "<td></td>"))
+    assert page_problems(path) == ["report.html: 1 empty table cells (an empty value is a dash)"]
+
+
 def test_a_section_of_metrics_only_still_reads(tmp_path):
     """A section written against the first report API (metrics only, nested) gets tables
     derived from its metrics: a row per record and real column headings, units from the keys'

@@ -246,10 +246,10 @@ def _change(base: Any, value: Any, better: str | None, unit: str) -> dict[str, A
 
 def difference_shown(change: Mapping[str, Any], unit: str) -> str:
     """A difference in the figure's unit, signed, with the relative change (``+1.2 ms
-    (+8 %)``); "" when there is none to show."""
+    (+8 %)``); for words, "same" or "changed"; a dash when there is nothing to compare."""
     diff = change["difference"]
     if diff is None:
-        return ""
+        return change["direction"] if change["direction"] in ("same", "changed") else "–"
     if diff == 0:
         return "0"
     text = ("+" if diff > 0 else "-") + shown(abs(diff), unit if unit not in ("text", "") else "")
@@ -326,7 +326,7 @@ def write_page(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], out_dir: 
 
 def _html(runs, rows, figures, plots, out: Path) -> str:
     from memvisor.report import time_summary
-    from memvisor.report_html import STYLE, esc
+    from memvisor.report_html import STYLE, cell, esc
 
     names = sorted({run.data["scenario"]["name"] for run in runs})
     head = ["<th>run</th><th>report</th><th>backend</th><th>time</th>"]
@@ -338,7 +338,7 @@ def _html(runs, rows, figures, plots, out: Path) -> str:
         run_rows.append(f"<tr><th><span class='swatch' style='background:{colour}'></span>{esc(run.label)}</th>"
                         f"<td>{link}</td><td>{esc(run.data['host']['backend']['name'])}</td>"
                         f"<td>{esc(time_summary(run.data['time']))}</td></tr>")
-    diffs = "".join(f"<tr><th>{esc(d['setting'])}</th>" + "".join(f"<td>{esc(shown(v))}</td>" for v in d["values"])
+    diffs = "".join(f"<tr><th>{esc(d['setting'])}</th>" + "".join(cell(v, "text") for v in d["values"])
                     + "</tr>" for d in figures["differences"])
     labels_head = "".join(f"<th>{esc(run.label)}</th>" for run in runs)
     diff_head = "".join(f"<th>{esc(run.label)} − {esc(runs[0].label)}</th>" for run in runs[1:])

@@ -70,17 +70,24 @@ def swatch(colour: str | None) -> str:
 
 def cell(value: Any, unit: str = "", none: str = "") -> str:
     """A ``<td>`` of ``value`` in ``unit``: the human value, the exact one in its tooltip; a
-    dash for None (``none`` says what that means)."""
-    if value is None:
+    dash for None or an empty list or text (``none`` says what that means)."""
+    if value is None or (isinstance(value, (str, list)) and not value):
         return f"<td class='none' title='{esc(none or 'no value')}'>{DASH}</td>"
-    if isinstance(value, Mapping) or (isinstance(value, list) and (len(value) > 8 or any(
-            isinstance(v, (list, Mapping)) for v in value))):
-        return f"<td title='in report.json'>{len(value):,} values</td>"
+    if isinstance(value, Mapping) or (isinstance(value, list) and not _short_list(value)):
+        return f"<td title='in report.json'>{len(value):,} value{'' if len(value) == 1 else 's'}</td>"
     text = shown(value, unit)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     precise = exact(value, unit)
     tip = f" title='{esc(precise)}'" if precise != text else ""
     return f"<td{' class=n' if number else ''}{tip}>{esc(text)}</td>"
+
+
+def _short_list(value: list, depth: int = 0) -> bool:
+    """Whether ``value`` reads well in one cell: a few words or numbers, or a few groups of
+    them (``(web, db), (files)``)."""
+    return len(value) <= 8 and all(
+        not isinstance(v, (list, Mapping)) or (depth == 0 and isinstance(v, list) and _short_list(v, 1))
+        for v in value)
 
 
 def table_html(metrics: Mapping[str, Any], spec: Mapping[str, Any], fold: int = FOLD_ROWS,

@@ -235,12 +235,13 @@ def _compare_summary(runs, rows, names: list[str]) -> None:
     from rich.markup import escape
 
     from memvisor.compare import difference_shown, differences
+    from memvisor.units import shown
 
     out = console()
     if len(names) > 1:
         out.print(f"note: these are runs of different scenarios ({', '.join(map(escape, names))})")
     for d in differences(runs):
-        out.print(f"{escape(d['setting'])}: " + ", ".join(f"{escape(r.label)} {escape(str(v))}"
+        out.print(f"{escape(d['setting'])}: " + ", ".join(f"{escape(r.label)} {escape(shown(v))}"
                                                         for r, v in zip(runs, d["values"])))
     colour = {"better": "green", "worse": "red"}
     labels = [r.label for r in runs]

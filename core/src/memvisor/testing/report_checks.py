@@ -5,9 +5,9 @@ every figure is the metric at its path, shown in its unit as :mod:`memvisor.unit
 and the sentence is its template filled with those figures and nothing else (a number written
 into a template by hand could disagree with the tables; a level such as "90 %" may be).
 :func:`page_problems` reads report.html as a browser would not: no table cell shows a
-flattened key (``restores[0].vm``), Python's ``None`` or a path that does not exist, and every
-image and link it names is there. Both return a list of problems, empty when the report is
-right, so a test can show them all at once::
+flattened key (``restores[0].vm``), Python's ``None``, a path that does not exist or nothing
+(an empty value is a dash), and every image and link it names is there. Both return a list
+of problems, empty when the report is right, so a test can show them all at once::
 
     assert not headline_problems(data) and not page_problems(out_dir / "report.html")
 """
@@ -83,6 +83,7 @@ class _Cells(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.cells: list[str] = []
+        self.empty_cells = 0
         self.images: list[dict[str, str]] = []
         self.links: list[str] = []
         self._open: list[str] = []
@@ -102,6 +103,7 @@ class _Cells(HTMLParser):
         if self._open and tag == self._open[-1]:
             self._open.pop()
             self.cells.append(self._text.pop().strip())
+            self.empty_cells += tag == "td" and not self.cells[-1]
 
     def handle_data(self, data):
         if self._text:
@@ -125,6 +127,8 @@ def page_problems(page: str | os.PathLike, dotted_names: bool = False) -> list[s
                 problems.append(f"{path.name}: Python's None in a table: {text!r}")
             if word.startswith("/") and len(word) > 1 and not os.path.exists(word):
                 problems.append(f"{path.name}: a path that does not exist: {text!r}")
+    if parser.empty_cells:
+        problems.append(f"{path.name}: {parser.empty_cells} empty table cells (an empty value is a dash)")
     for image in parser.images:
         if not (path.parent / image.get("src", "")).is_file():
             problems.append(f"{path.name}: image {image.get('src')!r} is missing")
