@@ -43,8 +43,8 @@ class CoreBudgets:
         if rates:
             plots.append(Plot("trap_rates", "Traps served per second, by VM", "time (s)", "traps per second",
                               rates, kind="step",
-                              shows="Each VM's traps per second over each tick interval (its highest: "
-                                    "peak_trap_rate), and the trap-rate budgets."))
+                              shows="Each VM's traps per second over each tick interval (its highest: the "
+                                    "table's peak trap rate), and the trap-rate budgets."))
         if any(ys[-1] > 0 for name, (_, ys) in handler.items() if not name.startswith("budget")):
             plots.append(Plot("handler_time", "Trap handler time taken so far, by VM", "time (s)",
                               "handler seconds", handler,

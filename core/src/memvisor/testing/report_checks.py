@@ -6,7 +6,8 @@ and the sentence is its template filled with those figures and nothing else (a n
 into a template by hand could disagree with the tables; a level such as "90 %" may be).
 :func:`page_problems` reads report.html as a browser would not: no table cell shows a
 flattened key (``restores[0].vm``), Python's ``None``, a path that does not exist or nothing
-(an empty value is a dash), and every image and link it names is there. Both return a list
+(an empty value is a dash), no plot's caption names a key of report.json (``t90_s``) instead
+of saying it in words, and every image and link it names is there. Both return a list
 of problems, empty when the report is right, so a test can show them all at once::
 
     assert not headline_problems(data) and not page_problems(out_dir / "report.html")
@@ -26,6 +27,9 @@ FLATTENED_KEY = re.compile(r"\w\[\d+\]|^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+$")
 
 FILE_NAME = re.compile(r"\.(html|json|png|md|toml|ckpt|npy|zst|csv|parquet|raw|img)$")
 """A file's name, which looks like a dotted key but is not one."""
+
+KEY_NAME = re.compile(r"\b[a-z][a-z0-9]*(_[a-z0-9]+)+\b")
+"""A key of report.json (``t90_s``, ``peak_trap_rate``), which a plot's caption says in words."""
 
 LEVEL = re.compile(r"\d+ %")
 """A level a template may write as a number ("90 % of its accesses local")."""
@@ -83,6 +87,7 @@ class _Cells(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.cells: list[str] = []
+        self.captions: list[str] = []
         self.empty_cells = 0
         self.images: list[dict[str, str]] = []
         self.links: list[str] = []
@@ -91,7 +96,7 @@ class _Cells(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag in ("th", "td", "li", "caption", "summary"):
+        if tag in ("th", "td", "li", "caption", "summary", "figcaption"):
             self._open.append(tag)
             self._text.append("")
         elif tag == "img":
@@ -102,7 +107,7 @@ class _Cells(HTMLParser):
     def handle_endtag(self, tag):
         if self._open and tag == self._open[-1]:
             self._open.pop()
-            self.cells.append(self._text.pop().strip())
+            (self.captions if tag == "figcaption" else self.cells).append(self._text.pop().strip())
             self.empty_cells += tag == "td" and not self.cells[-1]
 
     def handle_data(self, data):
@@ -127,6 +132,9 @@ def page_problems(page: str | os.PathLike, dotted_names: bool = False) -> list[s
                 problems.append(f"{path.name}: Python's None in a table: {text!r}")
             if word.startswith("/") and len(word) > 1 and not os.path.exists(word):
                 problems.append(f"{path.name}: a path that does not exist: {text!r}")
+    for caption in parser.captions:
+        if not dotted_names and KEY_NAME.search(caption):
+            problems.append(f"{path.name}: a key of report.json in a plot's caption: {caption!r}")
     if parser.empty_cells:
         problems.append(f"{path.name}: {parser.empty_cells} empty table cells (an empty value is a dash)")
     for image in parser.images:

@@ -25,6 +25,7 @@ from memvisor.backend import Capability
 from memvisor.errors import ScenarioError, UserError
 from memvisor.report import Column, Figure, Headline, Plot, ReportSection
 from memvisor.scenario import Table
+from memvisor.units import shown
 from memvisor_mrc.curve import Curve
 from memvisor_mrc.online import ESTIMATORS, VMTracker
 from memvisor_mrc.summary import PAGE_SIZE, curve_points, describe, giveable_pages
@@ -235,7 +236,7 @@ class MRCPlugin:
         curves = {name: _mib_series(m) for name, m in per_vm.items() if "miss_ratio" in m}
         final = Plot("mrc-final", "Miss-ratio curves (LRU), end of run", "memory (MiB, log scale)", "miss ratio",
                      curves, logx=True, ends_at={name: ("vms", name, "miss_ratio", -1) for name in curves},
-                     shows="Each VM's curve is its miss_ratio at each cache_bytes of the table.")
+                     shows="Each VM's miss ratio at each memory size of its curve (every point in report.json).")
         plots = [final]
         for name, state in self.vms.items():
             if len(state.snapshots) < 2:
@@ -245,7 +246,7 @@ class MRCPlugin:
                               "memory (MiB, log scale)", "miss ratio",
                               {f"t={snap['time']:.3g}s": _mib_series(snap) for snap in chosen}, logx=True,
                               shows=f"The curve at {len(chosen)} of the {len(state.snapshots)} snapshots "
-                                    "(one every refresh_s), the last at the end of the run."))
+                                    f"(one every {shown(s.refresh, 's')}), the last at the end of the run."))
         if any(len(st.snapshots) >= 2 for st in self.vms.values()):
             target = f"{s.miss_ratios[0]:g}"
             # A curve that never comes down to the target has no working set there: a gap, not 0.

@@ -440,8 +440,9 @@ class NumaPlugin:
             plots.append(Plot("numa-local-fraction", f"Local accesses over time ({self.settings.heuristic})",
                               "time (s)", "local fraction", series,
                               shows="The fraction of each moved VM's accesses since the previous sample that "
-                                    "were local (a sample at every tick and at each move); t90_s and t99_s "
-                                    "are when it first reached 0.9 and 0.99 after the move."))
+                                    "were local (a sample at every tick and at each move); the Moves table's "
+                                    "90 % and 99 % local after are when it first reached 0.9 and 0.99 after "
+                                    "the move."))
         return ReportSection(
             plugin="numa", title="NUMA migration", metrics=metrics, plots=plots, headlines=_headlines(per_vm),
             tables=TABLES,

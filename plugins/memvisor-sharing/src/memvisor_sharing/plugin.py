@@ -453,7 +453,7 @@ class SharingPlugin:
             plots.append(Plot("sharing-large-pages", "Reclaimable subpages per intact large page", "large pages (rank)",
                               "pages", {"reclaimable": (np.arange(len(r)), r)}, kind="bar",
                               shows="The intact large pages at the end, most reclaimable subpages first "
-                                    "(together: remaining_in_large_pages)."))
+                                    "(together: the Estimate table's \"of it in large pages\")."))
         return ReportSection(
             plugin=NAME, title="Page sharing in large pages", metrics=self.metrics(host), plots=plots,
             headlines=HEADLINES, tables=TABLES,
