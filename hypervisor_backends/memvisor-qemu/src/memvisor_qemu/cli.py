@@ -105,8 +105,9 @@ def migrate_command(source, target, disk, json_out):
     write_json(json_out, result.to_json())
     if json_out == "-":
         return
+    downtime = None if result.downtime_ms is None else result.downtime_ms / 1000  # a dash when QEMU said none
     click.echo(f"{source} -> {target}: {result.pages:,} pages in {result.rounds} rounds, {result.pages_sent:,} sent "
                f"({result.zero_pages:,} zero, {result.record_pages:,} disk references, {result.data_pages:,} data), "
                f"{result.pages_verified:,} verified on arrival; QEMU's stream "
                f"{shown(result.qemu_stream_bytes, 'bytes')}, memvisor's link {shown(result.link_bytes, 'bytes')} in "
-               f"{shown(result.seconds, 's')}, downtime {result.downtime_ms} ms")
+               f"{shown(result.seconds, 's')}, downtime {shown(downtime, 's')}")
