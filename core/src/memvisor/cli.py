@@ -60,6 +60,17 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        if self is cli:  # logs to standard error at MEMVISOR_LOG's level, however the command line is called
+            from memvisor.logs import command_logging
+
+            try:
+                with command_logging():
+                    return self._main(args, prog_name, complete_var, **extra)
+            except UserError as exc:  # MEMVISOR_LOG is not a level
+                _fail(exc)
+        return self._main(args, prog_name, complete_var, **extra)
+
+    def _main(self, args, prog_name, complete_var, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:  # a group without its command
@@ -365,12 +376,7 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``memvisor`` script."""
     from memvisor.files import cleanup_on_signals
-    from memvisor.logs import configure_logging
 
     cleanup_on_signals()
-    try:
-        configure_logging()
-    except UserError as exc:
-        _fail(exc)
     _register_commands()
     cli.main(args=argv, prog_name="memvisor")
