@@ -5,22 +5,16 @@ from __future__ import annotations
 import click
 
 from memvisor import PAGE_SIZE
-from memvisor.cli import InputFile, json_option, write_json
+from memvisor.cli import InputFile, Size, json_option, write_json
 from memvisor.errors import UserError
 
 PROGRESS_BYTES = 256 << 20
 """Inputs at least this large get a progress bar (on a terminal)."""
 
 
-def _large_page_bytes(value: str) -> int:
-    from memvisor.scenario import parse_size
-
-    try:
-        size = parse_size(value)
-    except ValueError:
-        raise UserError(f"--large-page: {value!r} is not a size (use e.g. 2M, 1G)") from None
-    if size < PAGE_SIZE or size % PAGE_SIZE:
-        raise UserError(f"--large-page: {value!r} is not a positive multiple of {PAGE_SIZE} bytes")
+def _large_page_bytes(size: int) -> int:
+    if size % PAGE_SIZE:
+        raise UserError(f"--large-page: {size:,} bytes is not a multiple of {PAGE_SIZE} bytes")
     return size
 
 
@@ -33,7 +27,8 @@ def sharing() -> None:
 @click.argument("images", nargs=-1, type=InputFile("memory image"))
 @click.option("--pid", "pids", type=click.IntRange(1, 2**22), multiple=True,
               help="Also read this live process's resident memory (read-only; repeatable).")
-@click.option("--large-page", default="2M", show_default=True, help="Large-page size for the per-region figures.")
+@click.option("--large-page", type=Size(PAGE_SIZE, 1 << 30), default="2MiB", show_default=True,
+              help="Large-page size for the per-region figures (a size as in scenarios: 2MiB, 1GiB).")
 @click.option("--across", is_flag=True, help="Share across images and processes (default: within each only; "
                                               "zero pages are shared across always).")
 @json_option()
