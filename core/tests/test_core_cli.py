@@ -232,3 +232,20 @@ def test_run_ends_with_what_each_technique_did(tmp_path):
         assert f"  - {text[:1].upper()}{text[1:]}" in proc.stdout.splitlines()
     assert not [line for line in proc.stdout.splitlines() if line.rstrip().endswith(":")]
     assert proc.stdout.splitlines()[-1] == f"report: {tmp_path / 'o' / 'report.html'}"
+
+
+def test_every_help_reads_as_text():
+    """Each command's --help is plain text: no reStructuredText of a docstring (``verify``,
+    :func:) and no Python None."""
+    import re
+
+    from click.testing import CliRunner
+
+    from memvisor.cli import _register_commands, cli
+    from memvisor.testing.cli_matrix import commands
+
+    _register_commands()
+    for path in commands():
+        done = CliRunner().invoke(cli, [*path.split(), "--help"])
+        assert done.exit_code == 0, path
+        assert not re.search(r"``|:(func|class|mod|data|attr):|\bNone\b", done.stdout), (path, done.stdout)

@@ -147,7 +147,7 @@ def restore_command(ckpt, image, key_file, json_out):
 def inspect_command(ckpt, rows, json_out):
     """Show a checkpoint's header, its storage blocks and its page map (which pages are data,
     zero or records, and the storage block of each run of data pages). Reads the file's
-    metadata only; ``verify`` reads every block."""
+    metadata only; 'checkpoint verify' reads every block."""
     from memvisor.checkpoint import CheckpointReader
 
     with CheckpointReader(ckpt) as r:
