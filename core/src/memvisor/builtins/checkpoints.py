@@ -117,7 +117,8 @@ def save_command(image, out, block_pages, buffer_bytes, level, key_file, json_ou
     write_json(json_out, stats.to_json())
     if json_out != "-":
         click.echo(f"{out}: {stats.pages:,} pages ({stats.zero_pages:,} zero), {shown(stats.bytes_in, 'bytes')} "
-                   f"-> {shown(stats.bytes_out, 'bytes')} in {stats.write_calls:,} writes, {shown(stats.seconds, 's')}")
+                   f"-> {shown(stats.bytes_out, 'bytes')} in {stats.write_calls:,} "
+                   f"write{'' if stats.write_calls == 1 else 's'}, {shown(stats.seconds, 's')}")
 
 
 @checkpoint_command.command("restore")
