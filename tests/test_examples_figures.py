@@ -25,6 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from memvisor.report import metric_at
@@ -202,6 +203,43 @@ def test_headlines_are_the_figures_of_their_tables(example):
     its sentence is its template filled with them: the summary cannot disagree with a table."""
     name, data, _ = example
     assert not headline_problems(data)
+
+
+def test_headline_figures_agree_with_independent_counts(example):
+    """The figures the summary prints that no plot ends at, checked against a count made
+    elsewhere: the core's trap counters, the plotted curves and series, the scenario's sizes,
+    the sums and bounds they must keep."""
+    name, data, _ = example
+    vms = data["vms"]
+    memory = _section(data, "Memory, reclaim and reliability")["metrics"]
+    assert memory["vm_mib"] == sum(v["pages"] for v in vms.values()) * 4096 / 2**20
+    assert memory["saved_mib"] == max(0, memory["vm_mib"] - memory["used_mib"])
+    mrc = _plugin(data, "mrc")
+    for vm, curve in [] if mrc is None else mrc["metrics"]["vms"].items():
+        if vm in vms:  # the traps the plugin counted are the core's traced accesses of the VM
+            assert curve["traps"] == vms[vm]["traced"], vm
+        xs, ys = data["plots"]["mrc-final"]["series"][vm]["x"], data["plots"]["mrc-final"]["series"][vm]["y"]
+        assert curve["miss_ratio_floor"] == pytest.approx(min(ys)), vm
+        assert curve["recommended_miss_ratio"] <= curve["miss_ratio_floor"] + 0.01 + 1e-9, vm
+        # the plotted curve is a sample of the points: within half a percent of it
+        at = float(np.interp(curve["recommended_pages"] * 4096 / 2**20, xs, ys))
+        assert curve["recommended_miss_ratio"] == pytest.approx(at, abs=0.005), vm
+    balloon = _plugin(data, "balloon")
+    if balloon is not None:
+        figures = balloon["metrics"]
+        assert figures["resets"] == sum(v["resets"] for v in figures["vms"].values())
+        if "balloon-size" in data["plots"]:
+            plot = data["plots"]["balloon-size"]
+            for vm, v in figures["vms"].items():
+                assert v["balloon_pages_peak"] == round(max(plot["series"][vm]["y"]) / plot["scale"]), vm
+            assert figures["reclaimed_mib_peak"] == pytest.approx(
+                max(data["plots"]["balloon-reclaimed"]["series"]["reclaimed"]["y"]))
+    errors = _section(data, "Live migrations and memory errors")
+    for migration in [] if errors is None else errors["metrics"]["migrations"]:
+        assert 0 < migration["downtime_s"] <= migration["total_s"]
+    numa = _plugin(data, "numa")
+    for vm, figures in [] if numa is None else numa["metrics"]["vms"].items():
+        assert figures["wasted_pages"] <= figures["migrated_pages"], vm
 
 
 def test_every_technique_says_what_it_did(example):
