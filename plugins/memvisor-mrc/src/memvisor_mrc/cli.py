@@ -159,18 +159,26 @@ def mrc(trace, rate, sample_size, untrace_period, exact, json_out, address, fmt,
 
 
 def _summary(result: MRCResult) -> None:
+    """The curve in a few lines, sizes and times in human units as in the reports."""
+    from memvisor.units import shown
     from memvisor_mrc.summary import recommended_pages, working_sets
 
     c = result.curve
-    click.echo(f"{result.method}: {c.accesses:,} accesses, {c.traced_accesses:,} processed, "
-               f"{c.sampled_pages:,} pages sampled, {result.seconds:.3f} s (read {result.read_seconds:.3f} s)"
-               + (f", traps {100 * result.trap_rate:.2f}% of accesses" if result.trap_rate is not None else ""))
+    how = {"exact": "exact", "rate": "sampled at a rate", "sample-size": "sampled, fixed size",
+           "untrace": "sampled with untraced periods"}[result.method]
+    click.echo(f"curve ({how}): {c.accesses:,} accesses, {c.traced_accesses:,} processed, "
+               f"{c.sampled_pages:,} pages sampled, in {shown(result.seconds, 's')} "
+               f"(reading the trace {shown(result.read_seconds, 's')})"
+               + (f"; traps on {shown(result.trap_rate, 'fraction')} of accesses" if result.trap_rate is not None
+                  else ""))
     if result.method != "exact" and c.sampled_pages < SMALL_SAMPLE:
         # A spatial sample of a small footprint can hold a handful of pages, or none: say so
         # rather than let a flat or step-shaped curve pass for a measurement.
         click.echo(f"warning: the sample holds only {c.sampled_pages} pages; the curve is coarse "
                    f"(use a higher --rate, --sample-size or --exact)", err=True)
     ws = working_sets(c, (0.1, 0.05, 0.01))
-    click.echo("working set (pages) at miss ratio " + ", ".join(f"{k}: {v if v is not None else '-'}"
-                                                                for k, v in ws.items()))
-    click.echo(f"recommended: {recommended_pages(c):,} pages (within 0.01 of the floor {c.miss_ratio[-1]:.4g})")
+    click.echo("working set at miss ratio " + ", ".join(f"{shown(float(k), 'fraction')}: {shown(v, 'pages')}"
+                                                        for k, v in ws.items()))
+    recommended = recommended_pages(c)
+    click.echo(f"recommended: {shown(recommended, 'pages')} ({recommended:,} pages), within 1 point of the "
+               f"curve's floor, a miss ratio of {shown(float(c.miss_ratio[-1]), 'fraction')}")
