@@ -33,5 +33,5 @@ def scan(image, disk, json_out):
     share = result.pages_on_disk / nonzero if nonzero else 0.0
     rate = f", {shown(result.pages * 4096 / result.seconds, 'bytes/s')}" if result.seconds else ""
     click.echo(f"{image}: {result.pages:,} pages, {result.zero_pages:,} zero, {result.pages_on_disk:,} on disk "
-               f"({share:.1%} of non-zero pages) against {result.disk_blocks:,} blocks; "
+               f"({shown(share, 'fraction')} of non-zero pages) against {result.disk_blocks:,} blocks; "
                f"{shown(result.seconds, 's')}{rate}, index {shown(result.index_seconds, 's')}")

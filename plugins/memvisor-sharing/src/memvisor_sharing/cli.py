@@ -69,11 +69,11 @@ def _summary(r: dict) -> None:
     out = table("figure", "pages", "size", title="sharing estimate", numbers=("pages", "size"))
     for key in ("pages", "zero_pages", "duplicate_pages", "reclaimable_pages"):
         out.add_row(key.replace("_", " "), f"{r[key]:,}", shown(r[key], "pages"))
-    out.add_row("large pages", f"{r['large_pages']:,}", "")
-    out.add_row("large pages with opportunity", f"{r['large_pages_with_opportunity']:,}", "")
+    out.add_row("large pages", f"{r['large_pages']:,}", "–")  # counts of large pages: no size of their own here
+    out.add_row("large pages with opportunity", f"{r['large_pages_with_opportunity']:,}", "–")
     terminal = console()
     terminal.print(out)
     pages = r["pages"] or 1
     rate = shown(r["pages"] * PAGE_SIZE / max(r["seconds"], 1e-9), "bytes/s")
-    terminal.print(f"sharing would reclaim {r['reclaimable_pages'] / pages:.1%} of the memory "
+    terminal.print(f"sharing would reclaim {shown(r['reclaimable_pages'] / pages, 'fraction')} of the memory "
                    f"({shown(r['seconds'], 's')}, {rate})")
