@@ -138,6 +138,21 @@ def test_an_empty_setting_is_a_dash_and_groups_read_as_words(tmp_path):
     assert page_problems(path) == ["report.html: 1 empty table cells (an empty value is a dash)"]
 
 
+def test_a_plot_caption_naming_a_key_is_found(tmp_path):
+    """A plot's caption says in words what it shows: one naming a key of report.json
+    (``t90_s``) is a problem page_problems reports."""
+    def section(shows):
+        return ReportSection("mine", "Mine", {"t90_s": 0.5}, plots=[
+            Plot("mine-plot", "Local accesses", "time (s)", "local fraction", {"web": ([0, 1], [0.5, 1.0])},
+                 shows=shows)])
+
+    _, _, path = _report(tmp_path / "words", section("when the fraction first reached 0.9, as in the table"))
+    assert not page_problems(path)
+    _, _, path = _report(tmp_path / "key", section("t90_s is when it first reached 0.9"))
+    assert page_problems(path) == ["report.html: a key of report.json in a plot's caption: "
+                                   "'t90_s is when it first reached 0.9'"]
+
+
 def test_a_section_of_metrics_only_still_reads(tmp_path):
     """A section written against the first report API (metrics only, nested) gets tables
     derived from its metrics: a row per record and real column headings, units from the keys'
