@@ -95,10 +95,12 @@ def test_usage_errors_and_environment_are_one_line():
         (("checkpoint",), None, "memvisor checkpoint: give a command (inspect, restore, save, verify"),
         (("plugins",), {"MEMVISOR_LOG": "bogus"}, "MEMVISOR_LOG='bogus': not a log level"),
         (("checkpoint", "save", "x", "y", "--buffer", "1GB"), None, "GB is a decimal unit"),
+        (("bogus",), None, "memvisor: error: No such command 'bogus'. (see memvisor --help)"),
     ]:
         proc = memvisor(*args, env=env)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert proc.stderr.startswith("memvisor: error: ") and message in proc.stderr, (args, proc.stderr)
+        assert not proc.stderr.startswith("memvisor: error: memvisor: "), proc.stderr  # no prefix repeated
 
 
 def test_a_plugin_command_that_is_missing_names_its_distribution():

@@ -79,7 +79,8 @@ class _Group(click.Group):
             _fail(f"{exc.ctx.command_path}: give a command ({names}; see {exc.ctx.command_path} --help)")
         except click.UsageError as exc:  # click's own: a missing argument, an unknown option...
             where = exc.ctx.command_path if exc.ctx is not None else "memvisor"
-            _fail(f"{where}: {exc.format_message()} (see {where} --help)")
+            said = exc.format_message() if where == "memvisor" else f"{where}: {exc.format_message()}"
+            _fail(f"{said} (see {where} --help)")  # "memvisor: error: " says the root already
         except click.ClickException as exc:
             _fail(exc.format_message())
         except click.exceptions.Abort:
