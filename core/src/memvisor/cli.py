@@ -377,7 +377,12 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``memvisor`` script."""
     from memvisor.files import cleanup_on_signals
+    from memvisor.logs import command_logging
 
     cleanup_on_signals()
-    _register_commands()
-    cli.main(args=argv, prog_name="memvisor")
+    try:
+        with command_logging():  # before the plugins load: a plugin that fails to is a warning on stderr
+            _register_commands()
+            cli.main(args=argv, prog_name="memvisor")
+    except UserError as exc:  # MEMVISOR_LOG is not a level
+        _fail(exc)
