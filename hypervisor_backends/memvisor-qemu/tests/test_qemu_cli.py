@@ -37,8 +37,6 @@ def _run(sandbox: cli_matrix.Sandbox, command: str):
     return CliRunner().invoke(cli, [*command.split(), *args])
 
 
-@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
-@needs("diskmap")
 def _number(text: str) -> int:
     return int(text.replace(",", ""))
 
@@ -89,6 +87,8 @@ def _check_migrate_summary(line: str, figures: dict) -> None:
     assert "None" not in line
 
 
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+@needs("diskmap")
 def test_the_matrix_baselines_run_against_real_qemu(tmp_path):
     """With real QEMUs behind the sandbox's QMP sockets, the matrix's valid invocations of qemu save,
     restore and migrate end with exit status 0: a bad case fails for its one bad argument. Each
