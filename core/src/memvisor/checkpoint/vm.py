@@ -13,6 +13,7 @@ and writing (or reading and decompressing) cost what the cost model says.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,6 +34,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CHUNK_PAGES = 16384  # pages read from guest memory at a time (64 MiB)
 IDENTITY_CHUNK_PAGES = 1 << 20  # pages of identities at a time (12 MiB)
+
+
+def checkpoint_name(path: str) -> str:
+    """A checkpoint's name as the scenario gave it (its file name without ``.ckpt``): what a
+    report shows, where the file itself lived in the run's temporary folder."""
+    name = Path(path).name
+    return name[: -len(".ckpt")] if name.endswith(".ckpt") else name
 
 
 @attrs.define
@@ -70,6 +78,8 @@ class SaveJob:
         total = None if self.finished is None else self.finished - self.started
         return {
             "vm": self.vm,
+            "kind": "save",
+            "checkpoint": checkpoint_name(self.path),
             "path": self.path,
             "method": self.method,
             "started_s": self.started,
@@ -105,6 +115,8 @@ class RestoreJob:
         """The job as report values."""
         return {
             "vm": self.vm,
+            "kind": "restore",
+            "checkpoint": checkpoint_name(self.path),
             "path": self.path,
             "method": self.method,
             "started_s": self.started,
