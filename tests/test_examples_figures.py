@@ -20,7 +20,6 @@ of VMs, not its size.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -28,18 +27,20 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from memvisor.report import metric_at
 from memvisor.runner import ScenarioRun
-from memvisor.scenario import parse_duration, parse_scenario, parse_size
+from memvisor.scenario import parse_scenario
+from memvisor.testing.report_checks import headline_problems, page_problems
+from memvisor.testing.scaled import scaled
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.toml") if p.name != "sweep.toml")  # a sweep: tests/test_sweep.py
 SCALE = float(os.environ.get("MEMVISOR_EXAMPLE_SCALE", "0.25"))
 SMALLER = {"fleet-host": 128}
 """Examples whose memory shrinks that many times more than their time."""
-LARGE_PAGE = 2 << 20
 
 FLOAT_NOISE = 1e-9
 """Below this, a non-zero figure is a rounding error standing in for zero or for "not measured"
@@ -47,42 +48,6 @@ FLOAT_NOISE = 1e-9
 
 SIGNED = {"mrc_miss_ratio_increase"}
 """Figures that may be negative (none so far may: an increase of a miss ratio could be)."""
-
-
-def _memory(value, factor: float) -> int:
-    return max(LARGE_PAGE, int(parse_size(value) * factor) // LARGE_PAGE * LARGE_PAGE)
-
-
-def _workload(spec, factor: float) -> None:
-    if isinstance(spec, dict) and "phase_accesses" in spec:
-        spec["phase_accesses"] = max(1, int(spec["phase_accesses"] * factor))
-
-
-def scaled(data: Mapping, factor: float, memory: float | None = None) -> dict:
-    """A scenario (as TOML gives it) shortened and shrunk by ``factor`` (see the module's text);
-    its memory sizes by ``memory`` when given."""
-    data = copy.deepcopy(dict(data))
-    memory = factor if memory is None else memory
-    if factor == 1 and memory == 1:
-        return data
-    host = data.get("host", {})
-    if "memory" in host:
-        host["memory"] = _memory(host["memory"], memory)
-    for vm in data.get("vm", []):
-        vm["memory"] = _memory(vm["memory"], memory)
-        if isinstance(vm.get("disk"), dict) and "size" in vm["disk"]:
-            vm["disk"]["size"] = _memory(vm["disk"]["size"], memory)
-        _workload(vm.get("workload"), factor)
-    for step in data.get("timeline", []):
-        if "for" in step:
-            step["for"] = parse_duration(step["for"]) * factor
-        for key in ("memory", "target_free"):
-            if key in step:
-                step[key] = _memory(step[key], memory)
-        if "stop_pages" in step:
-            step["stop_pages"] = max(1, int(step["stop_pages"] * memory))
-        _workload(step.get("workload"), factor)
-    return data
 
 
 def _no_constant(name: str):
@@ -107,9 +72,16 @@ def example(request, tmp_path_factory):
         close = getattr(run.host.backend, "close", None)
         if close is not None:
             close()
-    out = tmp_path_factory.mktemp(name) / "report.json"
-    out.write_text(json.dumps(report.data, allow_nan=False), encoding="utf-8")
-    return name, json.loads(out.read_text(encoding="utf-8"), parse_constant=_no_constant), set(data.get("plugins", {}))
+    out = tmp_path_factory.mktemp(name)
+    report.write(out)
+    json.dumps(report.data, allow_nan=False)  # no NaN or infinity in report.json
+    PAGES[name] = out / "report.html"
+    text = (out / "report.json").read_text(encoding="utf-8")
+    return name, json.loads(text, parse_constant=_no_constant), set(data.get("plugins", {}))
+
+
+PAGES: dict[str, Path] = {}
+"""Each example's report.html, once its fixture ran."""
 
 
 def _section(data: dict, title: str) -> dict | None:
@@ -225,6 +197,73 @@ def test_numa_t90_and_t99_are_where_the_plot_reaches_them(example):
                 reached = [x for x, y in zip(xs, ys) if move["time_s"] < x <= until and y is not None and y >= level]
                 expected = reached[0] - move["time_s"] if reached else None
                 assert move[key] == (pytest.approx(expected, abs=1e-9) if reached else None), (vm, key)
+
+
+# -- the summary says what each technique did, with the tables' figures ----------------------------
+
+
+def test_headlines_are_the_figures_of_their_tables(example):
+    """Every headline's numbers are the metrics it points at, formatted in their units, and
+    its sentence is its template filled with them: the summary cannot disagree with a table."""
+    name, data, _ = example
+    assert not headline_problems(data)
+
+
+def test_headline_figures_agree_with_independent_counts(example):
+    """The figures the summary prints that no plot ends at, checked against a count made
+    elsewhere: the core's trap counters, the plotted curves and series, the scenario's sizes,
+    the sums and bounds they must keep."""
+    name, data, _ = example
+    vms = data["vms"]
+    memory = _section(data, "Memory, reclaim and reliability")["metrics"]
+    assert memory["vm_mib"] == sum(v["pages"] for v in vms.values()) * 4096 / 2**20
+    assert memory["saved_mib"] == max(0, memory["vm_mib"] - memory["used_mib"])
+    mrc, numa = _plugin(data, "mrc"), _plugin(data, "numa")
+    # NUMA's "touch" heuristic traces a moved VM's remote pages too: there the core counts more.
+    moved = {vm for vm, f in numa["metrics"]["vms"].items() if f["moves"]} if numa else set()
+    for vm, curve in [] if mrc is None else mrc["metrics"]["vms"].items():
+        if vm in vms:  # the traps the plugin counted are the core's traced accesses of the VM
+            if vm in moved:
+                assert curve["traps"] <= vms[vm]["traced"], vm
+            else:
+                assert curve["traps"] == vms[vm]["traced"], vm
+        xs, ys = data["plots"]["mrc-final"]["series"][vm]["x"], data["plots"]["mrc-final"]["series"][vm]["y"]
+        assert curve["miss_ratio_floor"] == pytest.approx(min(ys)), vm
+        assert curve["recommended_miss_ratio"] <= curve["miss_ratio_floor"] + 0.01 + 1e-9, vm
+        # the plotted curve is a sample of the points: within half a percent of it
+        at = float(np.interp(curve["recommended_pages"] * 4096 / 2**20, xs, ys))
+        assert curve["recommended_miss_ratio"] == pytest.approx(at, abs=0.005), vm
+    balloon = _plugin(data, "balloon")
+    if balloon is not None:
+        figures = balloon["metrics"]
+        assert figures["resets"] == sum(v["resets"] for v in figures["vms"].values())
+        if "balloon-size" in data["plots"]:
+            plot = data["plots"]["balloon-size"]
+            for vm, v in figures["vms"].items():
+                assert v["balloon_pages_peak"] == round(max(plot["series"][vm]["y"]) / plot["scale"]), vm
+            assert figures["reclaimed_mib_peak"] == pytest.approx(
+                max(data["plots"]["balloon-reclaimed"]["series"]["reclaimed"]["y"]))
+    errors = _section(data, "Live migrations and memory errors")
+    for migration in [] if errors is None else errors["metrics"]["migrations"]:
+        assert 0 < migration["downtime_s"] <= migration["total_s"]
+    numa = _plugin(data, "numa")
+    for vm, figures in [] if numa is None else numa["metrics"]["vms"].items():
+        assert figures["wasted_pages"] <= figures["migrated_pages"], vm
+
+
+def test_every_technique_says_what_it_did(example):
+    """Each technique the example enables has a headline (the summary's sentence of what it
+    did); the event counter needs none."""
+    name, data, plugins = example
+    for plugin in plugins - {"stats"}:
+        assert any(s["headlines"] for s in data["sections"] if s["plugin"] == plugin), plugin
+
+
+def test_report_page_shows_no_key_none_or_missing_path(example):
+    """report.html's tables show no flattened key, no Python None and no path that does not
+    exist; every image and link it names is there, and every plot has points."""
+    name, data, _ = example
+    assert not page_problems(PAGES[name])
 
 
 # -- every figure is a figure ----------------------------------------------------------------------

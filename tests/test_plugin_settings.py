@@ -54,8 +54,8 @@ def test_a_host_dependent_setting_is_refused_by_the_plugin_in_one_line(tmp_path)
 
 
 def test_plugins_settings_prints_the_declaration():
-    """`memvisor plugins --settings numa --json` lists every key with its type, default and doc."""
-    rows = json.loads(memvisor("plugins", "--settings", "numa", "--json").stdout)
+    """`memvisor plugins --settings numa --json -` lists every key with its type, default and doc."""
+    rows = json.loads(memvisor("plugins", "--settings", "numa", "--json", "-").stdout)
     by_name = {r["name"]: r for r in rows}
     assert by_name["heuristic"]["default"] == "scan" and by_name["heuristic"]["type"] == "str"
     assert by_name["pages_per_tick"]["host_dependent"] and by_name["split_large"]["type"] == "bool"

@@ -54,7 +54,7 @@ def memvisor(site, *args):
 
 def test_installed_plugin_is_listed_with_version_and_hooks(site):
     """`memvisor plugins --json` shows the new distribution, its version and its hooks."""
-    proc = memvisor(site, "plugins", "--json")
+    proc = memvisor(site, "plugins", "--json", "-")
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert rows["counter"]["distribution"] == "memvisor-counter" and rows["counter"]["version"] == "1.2.3"
     assert rows["counter"]["hooks"] == ["memvisor_report", "memvisor_tick", "memvisor_vm_created"]

@@ -81,7 +81,8 @@ def _check_report(report: dict) -> int:
     events = [e for e in report["core"]["events"] if e["kind"] == "memory_pressure"]
     assert len(events) == 2 and sum(e["reclaimed_pages"] for e in events) == freed
     assert report["plots"]["zeroreclaim-freed"]["series"]["freed"]["y"][-1] == freed
-    assert 0 < section["metrics"]["on_zero_page"]["web"] <= freed
+    assert 0 < section["metrics"]["vms"]["web"]["on_zero_page"] <= freed
+    assert [h.get("vm") for h in section["headlines"]] == [None, "web"]
     return freed
 
 
@@ -93,6 +94,9 @@ def test_the_scenario_runs_on_the_emulator(plugin, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     _check_report(report)
+    from memvisor.testing.report_checks import headline_problems, page_problems
+
+    assert not headline_problems(report) and not page_problems(tmp_path / "report" / "report.html")
     assert all(e["reclaimed_pages"] > 0 for e in report["core"]["events"] if e["kind"] == "memory_pressure")
     assert (tmp_path / "report" / "zeroreclaim-freed.png").stat().st_size > 0
     # The emulator's other machine model (pages by content identity) frees the same pages.
@@ -134,7 +138,7 @@ def _linux_reason():
 
 def test_settings_are_declared_and_bad_ones_are_the_line_the_page_shows(plugin, tmp_path):
     source, env = plugin
-    rows = json.loads(memvisor(env, "plugins", "--settings", "zeroreclaim", "--json").stdout)
+    rows = json.loads(memvisor(env, "plugins", "--settings", "zeroreclaim", "--json", "-").stdout)
     assert [(r["name"], r["default"]) for r in rows] == [("pages_per_scan", 16384), ("during_migration", False)]
     shown = re.search(r"^\$ memvisor run bad.toml .*\n(memvisor: error: .*)$", DOC.read_text(), re.M)
     bad = tmp_path / "bad.toml"

@@ -118,6 +118,27 @@ def test_integration_selftest_command_runs_briefly(tmp_path):
     assert figures["integration"]["examples"] == 2 and set(figures["fuzz"]) == set(BUDGET)
     assert figures["cli_matrix"]["inputs"] == figures["cli_matrix"]["of"] == 40
     assert np.all([f["inputs"] >= 1 for f in figures["fuzz"].values()])
+    inputs = sum(f["inputs"] for f in figures["fuzz"].values())
+    assert result.stdout.splitlines()[-1] == (
+        f"selftest passed: 2 random interleavings of every technique ({figures['integration']['steps']:,} steps, "
+        f"every page checked after each), {inputs:,} hostile inputs to {len(BUDGET)} parsers, 40 bad command "
+        f"lines, in {figures['seconds']:g} s.")
+
+
+def test_integration_selftest_ends_with_one_sentence_when_a_check_fails(monkeypatch):
+    """A failing check ends `memvisor selftest` with one sentence saying so and status 1
+    (the traceback and hypothesis's steps come before it)."""
+    from memvisor.testing import integration
+
+    def broken(**_):
+        raise AssertionError("guest page 7 of vm a reads other bytes")
+
+    monkeypatch.setattr(integration, "run", broken)
+    _register_commands()
+    result = CliRunner().invoke(cli, ["selftest", "--examples", "1", "--no-fuzz"])
+    assert result.exit_code == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("selftest failed after ") and "guest page 7 of vm a reads other bytes" in last
 
 
 def test_integration_selftest_without_hypothesis_says_how_in_one_line(monkeypatch):

@@ -7,6 +7,13 @@ type). Commands declare the files they read and write with the parameter types o
 (:class:`InputFile`, :class:`OutputFile`, :class:`OutputDir`): an input must be a regular file,
 an output must be writable and is never one of the inputs (also through links), and an output
 folder is checked before any work; a socket of another program is a :class:`UnixSocket`.
+
+Every command speaks to a terminal and to a pipe alike (:func:`console`, :func:`table`): on a
+terminal, rich's tables at the terminal's width; into a pipe or a file, plain columns at full
+width, never cut. ``--json FILE`` (:func:`json_option`) writes a command's figures as JSON to
+FILE, ``--json -`` to standard output, which then holds the JSON alone (the human summary is
+left out); sizes on the command line are written as in scenarios (:class:`Size`: ``4MiB``,
+``2G``; decimal units are refused).
 """
 
 from __future__ import annotations
@@ -50,6 +57,17 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        if self is cli:  # logs to standard error at MEMVISOR_LOG's level, however the command line is called
+            from memvisor.logs import command_logging
+
+            try:
+                with command_logging():
+                    return self._main(args, prog_name, complete_var, **extra)
+            except UserError as exc:  # MEMVISOR_LOG is not a level
+                _fail(exc)
+        return self._main(args, prog_name, complete_var, **extra)
+
+    def _main(self, args, prog_name, complete_var, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:  # a group without its command
@@ -58,7 +76,8 @@ class _Group(click.Group):
             _fail(f"{exc.ctx.command_path}: give a command ({names}; see {exc.ctx.command_path} --help)")
         except click.UsageError as exc:  # click's own: a missing argument, an unknown option...
             where = exc.ctx.command_path if exc.ctx is not None else "memvisor"
-            _fail(f"{where}: {exc.format_message()} (see {where} --help)")
+            said = exc.format_message() if where == "memvisor" else f"{where}: {exc.format_message()}"
+            _fail(f"{said} (see {where} --help)")  # "memvisor: error: " says the root already
         except click.ClickException as exc:
             _fail(exc.format_message())
         except click.exceptions.Abort:
@@ -238,10 +257,11 @@ class Size(click.ParamType):
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         if size < self.low or (self.high is not None and size > self.high):
-            from memvisor.limits import format_bytes
+            from memvisor.units import size as human
 
-            top = f" and {format_bytes(self.high)}" if self.high is not None else ""
-            self.fail(f"must be between {format_bytes(self.low)}{top}, got {value!r}", param, ctx)
+            bounds = f"between {human(self.low)} and {human(self.high)}" if self.high is not None else \
+                f"at least {human(self.low)}"
+            self.fail(f"must be {bounds}, got {value!r}", param, ctx)
         return size
 
 
@@ -273,6 +293,85 @@ class Number(click.ParamType):
         return number
 
 
+# -- output: terminals, pipes and JSON ----------------------------------------------------------
+
+
+def console(stderr: bool = False):
+    """A rich console for standard output (or error): on a terminal, its width and colours;
+    into a pipe or a file, no colour and no width limit, so no line is cut or wrapped."""
+    from rich.console import Console
+
+    terminal = Console(stderr=stderr)
+    if terminal.is_terminal:
+        return terminal
+    return Console(file=_Unpadded(sys.stderr if stderr else sys.stdout), width=100_000, soft_wrap=True,
+                   no_color=True, highlight=False)
+
+
+class _Unpadded:
+    """A text stream that drops the spaces rich pads a table's last column with (a pipe's
+    reader gets the cells, not a screen's width of blanks)."""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        for line in lines:
+            self.stream.write(line.rstrip(" ") + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+
+def table(*columns: str, title: str | None = None, numbers: tuple[str, ...] = ()):
+    """A rich table with these column headings (``numbers``: the ones aligned right): boxed
+    on a terminal; plain columns separated by spaces into a pipe or a file."""
+    from rich import box
+    from rich.table import Table
+
+    boxed = console().is_terminal
+    out = Table(title=title, title_justify="left", box=box.HEAVY_HEAD if boxed else None,
+                pad_edge=boxed, show_edge=boxed)
+    for column in columns:
+        out.add_column(column, justify="right" if column in numbers else "left", overflow="fold")
+    return out
+
+
+def json_option(what: str = "the figures"):
+    """The ``--json FILE|-`` option every command that writes JSON takes: its value is the
+    parameter ``json_out`` (None when not given)."""
+    return click.option("--json", "json_out", default=None, metavar="FILE|-",
+                        type=OutputFile("JSON file", allow_dash=True),
+                        help=f"Write {what} as JSON to FILE ('-': standard output, and nothing else there).")
+
+
+def write_json(target: str | None, value) -> None:
+    """Write ``value`` as JSON to ``target`` (``--json``'s value): ``"-"`` standard output,
+    a file written under a temporary name and renamed, None nothing. NaN becomes null."""
+    import json
+
+    from memvisor.report import to_jsonable
+
+    if target is None:
+        return
+    text = json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
+    if target == "-":
+        click.echo(text, nl=False)
+        return
+    from memvisor.files import atomic_write
+
+    try:
+        atomic_write(target, text)
+    except OSError as exc:
+        raise UserError(f"--json: cannot write {target}: {exc.strerror or exc}") from None
+
+
 # -- the entry point ---------------------------------------------------------------------------
 
 
@@ -296,12 +395,12 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``memvisor`` script."""
     from memvisor.files import cleanup_on_signals
-    from memvisor.logs import configure_logging
+    from memvisor.logs import command_logging
 
     cleanup_on_signals()
     try:
-        configure_logging()
-    except UserError as exc:
+        with command_logging():  # before the plugins load: a plugin that fails to is a warning on stderr
+            _register_commands()
+            cli.main(args=argv, prog_name="memvisor")
+    except UserError as exc:  # MEMVISOR_LOG is not a level
         _fail(exc)
-    _register_commands()
-    cli.main(args=argv, prog_name="memvisor")

@@ -764,7 +764,12 @@ class Host:
         # section's ``reclaimed_mib`` metric is what the plugin keeps free now.
         reclaimed = {s.plugin: s.metrics["reclaimed_mib"] for s in out
                      if isinstance(s.metrics.get("reclaimed_mib"), (int, float))}
-        for s in out:
+        for i, s in enumerate(out):
             if s.plugin == "memvisor" and "overcommit" in s.metrics:
+                from memvisor.report import Column, Table
+
                 s.metrics["reclaimed_now_mib_by_technique"] = reclaimed
+                table = Table("Kept free now, by technique", [Column(k, k, "MiB") for k in reclaimed],
+                              record=("reclaimed_now_mib_by_technique",))
+                out[i] = attrs.evolve(s, tables=[*(s.tables or ()), table])
         return out

@@ -44,6 +44,9 @@ MAX_HANDLER_THREADS = 1024
 MAX_SCENARIO_BYTES = 16 << 20
 """The largest scenario (or sweep) file read."""
 
+MAX_REPORT_BYTES = 64 << 20
+"""The largest report.json ``memvisor compare`` reads (the demo's is 1 MiB)."""
+
 MAX_NESTING = 100
 """How deep tables and arrays of a scenario file may nest."""
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import structlog
 
@@ -32,6 +34,24 @@ def configure_logging() -> None:
             structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args) -> structlog.PrintLogger:
+    """A logger writing to standard error as it is when the message is logged (a test runner
+    that swaps it for one command, such as click's CliRunner, gets that command's logs)."""
+    return structlog.PrintLogger(file=sys.stderr)
+
+
+@contextmanager
+def command_logging() -> Iterator[None]:
+    """structlog as :func:`configure_logging` sets it, for one command; the configuration
+    before it afterwards (a command run inside a test or a notebook leaves theirs alone)."""
+    saved = structlog.get_config()
+    configure_logging()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)

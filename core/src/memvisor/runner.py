@@ -258,8 +258,12 @@ class ScenarioRun:
             for step in steps:
                 if step.action not in actions:
                     raise step.error("do", f"unknown action {step.action[:60]!r} (known: {', '.join(actions)})")
+            log.info("run started", scenario=self.scenario.name, backend=self.host.backend.name,
+                     vms=len(self.host.vms), steps=len(steps), plugins=",".join(sorted(self.scenario.plugins)))
             for step in steps:
-                log.debug("step", index=step.index, action=step.action, time=self.host.now)
+                log.info("step", index=step.index, action=step.action, time=round(self.host.now, 6),
+                         **{k: v[:80] if isinstance(v, str) else v for k, v in step.data.items()
+                            if k in _LOGGED and isinstance(v, (str, int, float))})
                 self.host.metrics.event(self.host.now, "step", action=step.action, index=step.index)
                 self._perform(actions, step)
                 step.check_unknown()
@@ -285,7 +289,14 @@ class ScenarioRun:
     def _finish(self, started: float) -> Report:
         self.host.stop()
         self.host.metrics.sample_memory(self.host)
-        return Report.build(self, real_seconds=time.perf_counter() - started)
+        report = Report.build(self, real_seconds=time.perf_counter() - started)
+        log.info("run finished", scenario=self.scenario.name, clock_seconds=round(self.host.now, 6),
+                 real_seconds=round(time.perf_counter() - started, 3), sections=len(report.sections))
+        return report
+
+
+_LOGGED = ("vm", "for", "name", "node", "target_free", "pages")
+"""Keys of a timeline step that its log line shows (which VM, how long, which checkpoint...)."""
 
 
 def workload_disk(host: Host, vm: VM, workload):

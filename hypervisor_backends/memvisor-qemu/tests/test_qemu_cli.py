@@ -5,6 +5,9 @@ time; its sandbox has no QEMU behind the sockets)."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 
 import pytest
@@ -34,11 +37,63 @@ def _run(sandbox: cli_matrix.Sandbox, command: str):
     return CliRunner().invoke(cli, [*command.split(), *args])
 
 
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _inspect(checkpoint) -> dict:
+    """The checkpoint as ``memvisor checkpoint inspect`` reads it back from the file."""
+    from memvisor.cli import cli
+
+    done = CliRunner().invoke(cli, ["checkpoint", "inspect", str(checkpoint), "--json", "-"])
+    assert done.exit_code == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _check_save_summary(line: str, figures: dict, checkpoint) -> None:
+    """qemu save's summary: its counts are the checkpoint's as the file holds them, its sizes
+    the file's and the stream's, in human units; --json FILE holds the same figures."""
+    from memvisor.units import shown
+
+    m = re.fullmatch(r".+: ([\d,]+) pages \(([\d,]+) zero, ([\d,]+) disk references\) from QEMU \S+ \S+; "
+                     r"stream (.+) -> checkpoint (.+) in (.+)", line)
+    assert m, line
+    read = _inspect(checkpoint)
+    assert [_number(m[i]) for i in (1, 2, 3)] == [read["vm_pages"], read["zero_pages"], read["record_pages"]]
+    assert (m[4], m[5], m[6]) == (shown(figures["stream_bytes"], "bytes"), shown(os.path.getsize(checkpoint), "bytes"),
+                                  shown(figures["seconds"], "s"))
+    assert figures["pages"] == read["vm_pages"] and figures["checkpoint"]["bytes_out"] == os.path.getsize(checkpoint)
+
+
+def _check_restore_summary(line: str, figures: dict, checkpoint) -> None:
+    """qemu restore's summary: the pages and zero pages it sent are the checkpoint's."""
+    m = re.fullmatch(r".+: (eager|lazy) restore of ([\d,]+) pages \(([\d,]+) zero\) in .+, VM running after .+",
+                     line)
+    assert m, line
+    read = _inspect(checkpoint)
+    assert (_number(m[2]), _number(m[3])) == (read["vm_pages"], read["zero_pages"]) == \
+        (figures["pages"], figures["zero_pages_sent"])
+
+
+def _check_migrate_summary(line: str, figures: dict) -> None:
+    """qemu migrate's summary: the pages sent are the zero, disk-reference and data pages
+    together, every one was verified on arrival (a page QEMU sent again, again), at least
+    the VM's pages, and no figure is missing."""
+    m = re.fullmatch(r".+ -> .+: ([\d,]+) pages in \d+ rounds, ([\d,]+) sent \(([\d,]+) zero, ([\d,]+) disk "
+                     r"references, ([\d,]+) data\), ([\d,]+) verified on arrival; .+, downtime .+", line)
+    assert m, line
+    pages, sent, zero, records, data, verified = (_number(m[i]) for i in range(1, 7))
+    assert sent == zero + records + data == verified >= pages == figures["pages"] > 0
+    assert "None" not in line
+
+
 @pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 @needs("diskmap")
 def test_the_matrix_baselines_run_against_real_qemu(tmp_path):
     """With real QEMUs behind the sandbox's QMP sockets, the matrix's valid invocations of qemu save,
-    restore and migrate end with exit status 0: a bad case fails for its one bad argument."""
+    restore and migrate end with exit status 0: a bad case fails for its one bad argument. Each
+    prints one line whose figures are checked against the checkpoint as the file holds it and
+    against each other (and --json FILE has them)."""
     (tmp_path / "sandbox").mkdir()
     sandbox = cli_matrix.Sandbox(tmp_path / "sandbox")
     disk = write_disk(tmp_path / "disk.img", LAYOUT)
@@ -48,16 +103,21 @@ def test_the_matrix_baselines_run_against_real_qemu(tmp_path):
         src.wait_markers(1)
         result = _run(sandbox, "qemu save")
         assert result.exit_code == 0, result.stderr
+        out = sandbox.files["out"]
+        _check_save_summary(result.stdout.strip(), json.loads((out / "save.json").read_text()), out / "vm.ckpt")
         shutil.copy(sandbox.files["out"] / "vm.ckpt", tmp_path / "qemu.ckpt")
         sandbox.files["ckpt"] = tmp_path / "qemu.ckpt"
         result = _run(sandbox, "qemu restore")
         assert result.exit_code == 0, result.stderr
+        _check_restore_summary(result.stdout.strip(), json.loads((sandbox.files["out"] / "restore.json").read_text()),
+                               tmp_path / "qemu.ckpt")
         dst.wait_markers(dst.markers() + 1)
     with QemuVM(tmp_path, "src2", disk) as src, QemuVM(tmp_path, "in2", disk, incoming=True) as dst:
         sandbox.files["qmp"], sandbox.files["qmp_incoming"] = src.qmp_path, dst.qmp_path
         src.wait_markers(1)
         result = _run(sandbox, "qemu migrate")
         assert result.exit_code == 0, result.stderr
+        _check_migrate_summary(result.stdout.strip(), json.loads((sandbox.files["out"] / "migrate.json").read_text()))
         dst.wait_markers(dst.markers() + 1)
 
 

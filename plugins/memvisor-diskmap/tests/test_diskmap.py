@@ -46,7 +46,7 @@ def memory(host, vm):
 
 def test_diskmap_is_listed_as_an_installed_plugin():
     """`memvisor plugins --json` lists diskmap with the hooks it implements."""
-    done = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json", "-"], capture_output=True, text=True)
     row = next(r for r in json.loads(done.stdout) if r["name"] == "diskmap")
     assert row["distribution"] == "memvisor-diskmap"
     for hook in ("memvisor_disk_io", "memvisor_describe_pages", "memvisor_resolve_records", "memvisor_memory_error"):

@@ -45,6 +45,18 @@ def test_json_output_is_a_curve(loop_trace, tmp_path):
     assert "working set" in done.stdout
 
 
+def test_summary_says_the_curve_in_human_units(loop_trace):
+    """The summary's figures are the loop's, counted by hand: 20 passes over 3,000 pages miss on
+    every access below 3,000 pages (11.7 MiB) and only the first pass's 3,000 of 60,000 accesses
+    at it (a floor of 5 %); sizes and ratios as the reports write them."""
+    done = run_mrc(str(loop_trace), "--exact")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("curve (exact): 60,000 accesses, 60,000 processed, 3,000 pages sampled, in ")
+    assert lines[1] == "working set at miss ratio 10 %: 11.7 MiB, 5 %: 11.7 MiB, 1 %: –"  # 5 %: the floor, reached
+    assert lines[2] == "recommended: 11.7 MiB (3,000 pages), within 1 point of the curve's floor, a miss ratio of 5 %"
+
+
 def test_exact_and_untrace_options(loop_trace):
     """--exact gives the exact curve (a step at the loop's length); --untrace-period reports
     traps; both through compute(), the function the command calls."""

@@ -32,7 +32,7 @@ def compare_cli(*args):
 def test_compare_prints_a_table_and_writes_json_and_a_plot(tmp_path):
     """Every heuristic runs on a tiny VM; the JSON has the four figures of each."""
     out, png = tmp_path / "out.json", tmp_path / "local.png"
-    done = compare_cli("--vm-gib", "0.004", "--workload", "zipf:0.99", "--pre", "0.05", "--post", "0.1",
+    done = compare_cli("--vm-memory", "4MiB", "--workload", "zipf:0.99", "--pre", "0.05", "--post", "0.1",
                        "--json", str(out), "--plot", str(png))
     assert done.exit_code == 0, done.stderr
     assert "address" in done.stdout and "t90" in done.stdout
@@ -48,8 +48,9 @@ def test_compare_prints_a_table_and_writes_json_and_a_plot(tmp_path):
     (["--workload", "zipf:x"], "--workload: zipf:ALPHA needs a number"),
     (["--workload", "loop"], "--workload: 'loop' is not one of"),
     (["--workload", "trace:/nonexistent.npy"], "--workload: /nonexistent.npy: no such trace file"),
-    (["--vm-gib", "big"], "--vm-gib: expected a number"),
-    (["--vm-gib", "0"], "--vm-gib: must be at least"),
+    (["--vm-memory", "big"], "'--vm-memory': 'big' is not a size"),
+    (["--vm-memory", "1GB"], "'--vm-memory': '1GB': GB is a decimal unit"),
+    (["--vm-memory", "2MiB"], "'--vm-memory': must be at least 4 MiB, got '2MiB'"),
     (["--pre", "-1"], "--pre: must be between 0 and 3600 seconds"),
     (["--json", "/nonexistent/dir/out.json"], "--json: /nonexistent/dir/out.json: no folder /nonexistent/dir"),
 ])
@@ -69,11 +70,11 @@ def test_bad_input_through_the_real_command():
 
 
 def test_workloads_and_sizes_parse():
-    """--workload and --vm-gib turn into scenario values."""
+    """--workload and --vm-memory turn into scenario values."""
     assert parse_workload("zipf:0.8") == {"kind": "zipf", "alpha": 0.8}
     assert parse_workload("phased") == {"kind": "phased"}
     assert parse_workload("scan") == {"kind": "scan"}
-    assert vm_pages_of(1) == 262144
+    assert vm_pages_of(2**30) == 262144 and vm_pages_of(2**30 + 4096) == 262144
     with pytest.raises(UserError):
         parse_workload("phased:3")
 
@@ -110,7 +111,7 @@ def test_the_bench_measures_what_numa_compare_prints_on_its_defaults(monkeypatch
     monkeypatch.setattr(compare, "DEFAULT_PRE", 0.1)
     bench.t90.cache_clear()
     try:
-        rows, _ = compare.compare(compare.vm_pages_of(compare.DEFAULT_VM_GIB), parse_workload("zipf:0.99"),
+        rows, _ = compare.compare(compare.vm_pages_of(compare.DEFAULT_VM_GIB * 2**30), parse_workload("zipf:0.99"),
                                   ("scan", "address"), seed=bench.SEED)
         cases = {case.name: case for case in bench.cases()}
         assert cases["t90-scan"].measure(None) == rows["scan"]["t90_s"] > 0

@@ -117,7 +117,7 @@ class CoreActions:
         reclaimed under memory pressure, the faulting pages each plugin served (zero-fill for
         the core's default), the plugins that failed in a hook and the VMs stopped."""
         from memvisor import PAGE_SIZE
-        from memvisor.report import MEMORY_SECTION, ReportSection
+        from memvisor.report import MEMORY_SECTION, Column, Figure, Headline, ReportSection, Table
 
         backend = host.backend
         vm_pages = sum(vm.pages for vm in host.vms.values())
@@ -135,7 +135,35 @@ class CoreActions:
             "plugin_failures_by_plugin": _count(f"{f['plugin']}:{f['hook']}" for f in host.plugin_failures),
             "vms_stopped": {vm.name: vm.stopped for vm in host.vms.values() if vm.stopped},
         }
-        return ReportSection("memvisor", MEMORY_SECTION, metrics,
+        memory = {"vms": Figure(("vm_mib",), "MiB", label="VM memory"),
+                  "used": Figure(("used_mib",), "MiB", "lower", "memory in use"),
+                  "host": Figure(("host_mib",), "MiB", label="host memory")}
+        text = "the VMs' {vms} of memory took {used} of the host's {host} at the end"
+        if metrics["saved_mib"]:
+            memory["saved"] = Figure(("saved_mib",), "MiB", "higher", "saved by the techniques")
+            text += ": the techniques save {saved}"
+        headlines = [Headline(text, memory)]
+        if host.plugin_failures:
+            headlines.append(Headline("{failures} plugin failures inside hooks, isolated (docs/reliability.md)",
+                                      {"failures": Figure(("plugin_failures",), "count", "lower")}, key="failures"))
+        for name in metrics["vms_stopped"]:
+            headlines.append(Headline("stopped: {why}", {"why": Figure(("vms_stopped", name), "text", label="stopped")},
+                                      vm=name, key="stopped"))
+        tables = [
+            Table("", [Column("host_mib", "host memory", "MiB"), Column("vm_mib", "VM memory", "MiB"),
+                       Column("overcommit", "overcommit", "ratio", help="VM memory / host memory"),
+                       Column("used_mib", "in use at the end", "MiB"),
+                       Column("saved_mib", "saved by the techniques", "MiB", help="VM memory - memory in use"),
+                       Column("plugin_failures", "plugin failures", "count")], record=()),
+            Table("Reclaimed under memory pressure, by plugin",
+                  [Column(k, k, "MiB") for k in metrics["reclaimed_under_pressure_mib"]],
+                  record=("reclaimed_under_pressure_mib",)),
+            Table("Plugin failures, by plugin and hook",
+                  [Column(k, k, "count") for k in metrics["plugin_failures_by_plugin"]],
+                  record=("plugin_failures_by_plugin",)),
+            Table("VMs stopped", [Column(k, k, "text") for k in metrics["vms_stopped"]], record=("vms_stopped",)),
+        ]
+        return ReportSection("memvisor", MEMORY_SECTION, metrics, headlines=headlines, tables=tables,
                              text="VM memory against machine memory (overcommit), machine pages the techniques "
                                   "save now, pages each plugin reclaimed under memory pressure, faulting pages "
                                   "each plugin served (zero-fill: the core's default), plugins that "

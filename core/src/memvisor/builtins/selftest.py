@@ -10,14 +10,14 @@ printed (saved to FILE), to debug the failure.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+import traceback
 
 import click
 
 from memvisor import hookimpl
-from memvisor.cli import InputFile, Number, OutputFile
+from memvisor.cli import InputFile, Number, json_option, one_line, write_json
 
 
 @click.command("selftest")
@@ -30,7 +30,7 @@ from memvisor.cli import InputFile, Number, OutputFile
 @click.option("--fuzz/--no-fuzz", default=True, show_default=True, help="Also fuzz the hostile-input parsers.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Start from the same examples every time (the first batch is derandomized).")
-@click.option("--json", "json_out", type=OutputFile("JSON file"), default=None, help="Write the figures here.")
+@json_option()
 @click.option("--replay", type=InputFile("selftest output"), default=None,
               help="Replay the failing example printed in this file (saved output of a run), then stop.")
 def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
@@ -50,21 +50,37 @@ def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
         examples = 10**9 if seconds is not None else 20
     started = time.monotonic()
     share = None if seconds is None else (seconds * 0.8 if fuzz else seconds)
-    figures = {"integration": run(max_examples=examples, steps=steps, seconds=share, seed=seed)}
-    if fuzz:
-        from memvisor.testing import cli_matrix
+    try:
+        figures = {"integration": run(max_examples=examples, steps=steps, seconds=share, seed=seed)}
+        if fuzz:
+            from memvisor.testing import cli_matrix
 
-        left = None if seconds is None else max(1.0, seconds - (time.monotonic() - started))
-        figures["fuzz"] = fuzzers.run_all(examples=min(examples, 200) if left is None else 10**9, seconds=left)
-        # Every case with a time budget (about 10 s), else 20 per example.
-        figures["cli_matrix"] = cli_matrix.run(limit=None if seconds is not None else examples * 20)
+            left = None if seconds is None else max(1.0, seconds - (time.monotonic() - started))
+            figures["fuzz"] = fuzzers.run_all(examples=min(examples, 200) if left is None else 10**9, seconds=left)
+            # Every case with a time budget (about 10 s), else 20 per example.
+            figures["cli_matrix"] = cli_matrix.run(limit=None if seconds is not None else examples * 20)
+    except Exception as exc:  # a broken check: hypothesis printed the steps that led to it above
+        traceback.print_exc()
+        click.echo(f"selftest failed after {time.monotonic() - started:.0f} s: {one_line(exc)[:300]} (save this "
+                   "output and run memvisor selftest --replay FILE to replay the steps)", err=True)
+        sys.exit(1)
     figures["seconds"] = round(time.monotonic() - started, 1)
-    text = json.dumps(figures, indent=2)
-    if json_out:
-        with open(json_out, "w") as f:
-            f.write(text + "\n")
-    click.echo(text)
+    write_json(json_out, figures)
+    click.echo(passed_sentence(figures), err=json_out == "-")
     sys.exit(0)
+
+
+def passed_sentence(figures: dict) -> str:
+    """The one sentence a passing selftest ends with: what it ran, in counts."""
+    state = figures["integration"]
+    parts = [f"{state['examples']:,} random interleavings of every technique ({state['steps']:,} steps, every "
+             "page checked after each)"]
+    if "fuzz" in figures:
+        inputs = sum(f["inputs"] for f in figures["fuzz"].values())
+        parts.append(f"{inputs:,} hostile inputs to {len(figures['fuzz'])} parsers")
+    if "cli_matrix" in figures:
+        parts.append(f"{figures['cli_matrix']['inputs']:,} bad command lines")
+    return f"selftest passed: {', '.join(parts)}, in {figures['seconds']:g} s."
 
 
 def _need_hypothesis() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import tempfile
@@ -43,14 +44,15 @@ MEMORY_LIMIT = 256 << 20
 
 BASELINES: dict[str, dict[str, object]] = {
     "run": {"scenario": "{scenario}", "out_dir": "{out}/report", "quiet": True},
-    "plugins": {"as_json": True},
-    "backends": {"as_json": True},
-    "bench": {"groups": ["emulator"], "runs": "1", "cases": ["zipf-untraced"], "as_json": True},
+    "compare": {"reports": ["{run_a}", "{run_b}"], "out_dir": "{out}/compare", "json_out": "{out}/compare.json"},
+    "plugins": {"json_out": "{out}/plugins.json"},
+    "backends": {"json_out": "{out}/backends.json"},
+    "bench": {"groups": ["emulator"], "runs": "1", "cases": ["zipf-untraced"], "json_out": "{out}/bench.json"},
     "checkpoint save": {"image": "{image}", "out": "{out}/saved.ckpt", "key_file": "{key}",
                         "json_out": "{out}/save.json"},
     "checkpoint restore": {"ckpt": "{ckpt}", "image": "{out}/restored.raw", "key_file": "{key}",
                            "json_out": "{out}/restore.json"},
-    "checkpoint inspect": {"ckpt": "{ckpt}", "as_json": True},
+    "checkpoint inspect": {"ckpt": "{ckpt}", "rows": "5", "json_out": "{out}/inspect.json"},
     "checkpoint verify": {"ckpt": "{ckpt}", "key_file": "{key}"},
     "migrate": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/migrate.json"},
     "selftest": {"examples": "1", "steps": "1", "fuzz": False, "json_out": "{out}/selftest.json"},
@@ -152,6 +154,9 @@ class Sandbox:
         np.save(root / "trace.npy", rng.integers(0, 500, 5000).astype(np.int64))
         (root / "s.toml").write_text('[host]\nmemory = "16MiB"\n[[vm]]\nname = "a"\nmemory = "4MiB"\n'
                                      'workload = { kind = "uniform" }\n[[timeline]]\ndo = "run"\nfor = "1ms"\n')
+        for name, seed in (("run_a", 1), ("run_b", 2)):  # two runs' reports (compare's inputs)
+            (root / name).mkdir()
+            (root / name / "report.json").write_text(json.dumps(_report(root / "s.toml", seed)))
         (root / "folder").mkdir()
         (root / ("d" * 100)).mkdir()  # reaches a socket by a path too long to connect to
         os.mkfifo(root / "fifo")
@@ -160,7 +165,8 @@ class Sandbox:
             _bind(root, name)
         self.files = {"scenario": root / "s.toml", "image": root / "image.raw", "disk": root / "disk.raw",
                       "ckpt": root / "vm.ckpt", "trace": root / "trace.npy", "key": root / "key",
-                      "out": root / "out", "qmp": root / "qmp.sock", "qmp_incoming": root / "incoming.sock"}
+                      "run_a": root / "run_a", "run_b": root / "run_b", "out": root / "out", "qmp": root / "qmp.sock",
+                      "qmp_incoming": root / "incoming.sock"}
 
     def fill(self, value: str) -> str:
         """``value`` with the sandbox's files in place of ``{scenario}``, ``{out}``..."""
@@ -190,6 +196,14 @@ class Sandbox:
             if name.startswith("memvisor-") and mine in name:
                 found[f"$TMP/{name}"] = ()
         return found
+
+
+def _report(scenario: Path, seed: int) -> dict:
+    """report.json of the sandbox's scenario run with ``seed``."""
+    from memvisor.runner import ScenarioRun
+    from memvisor.scenario import load_scenario
+
+    return ScenarioRun(load_scenario(scenario).with_seed(seed)).run().data
 
 
 def _bind(folder: Path, name: str) -> None:

@@ -97,7 +97,7 @@ def listed_plugin(name: str) -> dict:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json"], check=True,
+    out = subprocess.run([sys.executable, "-m", "memvisor", "plugins", "--json", "-"], check=True,
                          capture_output=True, text=True).stdout
     rows = [row for row in json.loads(out) if row["name"] == name]
     assert len(rows) == 1, f"plugin {name!r} is listed {len(rows)} times by `memvisor plugins --json`"

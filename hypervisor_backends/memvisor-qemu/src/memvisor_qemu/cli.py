@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from memvisor.cli import InputFile, OutputFile, UnixSocket
+from memvisor.cli import InputFile, OutputFile, UnixSocket, json_option, write_json
+from memvisor.units import shown
 
 QMP = UnixSocket("QMP socket")
 DISK = InputFile("disk image")
 KEY = InputFile("key file")
-JSON = OutputFile("JSON file")
 
 
 def _key(key_file):
@@ -20,13 +18,6 @@ def _key(key_file):
     from memvisor.builtins.checkpoint import load_key
 
     return load_key(key_file)
-
-
-def _write_json(path, figures) -> None:
-    if path:
-        from memvisor.files import atomic_write
-
-        atomic_write(path, json.dumps(figures, indent=2) + "\n")
 
 
 @click.group("qemu")
@@ -42,17 +33,19 @@ def qemu():
 @click.option("--live", is_flag=True, help="Keep the VM running while it is saved (pre-copy rounds).")
 @click.option("--key-file", type=KEY, default=None, help="Add a keyed MAC (BLAKE2b).")
 @click.option("--level", type=click.IntRange(-7, 22), default=1, show_default=True, help="zstd level.")
-@click.option("--json", "json_out", type=JSON, default=None, help="Write the figures as JSON.")
+@json_option()
 def save_command(out, qmp, disk, live, key_file, level, json_out):
     """Save the VM of the QEMU at --qmp as memvisor checkpoint OUT."""
     from memvisor_qemu.save import save
 
     result = save(qmp, out, disk=disk, live=live, key=_key(key_file), level=level)
-    _write_json(json_out, result.to_json())
+    write_json(json_out, result.to_json())
+    if json_out == "-":
+        return
     c = result.checkpoint
     click.echo(f"{out}: {result.pages:,} pages ({c['zero_pages']:,} zero, {c['record_pages']:,} disk references) "
-               f"from QEMU {result.qemu} {result.machine}; stream {result.stream_bytes / 2**20:.1f} MiB -> "
-               f"checkpoint {c['bytes_out'] / 2**20:.1f} MiB in {result.seconds:.2f} s"
+               f"from QEMU {result.qemu} {result.machine}; stream {shown(result.stream_bytes, 'bytes')} -> "
+               f"checkpoint {shown(c['bytes_out'], 'bytes')} in {shown(result.seconds, 's')}"
                + (f"; {result.pages_resent:,} pages written during the save" if live else ""))
 
 
@@ -67,15 +60,15 @@ def save_command(out, qmp, disk, live, key_file, level, json_out):
               help="Background order of a lazy restore: hottest first (the order sidecar) or file order.")
 @click.option("--window-pages", type=click.IntRange(1, 1 << 16), default=512, show_default=True,
               help="Pages a lazy restore sends around each page QEMU asks for.")
-@click.option("--json", "json_out", type=JSON, default=None, help="Write the figures as JSON.")
+@json_option()
 def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, window_pages, json_out):
     """Restore CHECKPOINT into the QEMU at --qmp (eager, or --lazy)."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from memvisor.cli import console as make_console
     from memvisor_qemu.restore import restore
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     columns = (TextColumn("pages sent to QEMU"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         sent = bar.add_task("restore")
@@ -83,13 +76,15 @@ def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, window_page
                          window_pages=window_pages,
                          progress=lambda done, total: bar.update(sent, completed=done, total=total))
     figures = result.to_json()
-    _write_json(json_out, figures)
+    write_json(json_out, figures)
+    if json_out == "-":
+        return
     service = figures["request_service_ms"]
     click.echo(f"{checkpoint}: {result.method} restore of {result.pages:,} pages "
-               f"({result.zero_pages_sent:,} zero) in {result.seconds:.2f} s, VM running after "
-               f"{result.resumed_s * 1000:.0f} ms"
-               + (f"; {result.requests:,} page requests, service p50 {service['p50']:.2f} ms, "
-                  f"p99 {service['p99']:.2f} ms" if service else ""))
+               f"({result.zero_pages_sent:,} zero) in {shown(result.seconds, 's')}, VM running after "
+               f"{shown(result.resumed_s, 's')}"
+               + (f"; {result.requests:,} page requests, service p50 {shown(service['p50'] / 1000, 's')}, "
+                  f"p99 {shown(service['p99'] / 1000, 's')}" if service else ""))
 
 
 @qemu.command("migrate")
@@ -97,7 +92,7 @@ def restore_command(checkpoint, qmp, lazy, disk, key_file, prefetch, window_page
 @click.option("--to", "target", required=True, type=QMP, help="QMP socket of a QEMU started with -incoming defer.")
 @click.option("--disk", default=None, type=DISK,
               help="The disk both share: pages equal to its blocks cross as references.")
-@click.option("--json", "json_out", type=JSON, default=None, help="Write the figures as JSON.")
+@json_option()
 def migrate_command(source, target, disk, json_out):
     """Migrate the running VM of the QEMU at --from to the QEMU at --to through memvisor."""
     from memvisor.errors import UserError
@@ -107,9 +102,12 @@ def migrate_command(source, target, disk, json_out):
     if same_file(source, target):
         raise UserError(f"--to {target}: the same QMP socket as --from; a VM migrates between two QEMUs")
     result = migrate(source, target, disk=disk)
-    _write_json(json_out, result.to_json())
+    write_json(json_out, result.to_json())
+    if json_out == "-":
+        return
+    downtime = None if result.downtime_ms is None else result.downtime_ms / 1000  # a dash when QEMU said none
     click.echo(f"{source} -> {target}: {result.pages:,} pages in {result.rounds} rounds, {result.pages_sent:,} sent "
                f"({result.zero_pages:,} zero, {result.record_pages:,} disk references, {result.data_pages:,} data), "
-               f"{result.pages_verified:,} verified on arrival; QEMU's stream {result.qemu_stream_bytes / 2**20:.1f} "
-               f"MiB, memvisor's link {result.link_bytes / 2**20:.1f} MiB in {result.seconds:.2f} s, downtime "
-               f"{result.downtime_ms} ms")
+               f"{result.pages_verified:,} verified on arrival; QEMU's stream "
+               f"{shown(result.qemu_stream_bytes, 'bytes')}, memvisor's link {shown(result.link_bytes, 'bytes')} in "
+               f"{shown(result.seconds, 's')}, downtime {shown(downtime, 's')}")

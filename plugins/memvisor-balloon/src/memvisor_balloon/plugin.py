@@ -19,14 +19,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
-from memvisor.report import Plot, ReportSection
+from memvisor.report import Column, Figure, Headline, Plot, ReportSection, Table
 from memvisor_balloon import pages as bulk
 from memvisor_balloon.driver import GuestBalloonDriver
 from memvisor_balloon.policy import idle_tax_reclaim, mrc_reclaim
@@ -521,12 +521,13 @@ class BalloonPlugin:
                            "active_fraction": st.active}
                     for name, st in sorted(self.vms.items())},
         }
-        return ReportSection(NAME, "Ballooning", metrics, plots,
+        return ReportSection(NAME, "Ballooning", metrics, plots, headlines=_headlines(metrics),
+                             tables=_tables(metrics),
                              text="Balloon pages share one zero-filled page per VM; a guest write to it resets "
                                   "that VM's balloon. Under memory pressure each VM's target follows the "
-                                  f"{self.settings.policy} policy (docs/balloon.md). mrc_miss_ratio_increase: "
-                                  "the rise in miss ratio the MRC-guided targets allowed (null: no MRC plugin "
-                                  "answered).")
+                                  f"{self.settings.policy} policy (docs/balloon.md). Miss-ratio rise allowed: the rise "
+                                  "in miss ratio the MRC-guided targets allowed (a dash, null in report.json: no "
+                                  "MRC plugin answered).")
 
     # -- registration -------------------------------------------------------------------------
 
@@ -545,3 +546,50 @@ class BalloonPlugin:
 
         for case in cases():
             register("balloon", case)
+
+
+def _headlines(metrics: dict[str, Any]) -> list[Headline]:
+    """What ballooning kept free, and each VM's balloon (for a VM whose balloon ever held a page)."""
+    out = [Headline("ballooning keeps {now} free now ({peak} at most), with {policy} targets; balloon pages that "
+                    "read non-zero: {errors}",
+                    {"now": Figure(("reclaimed_mib",), "MiB", "higher", "kept free now"),
+                     "peak": Figure(("reclaimed_mib_peak",), "MiB", label="kept free at most"),
+                     "policy": Figure(("policy",), "text"),
+                     "errors": Figure(("guest_visible_errors",), "count", "lower")})]
+    for name, vm in metrics["vms"].items():
+        if vm["balloon_pages_peak"] or vm["resets"]:
+            at = ("vms", name)
+            figures = {"peak": Figure((*at, "balloon_pages_peak"), "pages", label="balloon at most"),
+                       "resets": Figure((*at, "resets"), "count", label="balloon resets")}
+            if vm["balloon_pages"]:
+                figures["size"] = Figure((*at, "balloon_pages"), "pages", label="balloon at the end")
+                text = "its balloon holds {size} at the end ({peak} at most); balloon resets: {resets}"
+            else:
+                text = "its balloon held {peak} at most, empty at the end; balloon resets: {resets}"
+            out.append(Headline(text, figures, vm=name))
+    return out
+
+
+def _tables(metrics: dict[str, Any]) -> list[Table]:
+    """The totals, each VM's balloon, and how often each policy set the targets."""
+    return [
+        Table("", [Column("policy", "policy", "text"), Column("reset_mode", "reset mode", "text"),
+                   Column("reclaimed_mib", "kept free now", "MiB"), Column("reclaimed_mib_peak", "at most", "MiB"),
+                   Column("inflated_pages", "inflated", "pages"), Column("deflated_pages", "deflated", "pages"),
+                   Column("freed_pages", "machine memory freed", "pages"),
+                   Column("pressure_events", "pressure events", "count"),
+                   Column("pressure_freed_pages", "freed under pressure", "pages"),
+                   Column("resets", "balloon resets", "count"),
+                   Column("guest_visible_errors", "guest-visible errors", "count",
+                          help="balloon pages that did not read zeros"),
+                   Column("mrc_miss_ratio_increase", "miss-ratio rise allowed", "fraction",
+                          "no MRC plugin answered")], record=()),
+        Table("Balloons", [Column("balloon_pages", "balloon now", "pages"),
+                           Column("balloon_pages_peak", "at most", "pages"),
+                           Column("target_pages", "target", "pages"), Column("resets", "resets", "count"),
+                           Column("driver_resets", "driver reloads", "count"),
+                           Column("active_fraction", "active memory", "fraction", "not sampled",
+                                  help="share of its memory found in use by idle sampling")], rows=("vms",)),
+        Table("Targets set, by policy", [Column(k, k.replace("_", " "), "count") for k in metrics["policy_used"]],
+              record=("policy_used",)),
+    ]

@@ -3,12 +3,10 @@ block of a raw disk image."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
-from memvisor.cli import InputFile, OutputFile
+from memvisor.cli import InputFile, json_option, write_json
+from memvisor.units import shown
 
 
 @click.group("diskmap")
@@ -19,7 +17,7 @@ def diskmap():
 @diskmap.command("scan")
 @click.argument("image", type=InputFile("memory image"))
 @click.option("--disk", "disk", required=True, type=InputFile("disk image"), help="The raw disk image.")
-@click.option("--json", "json_out", default=None, type=OutputFile("JSON file"), help="Write the figures as JSON.")
+@json_option()
 def scan(image, disk, json_out):
     """Count the pages of a raw memory IMAGE identical to a 4 KiB-aligned block of --disk
     (zero pages counted apart): {"pages", "disk_blocks", "pages_on_disk", "zero_pages", "seconds"}."""
@@ -28,12 +26,12 @@ def scan(image, disk, json_out):
 
     image_pages(image)  # a memory image is whole pages: never silently cut
     result = scan_image(image, disk)
-    figures = result.to_json()
-    if json_out:
-        Path(json_out).write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(json_out, result.to_json())
+    if json_out == "-":
+        return
     nonzero = result.pages - result.zero_pages
     share = result.pages_on_disk / nonzero if nonzero else 0.0
-    rate = result.pages * 4096 / result.seconds / 1e6 if result.seconds else float("inf")
+    rate = f", {shown(result.pages * 4096 / result.seconds, 'bytes/s')}" if result.seconds else ""
     click.echo(f"{image}: {result.pages:,} pages, {result.zero_pages:,} zero, {result.pages_on_disk:,} on disk "
-               f"({share:.1%} of non-zero pages) against {result.disk_blocks:,} blocks; "
-               f"{result.seconds:.2f} s ({rate:,.0f} MB/s), index {result.index_seconds:.2f} s")
+               f"({shown(share, 'fraction')} of non-zero pages) against {result.disk_blocks:,} blocks; "
+               f"{shown(result.seconds, 's')}{rate}, index {shown(result.index_seconds, 's')}")

@@ -39,7 +39,7 @@ from memvisor.errors import BackendError
 from memvisor.events import PageRecords
 from memvisor.identity import concat, rows_equal, zero_rows
 from memvisor.identity import fingerprints as _fingerprints
-from memvisor.report import ReportSection
+from memvisor.report import Column, Figure, Headline, ReportSection, Table
 from memvisor.settings import setting
 from memvisor_diskmap.index import DiskIndex
 
@@ -526,6 +526,7 @@ class DiskmapPlugin:
         per_vm = {name: int(len(self.still_equal(vm))) for name, vm in host.vms.items()}
         metrics = {"mapped_pages": per_vm, **{k: int(v) for k, v in sorted(self.counts.items())}}
         return ReportSection("diskmap", "Guest pages mapped to disk blocks", metrics,
+                             headlines=_headlines(metrics), tables=_tables(metrics),
                              text="Pages identical to disk blocks travel as 24-byte references in snapshots "
                                   "and migrations, are dropped without a write under pressure, and are "
                                   "rebuilt after memory errors.")
@@ -555,3 +556,34 @@ class _IdentityIndex:
             same = rows_equal(self.disk.contents(blocks), contents[hit])
             out[hit[same]] = blocks[same]
         return out
+
+
+_USES = (("records_migration", "{n} pages travelled as disk references in live migrations"),
+         ("records_checkpoint", "{n} pages saved as disk references in checkpoints"),
+         ("swapped_out", "{n} pages dropped without a write under memory pressure"),
+         ("repaired", "{n} pages rebuilt from disk after memory errors"))
+
+
+def _headlines(metrics: dict) -> list[Headline]:
+    """Each VM's pages equal to disk blocks, and what the mappings were used for."""
+    out = [Headline("diskmap: {mapped} of its memory equals disk blocks at the end",
+                    {"mapped": Figure(("mapped_pages", name), "pages", "higher", "equal to disk blocks")}, vm=name)
+           for name, pages in metrics["mapped_pages"].items() if pages]
+    out += [Headline("diskmap: " + text, {"n": Figure((key,), "count", "higher", text.split("{n} ")[1])}, key=key)
+            for key, text in _USES if metrics.get(key)]
+    return out
+
+
+def _tables(metrics: dict) -> list[Table]:
+    """Pages mapped per VM; what was mapped, dropped and used (counters the run did not touch
+    are left out)."""
+    count = [("mapped", "mapped"), ("mapped_by_io", "mapped by disk I/O"), ("mapped_by_scan", "mapped by scan"),
+             ("dropped_guest_write", "dropped: guest wrote"), ("dropped_disk_write", "dropped: block written"),
+             ("dropped_hash_mismatch", "dropped: contents changed"), ("dropped_restore", "dropped: restored"),
+             ("records_migration", "migration references"), ("records_checkpoint", "checkpoint references"),
+             ("refs_resolved", "references resolved"), ("stale_refs_refused", "stale references refused"),
+             ("swapped_out", "dropped under pressure"), ("swapped_in", "read back"),
+             ("repaired", "repaired after errors")]
+    return [Table("Mapped at the end", [Column(name, name, "pages") for name in metrics["mapped_pages"]],
+                  record=("mapped_pages",)),
+            Table("Pages mapped, dropped and used", [Column(key, label, "count") for key, label in count], record=())]

@@ -40,7 +40,7 @@ from memvisor.builtins.checkpoint import (
 )
 from memvisor.builtins.checkpoint.vm import RestoreJob, load_pages
 from memvisor.errors import UserError
-from memvisor.report import Plot, ReportSection
+from memvisor.report import Column, Figure, Headline, Plot, ReportSection, Table
 from memvisor.settings import setting
 from memvisor_lazy_restore.order import read_order
 
@@ -419,7 +419,42 @@ class LazyRestorePlugin:
         plot = Plot("lazy-restore-progress", "Lazy restore: pages loaded", "time (s)", "pages", series, kind="step",
                     ends_at=ends_at)
         return ReportSection(NAME, "Lazy checkpoint restore", {"restores": jobs}, [plot],
-                             text="Time to the first guest access, read calls and bytes, fault_windows (faults a "
-                                  "guest touching pages one at a time would take: one per window), fault_pages "
-                                  "(faulting pages delivered), pages loaded on fault and prefetched, pages loaded "
-                                  "that the guest never touched.")
+                             headlines=[_headline(i, job) for i, job in enumerate(jobs)], tables=[TABLE],
+                             text="The restored VM resumes at once; a page it touches before it is loaded faults "
+                                  "and its storage block is read, while the rest is prefetched, hottest first. "
+                                  "Fault windows: the faults a guest touching pages one at a time would take (one "
+                                  "per window); never touched: pages loaded that the guest did not touch since (a "
+                                  "dash, null in report.json: still loading at the end).")
+
+
+def _headline(i: int, job: dict[str, Any]) -> Headline:
+    """How soon the restored VM ran and was served, and what the restore loaded."""
+    def at(key: str) -> tuple:
+        return ("restores", i, key)
+
+    figures = {"name": Figure(at("checkpoint"), "text"),
+               "resume": Figure(at("resume_s"), "s", "lower", "resumed after"),
+               "first": Figure(at("first_access_s"), "s", "lower", "first access after"),
+               "faults": Figure(at("fault_pages"), "count", "lower", "pages faulted")}
+    text = "lazy restore of {name}: resumed after {resume}, first access served after {first}; {faults} pages faulted"
+    if job.get("complete_s") is not None:
+        figures |= {"loaded": Figure(at("pages_loaded"), "pages"),
+                    "complete": Figure(at("complete_s"), "s", "lower", "complete after"),
+                    "untouched": Figure(at("pages_never_touched"), "pages", "lower", "loaded, never touched")}
+        text += ", all {loaded} loaded after {complete} ({untouched} of it not touched since)"
+    return Headline(text, figures, vm=job["vm"], key=f"restore {job['checkpoint']}")
+
+
+TABLE = Table("Restores", [
+    Column("vm", "VM", "text"), Column("checkpoint", "checkpoint", "text"), Column("started_s", "started", "s"),
+    Column("resume_s", "resumed after", "s"), Column("first_access_s", "first access after", "s"),
+    Column("complete_s", "complete after", "s", "still loading at the end"),
+    Column("read_calls", "read calls", "count"), Column("bytes_read", "read", "bytes"),
+    Column("fault_windows", "fault windows", "count", help="faults a guest touching pages one at a time would take"),
+    Column("fault_pages", "pages faulted", "count"), Column("pages_loaded_on_fault", "loaded on fault", "pages"),
+    Column("pages_prefetched", "prefetched", "pages"), Column("pages_never_touched", "never touched", "pages",
+                                                             "still loading at the end"),
+    Column("prefetch_order", "prefetch order", "text"),
+    Column("real_seconds", "work (wall clock)", "s", help="wall-clock time of the restore's own work")],
+    rows=("restores",), keys=())
+"""Every lazy restore, one row each."""

@@ -31,7 +31,7 @@ from memvisor.builtins.checkpoint import CheckpointError
 from memvisor.builtins.checkpoint.vm import SaveJob, new_writer, write_checkpoint, writer_stats
 from memvisor.events import FaultBatch
 from memvisor.identity import zero_rows
-from memvisor.report import Plot, ReportSection
+from memvisor.report import Column, Figure, Headline, Plot, ReportSection, Table
 from memvisor.settings import setting
 from memvisor_lazy_save import order
 
@@ -435,5 +435,39 @@ class LazySavePlugin:
         plots = [Plot("lazy-save-progress", "Lazy save: pages saved", "time (s)", "pages", series, kind="step",
                       ends_at={label: ("saves", i, "pages") for i, label in enumerate(series)})] if series else []
         return ReportSection(NAME, "Lazy checkpoint save", {"saves": jobs}, plots,
+                             headlines=[_headline(i, job) for i, job in enumerate(jobs)], tables=[TABLE],
                              text="Stop time (write-protecting every page) apart from the total save time; "
                                   "write calls, bytes, compression ratio and throughput; copy-before-write saves.")
+
+
+def _headline(i: int, job: dict[str, Any]) -> Headline:
+    """How long the VM stopped, what the save wrote and how many writes it had to copy first."""
+    def at(key: str) -> tuple:
+        return ("saves", i, key)
+
+    figures = {"name": Figure(at("checkpoint"), "text"), "stop": Figure(at("stop_s"), "s", "lower", "VM stopped")}
+    if job.get("total_s") is None:
+        return Headline("lazy save of {name}: the VM stopped for {stop}; still saving at the end", figures,
+                        vm=job["vm"], key=f"save {job['checkpoint']}")
+    figures |= {"data": Figure(at("bytes_in"), "bytes", label="data"),
+                "file": Figure(at("bytes_out"), "bytes", "lower", "file size"),
+                "total": Figure(at("total_s"), "s", "lower", "saved after"),
+                "cow": Figure(at("cow_pages"), "count", "lower", "copy-before-write saves")}
+    return Headline("lazy save of {name}: the VM stopped for {stop}, then {data} saved as {file} in {total} while "
+                    "it ran; {cow} copy-before-write saves", figures, vm=job["vm"], key=f"save {job['checkpoint']}")
+
+
+TABLE = Table("Saves", [
+    Column("vm", "VM", "text"), Column("checkpoint", "checkpoint", "text"), Column("started_s", "started", "s"),
+    Column("stop_s", "VM stopped", "s"), Column("total_s", "saved after", "s", "still saving at the end"),
+    Column("pages", "memory", "pages"), Column("zero_pages", "zero pages", "count"),
+    Column("record_pages", "pages as records", "count"), Column("bytes_in", "data", "bytes"),
+    Column("bytes_out", "file", "bytes"), Column("compression_ratio", "compression", "ratio"),
+    Column("throughput_mib_per_s", "throughput", "MiB/s"), Column("write_calls", "write calls", "count"),
+    Column("storage_blocks", "storage blocks", "count"),
+    Column("cow_pages", "copy-before-write saves", "count", help="pages copied before a guest write"),
+    Column("cow_windows", "copied windows", "count"), Column("cow_seconds", "copy time", "s"),
+    Column("order", "order", "text"),
+    Column("real_seconds", "work (wall clock)", "s", help="wall-clock time of the save's own work")],
+    rows=("saves",), keys=())
+"""Every lazy save, one row each."""

@@ -10,7 +10,6 @@ The same estimators as the plugin, over a whole trace read by :func:`memvisor.tr
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import attrs
 import click
 
-from memvisor.cli import InputFile, Number, OutputFile
+from memvisor.cli import InputFile, Number, OutputFile, json_option, write_json
 from memvisor.errors import UserError
 
 __all__ = ["SMALL_SAMPLE", "MRCResult", "compute", "mrc"]
@@ -127,8 +126,7 @@ def _plot(result: MRCResult, trace: str, path: str) -> None:
 @click.option("--untrace-period", type=click.IntRange(0, 2**62), default=0, show_default=True,
               help="Accesses a sampled page stays untraced after it trapped (simulated; needs a fixed rate).")
 @click.option("--exact", is_flag=True, help="Exact curve (Mattson stack distances, O(N log N)).")
-@click.option("--json", "json_out", default=None, type=OutputFile("JSON file", allow_dash=True),
-              help="Write the curve as JSON to this file ('-': stdout).")
+@json_option("the curve")
 @click.option("--address", is_flag=True, help="The trace holds byte addresses, not page numbers.")
 @click.option("--format", "fmt", default=None, type=click.Choice(["npy", "csv", "oracleGeneral"], case_sensitive=False),
               help="Trace format (default: by name).")
@@ -150,13 +148,7 @@ def mrc(trace, rate, sample_size, untrace_period, exact, json_out, address, fmt,
         result = compute(loaded.pages, rate=rate, sample_size=sample_size, untrace_period=untrace_period,
                          exact=exact, seed=seed, read_seconds=read_seconds)
         progress.update(task, advance=1)
-    if json_out == "-":
-        click.echo(json.dumps(result.to_json()))
-    elif json_out:
-        try:
-            Path(json_out).write_text(json.dumps(result.to_json()) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise UserError(f"{json_out}: cannot write: {error.strerror or error}") from None
+    write_json(json_out, result.to_json())
     if plot_out:
         try:
             _plot(result, trace, plot_out)
@@ -167,18 +159,26 @@ def mrc(trace, rate, sample_size, untrace_period, exact, json_out, address, fmt,
 
 
 def _summary(result: MRCResult) -> None:
+    """The curve in a few lines, sizes and times in human units as in the reports."""
+    from memvisor.units import shown
     from memvisor_mrc.summary import recommended_pages, working_sets
 
     c = result.curve
-    click.echo(f"{result.method}: {c.accesses:,} accesses, {c.traced_accesses:,} processed, "
-               f"{c.sampled_pages:,} pages sampled, {result.seconds:.3f} s (read {result.read_seconds:.3f} s)"
-               + (f", traps {100 * result.trap_rate:.2f}% of accesses" if result.trap_rate is not None else ""))
+    how = {"exact": "exact", "rate": "sampled at a rate", "sample-size": "sampled, fixed size",
+           "untrace": "sampled with untraced periods"}[result.method]
+    click.echo(f"curve ({how}): {c.accesses:,} accesses, {c.traced_accesses:,} processed, "
+               f"{c.sampled_pages:,} pages sampled, in {shown(result.seconds, 's')} "
+               f"(reading the trace {shown(result.read_seconds, 's')})"
+               + (f"; traps on {shown(result.trap_rate, 'fraction')} of accesses" if result.trap_rate is not None
+                  else ""))
     if result.method != "exact" and c.sampled_pages < SMALL_SAMPLE:
         # A spatial sample of a small footprint can hold a handful of pages, or none: say so
         # rather than let a flat or step-shaped curve pass for a measurement.
         click.echo(f"warning: the sample holds only {c.sampled_pages} pages; the curve is coarse "
                    f"(use a higher --rate, --sample-size or --exact)", err=True)
     ws = working_sets(c, (0.1, 0.05, 0.01))
-    click.echo("working set (pages) at miss ratio " + ", ".join(f"{k}: {v if v is not None else '-'}"
-                                                                for k, v in ws.items()))
-    click.echo(f"recommended: {recommended_pages(c):,} pages (within 0.01 of the floor {c.miss_ratio[-1]:.4g})")
+    click.echo("working set at miss ratio " + ", ".join(f"{shown(float(k), 'fraction')}: {shown(v, 'pages')}"
+                                                        for k, v in ws.items()))
+    recommended = recommended_pages(c)
+    click.echo(f"recommended: {shown(recommended, 'pages')} ({recommended:,} pages), within 1 point of the "
+               f"curve's floor, a miss ratio of {shown(float(c.miss_ratio[-1]), 'fraction')}")

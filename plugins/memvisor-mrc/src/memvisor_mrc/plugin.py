@@ -22,10 +22,11 @@ from typing import Any
 import attrs
 import numpy as np
 
-from memvisor import hookimpl
+from memvisor import hookimpl, report
 from memvisor.backend import Capability
-from memvisor.report import Plot, ReportSection
+from memvisor.report import Column, Figure, Headline, Plot, ReportSection
 from memvisor.settings import Duration, setting
+from memvisor.units import shown
 from memvisor_mrc.curve import Curve
 from memvisor_mrc.online import ESTIMATORS, VMTracker
 from memvisor_mrc.summary import PAGE_SIZE, curve_points, describe, giveable_pages
@@ -221,7 +222,7 @@ class MRCPlugin:
         curves = {name: _mib_series(m) for name, m in per_vm.items() if "miss_ratio" in m}
         final = Plot("mrc-final", "Miss-ratio curves (LRU), end of run", "memory (MiB, log scale)", "miss ratio",
                      curves, logx=True, ends_at={name: ("vms", name, "miss_ratio", -1) for name in curves},
-                     shows="Each VM's curve is its miss_ratio at each cache_bytes of the table.")
+                     shows="Each VM's miss ratio at each memory size of its curve (every point in report.json).")
         plots = [final]
         for name, state in self.vms.items():
             if len(state.snapshots) < 2:
@@ -231,7 +232,7 @@ class MRCPlugin:
                               "memory (MiB, log scale)", "miss ratio",
                               {f"t={snap['time']:.3g}s": _mib_series(snap) for snap in chosen}, logx=True,
                               shows=f"The curve at {len(chosen)} of the {len(state.snapshots)} snapshots "
-                                    "(one every refresh_s), the last at the end of the run."))
+                                    f"(one every {shown(s.refresh, 's')}), the last at the end of the run."))
         if any(len(st.snapshots) >= 2 for st in self.vms.values()):
             target = f"{s.miss_ratios[0]:g}"
             # A curve that never comes down to the target has no working set there: a gap, not 0.
@@ -248,9 +249,8 @@ class MRCPlugin:
         return ReportSection(
             plugin=NAME,
             title="Miss-ratio curves",
-            metrics={"recommended": _recommended_line(per_vm), "trap_rate": _overall_trap_rate(per_vm),
-                     "settings": settings, "vms": per_vm},
-            plots=plots,
+            metrics={"trap_rate": _overall_trap_rate(per_vm), "settings": settings, "vms": per_vm},
+            plots=plots, headlines=_headlines(per_vm), tables=_tables(s.miss_ratios),
             text=("LRU miss ratio against memory size for each VM, estimated online from a traced spatial "
                   "sample of its pages (SHARDS), with a model of the accesses that untraced periods hide. "
                   "Working sets: smallest memory reaching each miss ratio (null: the curve never comes "
@@ -300,12 +300,6 @@ class MRCPlugin:
         return out
 
 
-def _recommended_line(per_vm: Mapping[str, dict]) -> str:
-    """``"web 231 MiB, db 23 MiB"``: the one line `memvisor run` prints for the section."""
-    return ", ".join(f"{name} {m['recommended_bytes'] / MIB:.0f} MiB" for name, m in per_vm.items()
-                     if "recommended_bytes" in m)
-
-
 def _overall_trap_rate(per_vm: Mapping[str, dict]) -> float:
     """Traps per guest access over every VM."""
     accesses = sum(m["accesses"] for m in per_vm.values())
@@ -338,3 +332,38 @@ def _spread(items: Sequence, count: int) -> list:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "vm"
+
+
+def _headlines(per_vm: Mapping[str, dict]) -> list[Headline]:
+    """Each VM's recommended size, from how many traps of how many sampled pages."""
+    return [Headline("its miss-ratio curve recommends {size} (miss ratio {ratio} there), measured from {traps} traps "
+                     "of {sampled} sampled pages",
+                     {"size": Figure(("vms", name, "recommended_pages"), "pages", label="recommended size"),
+                      "ratio": Figure(("vms", name, "recommended_miss_ratio"), "fraction", label="miss ratio there"),
+                      "traps": Figure(("vms", name, "traps"), "count", "lower"),
+                      "sampled": Figure(("vms", name, "sampled_pages"), "count")}, vm=name)
+            for name, m in per_vm.items() if "recommended_pages" in m]
+
+
+def _tables(miss_ratios: tuple[float, ...]) -> list[report.Table]:
+    """Each VM's curve in figures, and the settings."""
+    never = "the curve never comes down to it"
+    return [
+        report.Table("", [Column("trap_rate", "traps per access", "fraction")], record=()),
+        report.Table("Curves", [Column("accesses", "accesses", "count"), Column("traps", "traps", "count"),
+                         Column("trap_rate", "traps per access", "fraction"),
+                         Column("sampled_pages", "sampled pages", "count"),
+                         Column("rate", "sampling rate", "fraction"),
+                         *(Column(("working_set_pages", f"{r:g}"), f"working set at miss ratio {r:g}", "pages", never)
+                           for r in miss_ratios),
+                         Column("recommended_pages", "recommended", "pages"),
+                         Column("recommended_miss_ratio", "its miss ratio", "fraction"),
+                         Column("miss_ratio_floor", "floor", "fraction", help="miss ratio with all of the memory")],
+              rows=("vms",)),
+        report.Table("Settings", [Column("rate", "sampling rate", "fraction", "not set"),
+                           Column("sample_size", "sample size", "count", "not set"),
+                           Column("untrace_period_s", "untraced period", "s"),
+                           Column("refresh_s", "snapshot every", "s"),
+                           Column("estimator", "estimator", "text"), Column("seed", "seed", "count")],
+              record=("settings",)),
+    ]

@@ -298,7 +298,7 @@ def exact_mrc(pages: np.ndarray) -> Curve:
     d = int(hist[0])  # one cold access per distinct page
     hits = np.zeros(d + 1)
     hits[1 : hist.shape[0]] = hist[1:]
-    miss = 1.0 - np.cumsum(hits) / n
+    miss = (n - np.cumsum(hits)) / n  # misses over accesses: 1 - hits / n is 0.05000000000000004 for 5 %
     miss[0] = 1.0
     return Curve(
         cache_pages=np.arange(d + 1, dtype=np.int64),

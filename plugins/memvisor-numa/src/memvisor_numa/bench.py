@@ -32,7 +32,7 @@ SEED = 1
 def _run(heuristic: str | None):
     from memvisor_numa.compare import DEFAULT_VM_GIB, run_heuristic, vm_pages_of
 
-    return run_heuristic(heuristic, vm_pages_of(DEFAULT_VM_GIB), WORKLOAD, seed=SEED)
+    return run_heuristic(heuristic, vm_pages_of(DEFAULT_VM_GIB * 2**30), WORKLOAD, seed=SEED)
 
 
 @functools.cache

@@ -15,7 +15,6 @@ accesses are local (at 4 GiB, 0.29).
 from __future__ import annotations
 
 import gc
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import click
 
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE
-from memvisor.cli import OutputFile
+from memvisor.cli import OutputFile, Size, json_option, write_json
 from memvisor.errors import UserError
 from memvisor_numa.settings import DEFAULT_NUMA_GIB_PER_S, HEURISTICS, bandwidth_pages
 
@@ -65,11 +64,15 @@ def parse_workload(text: str) -> dict[str, Any]:
     raise UserError(f"--workload: {text!r} is not one of zipf:ALPHA, phased, scan, trace:FILE")
 
 
-def vm_pages_of(gib: float) -> int:
-    """The VM's size in pages: ``gib`` GiB rounded down to whole 2 MiB (at least 4 MiB)."""
-    if not math.isfinite(gib) or gib * 2**30 < 4 * 2**20:
-        raise UserError(f"--vm-gib: must be at least 0.004 (4 MiB), got {gib:g}")
-    frames = int(gib * 2**30 // (LARGE_PAGE_PAGES * PAGE_SIZE))
+MIN_VM_BYTES = 4 << 20
+"""The smallest VM ``numa compare`` runs."""
+
+
+def vm_pages_of(nbytes: float) -> int:
+    """The VM's size in pages: ``nbytes`` rounded down to whole 2 MiB (at least 4 MiB)."""
+    if not math.isfinite(nbytes) or nbytes < MIN_VM_BYTES:
+        raise UserError(f"--vm-memory: must be at least 4MiB, got {nbytes:g} bytes")
+    frames = int(nbytes // (LARGE_PAGE_PAGES * PAGE_SIZE))
     return frames * LARGE_PAGE_PAGES
 
 
@@ -176,21 +179,21 @@ def numa() -> None:
 
 
 @numa.command("compare")
-@click.option("--vm-gib", default=f"{DEFAULT_VM_GIB:g}", show_default=True, help="Size of the VM in GiB.")
+@click.option("--vm-memory", "vm_bytes", type=Size(MIN_VM_BYTES), default=f"{DEFAULT_VM_GIB:g}GiB", show_default=True,
+              help="Size of the VM (binary units, as in scenarios: 512MiB, 4G).")
 @click.option("--workload", default="zipf:0.99", show_default=True, help="zipf:ALPHA, phased, scan or trace:FILE.")
 @click.option("--seed", default="1", show_default=True, help="Seed of the workload (the same for every heuristic).")
 @click.option("--pre", default=f"{DEFAULT_PRE:g}", show_default=True,
               help="Seconds the VM runs before its move (history).")
 @click.option("--post", default=None,
               help="Seconds it runs after the move [default: 1.2 times what address order needs].")
-@click.option("--json", "json_out", default=None, type=OutputFile("JSON file"),
-              help="Write the figures as JSON to this file.")
+@json_option()
 @click.option("--plot", "plot_out", default=None, type=OutputFile("PNG file"),
               help="Draw the local fraction over time to this PNG.")
-def compare_command(vm_gib, workload, seed, pre, post, json_out, plot_out):
+def compare_command(vm_bytes, workload, seed, pre, post, json_out, plot_out):
     """Run every heuristic on the same workload and seed and print a table."""
     # Options are read as text and checked here, so that a mistake is one line and status 2.
-    vm_pages = vm_pages_of(_float("--vm-gib", vm_gib))
+    vm_pages = vm_pages_of(vm_bytes)
     spec = parse_workload(workload)
     if not (seed.isdigit() and int(seed) < 2**63):
         raise UserError(f"--seed: expected a whole number from 0 to 2**63-1, got {seed[:40]!r}")
@@ -200,30 +203,27 @@ def compare_command(vm_gib, workload, seed, pre, post, json_out, plot_out):
     for option, value in timing.items():
         if not 0 < value <= 3600:
             raise UserError(f"--{option}: must be between 0 and 3600 seconds, got {value:g}")
-    from rich.console import Console
-    from rich.table import Table
+    from memvisor.cli import console, table
+    from memvisor.units import shown
 
-    console = Console(stderr=True)
+    progress = console(stderr=True)
     rows, series = {}, {}
     for name in HEURISTICS:
-        if console.is_terminal:
-            console.print(f"running {name} ...")
+        if progress.is_terminal:
+            progress.print(f"running {name} ...")
         r, s = compare(vm_pages, spec, (name,), seed=int(seed), **timing)
         rows.update(r)
         series.update(s)
-    table = Table(title=f"numa compare: {vm_pages * PAGE_SIZE / 2**30:g} GiB VM, {workload}, seed {seed}",
-                  title_justify="left")
-    for column in ("heuristic", "t90 (s)", "t99 (s)", "migrated pages", "wasted pages", "guest accesses"):
-        table.add_column(column, justify="left" if column == "heuristic" else "right")
-
-    def seconds(value):
-        return "not reached" if value is None else f"{value:.3f}"
-
-    for name, row in rows.items():
-        table.add_row(name, seconds(row["t90_s"]), seconds(row["t99_s"]), f"{row['migrated_pages']:,}",
-                      f"{row['wasted_pages']:,}", f"{row['guest_accesses']:,}")
-    Console().print(table)
-    if json_out:
-        Path(json_out).write_text(json.dumps({"heuristics": rows}, indent=2) + "\n", encoding="utf-8")
+    write_json(json_out, {"heuristics": rows})
+    if json_out != "-":
+        columns = ("t90", "t99", "migrated", "not touched since", "guest accesses")
+        out = table("heuristic", *columns, numbers=columns,
+                    title=f"numa compare: {shown(vm_pages, 'pages')} VM, {workload}, seed {seed}")
+        for name, row in rows.items():
+            out.add_row(name, shown(row["t90_s"], "s") if row["t90_s"] is not None else "not reached",
+                        shown(row["t99_s"], "s") if row["t99_s"] is not None else "not reached",
+                        shown(row["migrated_pages"], "pages"), shown(row["wasted_pages"], "pages"),
+                        f"{row['guest_accesses']:,}")
+        console().print(out)
     if plot_out:
         draw(series, Path(plot_out), f"Local accesses after the move ({workload})")

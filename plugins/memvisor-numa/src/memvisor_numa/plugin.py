@@ -14,7 +14,7 @@ import structlog
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
 from memvisor.errors import CapabilityError
-from memvisor.report import Plot, ReportSection
+from memvisor.report import Column, Figure, Headline, Plot, ReportSection, Table
 from memvisor_numa.heuristics import AGE_DTYPE, HEURISTIC_CLASSES, Heuristic
 from memvisor_numa.locality import time_to_reach
 from memvisor_numa.settings import DEFAULT_NUMA_GIB_PER_S, HOT_FIRST, NumaSettings, bandwidth_pages, resolve
@@ -107,7 +107,7 @@ class NumaPlugin:
     def memvisor_selftest(self, selftest):
         """Accessed-bit scanning on the machine's hosts, and a tiny `memvisor numa compare`."""
         selftest.settings({"heuristic": "scan"})
-        selftest.command("numa compare", {"vm_gib": "0.004", "pre": "0.001", "post": "0.001",
+        selftest.command("numa compare", {"vm_bytes": "4MiB", "pre": "0.001", "post": "0.001",
                                           "json_out": "{out}/numa.json"})
 
     @hookimpl
@@ -461,15 +461,65 @@ class NumaPlugin:
             plots.append(Plot("numa-local-fraction", f"Local accesses over time ({self.settings.heuristic})",
                               "time (s)", "local fraction", series,
                               shows="The fraction of each moved VM's accesses since the previous sample that "
-                                    "were local (a sample at every tick and at each move); t90_s and t99_s "
-                                    "are when it first reached 0.9 and 0.99 after the move."))
+                                    "were local (a sample at every tick and at each move); the Moves table's "
+                                    "90 % and 99 % local after are when it first reached 0.9 and 0.99 after "
+                                    "the move."))
         return ReportSection(
-            plugin="numa", title="NUMA migration", metrics=metrics, plots=plots,
+            plugin="numa", title="NUMA migration", metrics=metrics, plots=plots, headlines=_headlines(per_vm),
+            tables=TABLES,
             text=("After a VM's virtual CPUs move, its pages are migrated to the new node "
-                  f"({self.settings.heuristic} order, at most {self.settings.pages_per_tick} pages per tick). "
-                  "t90_s / t99_s: seconds from the move until 90% / 99% of a tick's accesses are local "
-                  "(null: not reached); wasted_pages: migrated pages the guest did not touch afterwards; "
-                  "heat_source: where the mrc heuristic's order came from (null: not asked); "
-                  "mean_local_fraction_after_move: null for a VM that did not move."),
+                  f"({self.settings.heuristic} order, at most {self.settings.pages_per_tick:,} pages per tick). "
+                  "90 % / 99 % local after: time from the move until 90 % / 99 % of a tick's accesses are "
+                  "local; not touched since: migrated pages the guest did not touch afterwards; heat from: "
+                  "where the mrc heuristic's order came from. A dash (null in report.json): not reached, not "
+                  "asked, or a VM that did not move."),
         )
 
+
+def _headlines(per_vm: dict[str, dict]) -> list[Headline]:
+    """Per move of a VM: what was migrated and how soon its accesses were local again."""
+    out = []
+    for name, vm in per_vm.items():
+        for i, move in enumerate(vm["moves"]):
+            def at(key: str, i: int = i, name: str = name) -> tuple:
+                return ("vms", name, "moves", i, key)
+
+            figures = {"heuristic": Figure(("heuristic",), "text"),
+                       "pages": Figure(at("migrated_pages"), "pages", label="migrated"),
+                       "node": Figure(at("new_node"), "text", label="to node")}
+            text = "NUMA migration ({heuristic}) moved {pages} to node {node} after its move; "
+            if move["t90_s"] is not None:
+                figures["t90"] = Figure(at("t90_s"), "s", "lower", "90 % local after")
+                text += "90 % of its accesses were local again after {t90}"
+            else:
+                text += "its accesses never came back to 90 % local"
+            if len(vm["moves"]) == 1:
+                figures["wasted"] = Figure(("vms", name, "wasted_pages"), "pages", "lower", "moved, not touched since")
+                text += " ({wasted} of what moved not touched since)"
+            out.append(Headline(text, figures, vm=name, key=f"move {i}"))
+    return out
+
+
+TABLES = (
+    Table("", [Column("heuristic", "heuristic", "text"), Column("hot_first", "hottest first", "text"),
+               Column("pages_per_tick", "pages per tick", "count"),
+               Column("bandwidth_pages_per_tick", "bandwidth (pages per tick)", "count"),
+               Column("t90_s", "90 % local after", "s", "not reached", help="of the first move"),
+               Column("t99_s", "99 % local after", "s", "not reached", help="of the first move"),
+               Column("migrated_pages", "migrated", "pages"),
+               Column("wasted_pages", "not touched since", "pages", help="migrated pages the guest did not touch"),
+               Column("split_pages", "large pages split", "count")], record=()),
+    Table("Moves", [Column("time_s", "at", "s"), Column("old_node", "from node", "text"),
+                    Column("new_node", "to node", "text"),
+                    Column("t90_s", "90 % local after", "s", "not reached"),
+                    Column("t99_s", "99 % local after", "s", "not reached"),
+                    Column("migrated_pages", "migrated", "pages"),
+                    Column("stopped_s", "stop rule ended it at", "s", "the stop rule did not end it")],
+          rows=("vms", "*", "moves")),
+    Table("VMs", [Column("migrated_pages", "migrated", "pages"), Column("wasted_pages", "not touched since", "pages"),
+                  Column("mean_local_fraction_after_move", "local after the move", "fraction", "did not move",
+                         help="mean share of local accesses after the move"),
+                  Column("resumes", "migrations resumed", "count"),
+                  Column("heat_source", "heat from", "text", "not asked")], rows=("vms",)),
+)
+"""The settings and figures, every move, and every VM."""

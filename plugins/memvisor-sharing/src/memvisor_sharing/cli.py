@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from memvisor import PAGE_SIZE
-from memvisor.cli import InputFile, OutputFile
+from memvisor.cli import InputFile, Size, json_option, write_json
 from memvisor.errors import UserError
 
 PROGRESS_BYTES = 256 << 20
 """Inputs at least this large get a progress bar (on a terminal)."""
 
 
-def _large_page_bytes(value: str) -> int:
-    from memvisor.scenario import parse_size
-
-    try:
-        size = parse_size(value)
-    except ValueError:
-        raise UserError(f"--large-page: {value!r} is not a size (use e.g. 2M, 1G)") from None
-    if size < PAGE_SIZE or size % PAGE_SIZE:
-        raise UserError(f"--large-page: {value!r} is not a positive multiple of {PAGE_SIZE} bytes")
+def _large_page_bytes(size: int) -> int:
+    if size % PAGE_SIZE:
+        raise UserError(f"--large-page: {size:,} bytes is not a multiple of {PAGE_SIZE} bytes")
     return size
 
 
@@ -35,11 +27,11 @@ def sharing() -> None:
 @click.argument("images", nargs=-1, type=InputFile("memory image"))
 @click.option("--pid", "pids", type=click.IntRange(1, 2**22), multiple=True,
               help="Also read this live process's resident memory (read-only; repeatable).")
-@click.option("--large-page", default="2M", show_default=True, help="Large-page size for the per-region figures.")
+@click.option("--large-page", type=Size(PAGE_SIZE, 1 << 30), default="2MiB", show_default=True,
+              help="Large-page size for the per-region figures (a size as in scenarios: 2MiB, 1GiB).")
 @click.option("--across", is_flag=True, help="Share across images and processes (default: within each only; "
                                               "zero pages are shared across always).")
-@click.option("--json", "json_out", type=OutputFile("JSON file", allow_dash=True), default=None,
-              help="Write the figures as JSON to this file ('-' for standard output).")
+@json_option()
 def estimate(images, pids, large_page, across, json_out):
     """Estimate the memory that page sharing would reclaim in raw memory IMAGES (QEMU pmemsave
     dumps, Firecracker memory files) and/or live processes (--pid)."""
@@ -65,29 +57,23 @@ def estimate(images, pids, large_page, across, json_out):
         for source in sources:
             if hasattr(source, "close"):
                 source.close()
-    if json_out == "-":
-        click.echo(json.dumps(result, indent=2))
-    elif json_out:
-        try:
-            with open(json_out, "w", encoding="utf-8") as out:
-                out.write(json.dumps(result, indent=2) + "\n")
-        except OSError as exc:
-            raise UserError(f"--json: cannot write {json_out}: {exc.strerror}") from None
+    write_json(json_out, result)
     if json_out != "-":
         _summary(result)
 
 
 def _summary(r: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from memvisor.cli import console, table
+    from memvisor.units import shown
 
-    mib = PAGE_SIZE / 2**20
-    table = Table("figure", "pages", "MiB", title="sharing estimate", title_justify="left")
+    out = table("figure", "pages", "size", title="sharing estimate", numbers=("pages", "size"))
     for key in ("pages", "zero_pages", "duplicate_pages", "reclaimable_pages"):
-        table.add_row(key, f"{r[key]:,}", f"{r[key] * mib:,.1f}")
-    table.add_row("large_pages", f"{r['large_pages']:,}", "")
-    table.add_row("large_pages_with_opportunity", f"{r['large_pages_with_opportunity']:,}", "")
-    Console().print(table)
+        out.add_row(key.replace("_", " "), f"{r[key]:,}", shown(r[key], "pages"))
+    out.add_row("large pages", f"{r['large_pages']:,}", "–")  # counts of large pages: no size of their own here
+    out.add_row("large pages with opportunity", f"{r['large_pages_with_opportunity']:,}", "–")
+    terminal = console()
+    terminal.print(out)
     pages = r["pages"] or 1
-    Console().print(f"sharing would reclaim {r['reclaimable_pages'] / pages:.1%} of the memory "
-                    f"({r['seconds']:.2f} s, {r['pages'] * PAGE_SIZE / 2**30 / max(r['seconds'], 1e-9):.2f} GiB/s)")
+    rate = shown(r["pages"] * PAGE_SIZE / max(r["seconds"], 1e-9), "bytes/s")
+    terminal.print(f"sharing would reclaim {shown(r['reclaimable_pages'] / pages, 'fraction')} of the memory "
+                   f"({shown(r['seconds'], 's')}, {rate})")

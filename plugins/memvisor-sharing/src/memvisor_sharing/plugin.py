@@ -19,10 +19,10 @@ from typing import Any
 import attrs
 import numpy as np
 
-from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE, hookimpl
+from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE, hookimpl, report
 from memvisor.backend import Capability
 from memvisor.identity import concat, rows_equal, take, zero_rows
-from memvisor.report import Plot, ReportSection
+from memvisor.report import Column, Figure, Headline, Plot, ReportSection
 from memvisor.settings import as_json, setting
 from memvisor_sharing.table import Entries, Table, build_table
 
@@ -646,14 +646,15 @@ class SharingPlugin:
                               "pages", {"reclaimable": (np.arange(len(r)), r)},
                               kind="bar" if len(r) <= _MAX_BARS else "step",
                               shows="The intact large pages at the end, most reclaimable subpages first "
-                                    "(together: remaining_in_large_pages)."))
+                                    "(together: the Estimate table's \"of it in large pages\")."))
         return ReportSection(
             plugin=NAME, title="Page sharing in large pages", metrics=self.metrics(host), plots=plots,
+            headlines=HEADLINES, tables=TABLES,
             text="Machine pages that sharing could reclaim (estimate, by 4 KiB fingerprints verified byte for "
                  "byte, or identity for identity, before any share), what the plugin reclaimed, and the large "
-                 "pages it broke up under memory pressure, most reclaimable first (reclaimed_per_broken_large_page: "
-                 "null when none was broken; pages_hashed_per_s: null before the first hash; a host of more than "
-                 "one table shard reports each shard as of its latest rebuild).")
+                 "pages it broke up under memory pressure, most reclaimable first (a dash, null in report.json: "
+                 "no large page broken, or no page hashed yet; a host of more than one table shard reports each "
+                 "shard as of its latest rebuild).")
 
     # -- registration -------------------------------------------------------------------------
 
@@ -671,3 +672,50 @@ class SharingPlugin:
 
         for case in cases():
             register("sharing", case)
+
+
+HEADLINES = (
+    Headline("sharing saves {saved} now, of the {estimated} it estimates reclaimable; {broken} large pages broken "
+             "up, {intact} intact",
+             {"saved": Figure(("saved_pages",), "pages", "higher", "saved now"),
+              "estimated": Figure(("estimated_reclaimable_pages",), "pages", label="estimated reclaimable"),
+              "broken": Figure(("large_pages_broken",), "count", "lower"),
+              "intact": Figure(("large_pages_intact",), "count", "higher")}),
+)
+"""What sharing saved, against its estimate, and what it cost in large pages (the host's: a
+shared page belongs to several VMs)."""
+
+_PRESSURE = (("time", "at", "s"), ("deficit_pages", "deficit", "pages"), ("estimated_pages", "estimated", "pages"),
+             ("reclaimed_pages", "reclaimed", "pages"), ("large_pages_broken", "large pages broken", "count"),
+             ("estimated_from_breakup", "estimated from break-up", "pages"),
+             ("reclaimed_from_breakup", "reclaimed from break-up", "pages"))
+
+TABLES = (
+    report.Table("Estimate", [Column("estimated_reclaimable_pages", "reclaimable (estimate)", "pages"),
+                       Column("saved_pages", "saved now", "pages"),
+                       Column("remaining_reclaimable_pages", "still to take", "pages"),
+                       Column("remaining_zero_pages", "of it zero pages", "pages"),
+                       Column("remaining_duplicate_pages", "of it duplicates", "pages"),
+                       Column("remaining_in_large_pages", "of it in large pages", "pages")], record=()),
+    report.Table("Work", [Column("reclaimed_pages", "reclaimed (net)", "pages"),
+                   Column("pages_shared", "pages shared", "count"),
+                   Column("zero_pages_mapped", "zero pages mapped", "count"),
+                   Column("large_pages_broken", "large pages broken", "count"),
+                   Column("reclaimed_per_broken_large_page", "reclaimed per broken large page", "pages", "none broken"),
+                   Column("large_pages_intact", "large pages intact", "count"),
+                   Column("large_pages_at_start", "large pages at start", "count"),
+                   Column("pages_hashed", "pages hashed", "count"),
+                   Column("pages_hashed_per_s", "hash rate", "per_s", "no hash yet", help="pages per second"),
+                   Column("sharing_broken_by_writes", "shares broken by writes", "count"),
+                   Column("verify_failures", "byte-for-byte checks failed", "count",
+                          help="equal fingerprints, different bytes: not shared")], record=()),
+    report.Table("Memory pressure", [Column(key, label, unit) for key, label, unit in _PRESSURE],
+                 rows=("pressure_events",), keys=()),
+    report.Table("Settings", [Column("pages_per_tick", "pages per tick", "count"),
+                              Column("across", "shared across", "text",
+                                     "no group: a VM's pages share only with its own (zero pages with all)"),
+                       Column("order", "break-up order", "text"), Column("share_small", "share small pages", "text"),
+                       Column("scan_on_pressure", "scan on pressure", "text"),
+                       Column("wait_stable", "wait for stable pages", "text")], record=("settings",)),
+)
+"""The estimate, the work done, every pressure event and the settings."""

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import attrs
 
 from memvisor import hookimpl
-from memvisor.report import Plot, ReportSection
+from memvisor.report import Column, Plot, ReportSection, Table
 
 EVENT_KINDS = ("faults", "traced_accesses", "write_traps", "ticks", "pressure_events", "vcpu_moves")
 
@@ -88,5 +88,11 @@ class StatsPlugin:
             title="Event counts",
             metrics={"pages_by_vm": per_vm, "hook_calls": dict(sorted(self.calls.items()))},
             plots=plots,
+            # How the page shows the metrics: a row per VM, a column per kind (a kind no VM had
+            # is left out), and the hook calls.
+            tables=[Table("Pages delivered, by VM", [Column(k, k.replace("_", " "), "count") for k in EVENT_KINDS],
+                          rows=("pages_by_vm",)),
+                    Table("Hook calls", [Column(k, k.replace("_", " "), "count") for k in EVENT_KINDS],
+                          record=("hook_calls",))],
             text="Pages delivered per event kind and VM (each page once per guest batch), and hook calls per kind.",
         )

@@ -24,6 +24,21 @@ from memvisor_sweep.table import FIXED_COLUMNS, WALL_CLOCK_COLUMNS
 MAX_METRICS = 12
 """Metrics plotted when the sweep does not name them: the page stays readable."""
 
+POLICY_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+                  "#7f7f7f")
+"""Each policy's colour, in the order of its axis: the same in every panel and on the page."""
+
+
+def policy_colours(policies: Sequence[str]) -> dict[str, str]:
+    """The colour of each policy."""
+    return {p: POLICY_COLOURS[i % len(POLICY_COLOURS)] for i, p in enumerate(policies)}
+
+
+def text_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads on a cell of colour ``rgba`` (by its luminance)."""
+    red, green, blue = rgba[:3]
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+
 _PRIORITY = ("total.", "memory.", "time.virtual_seconds", "events.")
 
 
@@ -83,7 +98,9 @@ def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        from memvisor.units import shown
+
+        return shown(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return label(value)
@@ -164,6 +181,7 @@ def _draw_metric(spec, rows, metric, policies, workloads, policy, workload, path
     """Left: the metric's distribution per policy over every workload and seed. Right: its mean
     per workload, one line per policy (when there is a workload axis)."""
     plt = _plt()
+    colours = policy_colours(policies)
     groups = _group(rows, policy, workload, metric)
     panels = 2 if workload and len(workloads) > 1 else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), dpi=100, squeeze=False)
@@ -171,11 +189,13 @@ def _draw_metric(spec, rows, metric, policies, workloads, policy, workload, path
     data = [[v for (p, _), vs in groups.items() if p == pol for v in vs] for pol in policies]
     present = [(pol, d) for pol, d in zip(policies, data) if d]
     if present:
-        left.boxplot([d for _, d in present], showfliers=False)
-        for i, (_, d) in enumerate(present, start=1):
+        boxes = left.boxplot([d for _, d in present], showfliers=False, patch_artist=True)
+        for box, (pol, _) in zip(boxes["boxes"], present):
+            box.set(facecolor=colours[pol], alpha=0.25, edgecolor=colours[pol])
+        for i, (pol, d) in enumerate(present, start=1):
             # Points over the boxes: with few runs the points are the distribution.
             jitter = [i + 0.12 * math.sin(7.0 * k) for k in range(len(d))]
-            left.scatter(jitter, d, s=10, alpha=0.6, color="#1f77b4", zorder=3)
+            left.scatter(jitter, d, s=10, alpha=0.8, color=colours[pol], zorder=3)
         left.set_xticks(range(1, len(present) + 1), [_tick(p) for p, _ in present], rotation=20, ha="right",
                         fontsize="small")
     left.set_title(f"{metric} by {policy or 'run'}", fontsize="medium")
@@ -187,7 +207,7 @@ def _draw_metric(spec, rows, metric, policies, workloads, policy, workload, path
             ys = [statistics.fmean(groups[(pol, w)]) if (pol, w) in groups else float("nan") for w in workloads]
             if all(math.isnan(y) for y in ys):
                 continue  # a policy without this metric (its plugin is off): no empty legend entry
-            right.plot(xs, ys, marker="o", label=pol, linewidth=1.3)
+            right.plot(xs, ys, marker="o", label=pol, linewidth=1.3, color=colours[pol])
         right.set_xticks(list(xs), [_tick(w) for w in workloads], rotation=20, ha="right", fontsize="small")
         right.set_title(f"mean over repetitions, by {workload}", fontsize="medium")
         right.grid(True, alpha=0.3)
@@ -214,31 +234,37 @@ def _draw_best(spec, rows, policies, workloads, policy, workload, path: Path) ->
     image = ax.imshow(relative, aspect="auto", cmap=cmap)
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            if math.isfinite(v):
-                ax.text(j, i, _number(v), ha="center", va="center", fontsize="x-small", color="white")
+            if math.isfinite(v):  # black on the light cells, white on the dark ones
+                colour = text_colour(image.cmap(image.norm(relative[i][j])))
+                ax.text(j, i, _number(v), ha="center", va="center", fontsize="x-small", color=colour)
     ax.set_xticks(range(len(policies)), [_tick(p) for p in policies], rotation=20, ha="right", fontsize="small")
+    for tick, pol in zip(ax.get_xticklabels(), policies):
+        tick.set_color(policy_colours(policies)[pol])
     ax.set_yticks(range(len(workloads)), [_tick(w) for w in workloads], fontsize="small")
     ax.set_xlabel(policy or "")
     ax.set_ylabel(workload or "")
     ax.set_title(f"{spec.compare.goal} ({'higher' if spec.compare.better == 'max' else 'lower'} is better)",
                  fontsize="medium")
-    fig.colorbar(image, ax=ax, label="relative to the best of the row")
+    fig.colorbar(image, ax=ax, label="÷ the row's best")
     _save(fig, path)
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
-h1{margin-bottom:0} .sub{color:#666;margin-top:.2em} section{border-top:1px solid #ddd;margin-top:2em}
-table{border-collapse:collapse;margin:.5em 0;font-size:.92em} th,td{padding:.2em .7em;border-bottom:1px solid #eee;
-text-align:left} th{font-weight:500;color:#555} td{font-variant-numeric:tabular-nums} .win{font-weight:600}
-img{max-width:100%;display:block;margin:.6em 0} .err{color:#b00} nav a{margin-right:1em} code{font-size:.95em}
+.win{font-weight:600} .err{color:#b00} code{font-size:.95em} .legend span{margin-right:1em;white-space:nowrap}
 """
 
 
 def _table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     """An HTML table; cells are HTML already."""
-    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body) + "</table>")
+    return ("<div class='wide'><table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+            + "</tbody></table></div>")
+
+
+def _page(out_dir: Path, key: str) -> str:
+    """A run's report page: report.html, or report.json for a run written by a memvisor that
+    wrote no page (a resumed sweep)."""
+    return "report.html" if (out_dir / "runs" / key / "report.html").is_file() else "report.json"
 
 
 def _role(axis: str, policy: str | None, workload: str | None) -> str:
@@ -253,15 +279,20 @@ def write_index(spec: SweepSpec, rows: Sequence[Mapping[str, Any]], out_dir: Pat
     policy, workload = pick_axes(spec)
     policies, workloads = _order(spec, policy, ok), _order(spec, workload, ok)
     metrics = pick_metrics(spec, rows)
+    from memvisor.report_html import STYLE, swatch
+
     esc = html.escape
+    colours = policy_colours(policies)
+    legend = "<p class='legend'>" + "".join(f"<span>{swatch(colours[p])}{esc(p)}</span>" for p in policies) + "</p>"
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>memvisor sweep: {esc(spec.name)}</title><style>{_STYLE}</style></head><body>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>memvisor sweep: {esc(spec.name)}</title><style>{STYLE}{_STYLE}</style></head><body>",
         f"<h1>{esc(spec.name)}</h1>",
         f"<p class='sub'>{esc(spec.description)}</p>" if spec.description else "",
         f"<p>{len(rows)} runs of <code>{esc(str(spec.base_path))}</code>: {len(ok)} finished, "
         f"<span class='{'err' if failed else ''}'>{len(failed)} failed</span>. "
         f"Every row is in <a href='{esc(table_path.name)}'>{esc(table_path.name)}</a>; every run's report in "
+        "<code>runs/KEY/report.html</code> (linked from the list of runs below), its figures in "
         "<code>runs/KEY/report.json</code>.</p>",
         "<nav><a href='#best'>best per workload</a><a href='#metrics'>metrics</a>"
         "<a href='#runs'>runs</a>" + ("<a href='#failed'>failed</a>" if failed else "") + "</nav>",
@@ -282,11 +313,13 @@ def write_index(spec: SweepSpec, rows: Sequence[Mapping[str, Any]], out_dir: Pat
               f"{100 * b['margin']:.1f}%" if b["margin"] is not None else "-"] for b in best]))
         _draw_best(spec, ok, policies, workloads, policy, workload, out_dir / "sweep-best.png")
         parts.append("<img src='sweep-best.png' alt='goal by workload and policy'>")
+        parts.append(legend)
     else:
         parts.append(f"<p>No finished run has the goal metric <code>{esc(spec.compare.goal)}</code>.</p>")
     parts.append("</section>")
     # -- each metric by policy -------------------------------------------------------------------
     parts.append("<section id='metrics'><h2>Metrics by policy</h2>")
+    parts.append(legend)
     if not metrics:
         parts.append("<p>No metric varies across the finished runs.</p>")
     for metric in metrics:
@@ -301,7 +334,7 @@ def write_index(spec: SweepSpec, rows: Sequence[Mapping[str, Any]], out_dir: Pat
     parts.append(_table(
         axis_names + shown + ["status", "report"],
         [[esc(_text(r.get(a))) for a in axis_names] + [_text(r.get(m)) for m in shown]
-         + [esc(r["status"]), f"<a href='runs/{r['key']}/report.json'>{r['key']}</a>"
+         + [esc(r["status"]), f"<a href='runs/{r['key']}/{_page(out_dir, r['key'])}'>{r['key']}</a>"
             if r["status"] == "ok" else f"<a href='runs/{r['key']}/outcome.json'>{r['key']}</a>"] for r in rows]))
     parts.append("</section>")
     if failed:

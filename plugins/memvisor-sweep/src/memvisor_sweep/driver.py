@@ -7,6 +7,7 @@ Layout of the output folder::
     DIR/sweep.json               the sweep: axes, runs and their keys
     DIR/runs/KEY/scenario.toml   the run's resolved scenario (`memvisor run` repeats it)
     DIR/runs/KEY/report.json     its report, once it finished
+    DIR/runs/KEY/report.html     the same for people, with its plots (index.html links it)
     DIR/runs/KEY/outcome.json    status, error line and traceback, wall-clock seconds
     DIR/results.parquet          one row per run (results.csv without pyarrow)
     DIR/index.html               the comparison report, with its PNGs
@@ -29,6 +30,7 @@ from typing import Any
 import attrs
 
 from memvisor.errors import UserError
+from memvisor.report import write_files
 from memvisor_sweep.run import RunOutcome, RunTask, one_line, run_one, to_toml
 from memvisor_sweep.spec import PlannedRun, SweepSpec
 from memvisor_sweep.table import make_row, write_table
@@ -268,7 +270,8 @@ def _load_done(run_dir: Path) -> tuple[dict, float | None] | None:
 def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Any = None, *, resume: bool = False,
               retries: int = 2, table_format: str | None = None, run_function: RunFunction = run_one,
               on_start: Callable[[int, int], None] | None = None,
-              on_outcome: Callable[[RunOutcome], None] | None = None, write_index: bool = True) -> SweepSummary:
+              on_outcome: Callable[[RunOutcome], None] | None = None, write_index: bool = True,
+              pages: bool | None = None) -> SweepSummary:
     """Run every combination of ``spec``'s axes and write the results into ``out_dir``.
 
     :param executor: a :class:`SerialExecutor` or an entered :class:`DaskExecutor` (default:
@@ -281,6 +284,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Any = None, *, res
     :param on_start: ``on_start(to_run, already_done)`` once the plan is known.
     :param on_outcome: called with every outcome as it arrives (progress bars).
     :param write_index: write index.html (benchmarks of the machinery leave it out).
+    :param pages: write each run's report.html and plots, drawn by its worker (default: with
+        the index; examples/sweep.toml took a third longer with them, docs/sweep.md).
     :raises UserError: a bad axis, value or combination, or a folder holding another sweep.
     """
     started = time.perf_counter()
@@ -300,7 +305,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Any = None, *, res
     tasks: dict[str, RunTask] = {}
     for run in plan:
         if run.key not in tasks:
-            tasks[run.key] = RunTask(run.key, run.data, str(spec.base_path), spec.backend)
+            tasks[run.key] = RunTask(run.key, run.data, str(spec.base_path), spec.backend,
+                                     pages=write_index if pages is None else pages)
     flat: dict[str, dict] = {}  # key -> the row's status, error, seconds and metrics (no axes yet)
     todo = []
     for key, task in tasks.items():
@@ -319,9 +325,11 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Any = None, *, res
     for outcome in executor.run(run_function, todo, retries):
         run_dir = out / "runs" / outcome.key
         if outcome.status == "ok":
+            write_files(run_dir, outcome.files)  # its report.html and plots, drawn by the worker
             _atomic_json(run_dir / "report.json", outcome.report)
         else:
-            (run_dir / "report.json").unlink(missing_ok=True)
+            for name in ("report.json", "report.html"):
+                (run_dir / name).unlink(missing_ok=True)
         _atomic_json(run_dir / "outcome.json", {"status": outcome.status, "error": outcome.error,
                                                 "detail": outcome.detail, "seconds": outcome.seconds})
         flat[outcome.key] = make_row(outcome.key, {}, outcome.status, outcome.error, outcome.seconds, outcome.report)

@@ -53,14 +53,17 @@ def _goal(text: str | None) -> tuple[str | None, str | None]:
 @click.option("--workload-axis", default=None, help="The axis holding the workloads in index.html.")
 @click.option("--goal", default=None, metavar="METRIC[:max|min]",
               help="The column that decides the best policy (default total.accesses:max).")
+@click.option("--pages/--no-pages", default=True, show_default=True,
+              help="Write each run's report.html and plots (drawn by the workers: examples/sweep.toml took a "
+                   "third longer with them); index.html links them, or each run's report.json without.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backend, retries, table_format,
-          policy_axis, workload_axis, goal, quiet):
+          policy_axis, workload_axis, goal, pages, quiet):
     """Run FILE (a sweep file, or a scenario with --vary axes) for every combination of the axes,
     on a Dask cluster, and write a results table and a comparison report to --out."""
     import attrs
-    from rich.console import Console
 
+    from memvisor.cli import console as make_console
     from memvisor_sweep import driver
     from memvisor_sweep.spec import load_sweep, parse_vary
 
@@ -92,7 +95,7 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
     else:
         spec.check()
     # Checked before a cluster starts: a mistake costs no worker start-up.
-    console = Console(stderr=True)
+    console = make_console(stderr=True)  # into a pipe: whole lines, never wrapped at 80 columns
     executor = driver.SerialExecutor() if serial else driver.DaskExecutor(scheduler, workers)
     with executor, _progress(console, quiet) as progress:
         if not serial and not quiet:
@@ -116,7 +119,8 @@ def sweep(sweep_file, varies, out_dir, scheduler, workers, serial, resume, backe
 
         try:
             summary = driver.run_sweep(spec, out_dir, executor, resume=resume, retries=retries,
-                                       table_format=table_format, on_start=on_start, on_outcome=on_outcome)
+                                       table_format=table_format, on_start=on_start, on_outcome=on_outcome,
+                                       pages=pages)
         except KeyboardInterrupt:
             progress.stop()
             console.print(f"interrupted: finished runs are kept in {out_dir}/runs; continue with --resume")

@@ -26,12 +26,15 @@ class RunTask:
     :ivar data: the resolved scenario, as TOML would give it.
     :ivar path: the base scenario's file name, for messages and the report.
     :ivar backend: the backend to use instead of the scenario's, or None.
+    :ivar pages: also draw the run's report.html and plots (on the worker, in parallel with
+        the other runs; the driver writes them beside report.json).
     """
 
     key: str
     data: Mapping[str, Any]
     path: str
     backend: str | None = None
+    pages: bool = False
 
 
 @attrs.frozen
@@ -44,6 +47,7 @@ class RunOutcome:
     :ivar error: one line saying why the run failed, else None.
     :ivar detail: the traceback of a failed run (kept in its error.json), else None.
     :ivar seconds: wall-clock seconds the run took on its worker.
+    :ivar files: the run's report.html and PNGs by file name, when its task asked for pages.
     """
 
     key: str
@@ -52,6 +56,7 @@ class RunOutcome:
     error: str | None = None
     detail: str | None = None
     seconds: float = 0.0
+    files: Mapping[str, bytes] = attrs.field(factory=dict)
 
     @classmethod
     def failed(cls, key: str, exc: BaseException, detail: str | None = None, seconds: float = 0.0) -> RunOutcome:
@@ -81,7 +86,9 @@ def run_one(task: RunTask) -> RunOutcome:
         if task.backend:
             scenario = scenario.with_backend(task.backend)
         report = ScenarioRun(scenario).run()
-        return RunOutcome(task.key, "ok", report.data, seconds=time.perf_counter() - started)
+        seconds = time.perf_counter() - started  # the run's own: drawing its pages is not the policy's
+        return RunOutcome(task.key, "ok", report.data, seconds=seconds,
+                          files=report.page_files() if task.pages else {})
     except Exception as exc:  # recorded in the table; the sweep goes on
         return RunOutcome.failed(task.key, exc, traceback.format_exc(), time.perf_counter() - started)
 

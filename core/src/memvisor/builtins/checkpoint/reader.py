@@ -671,6 +671,32 @@ class CheckpointReader:
             raise IndexError(f"page block {pblock} out of range (the file has {self.page_blocks})")
         return pblock
 
+    def storage_block_table(self) -> dict[str, np.ndarray]:
+        """Every storage block in file order: its ``offset`` and ``stored_bytes`` in the file,
+        the ``page_blocks`` it holds and their ``pages`` (no read)."""
+        n = self.storage_blocks
+        page_blocks = np.bincount(self._pb_sblock, minlength=n)[:n] if self.page_blocks else np.zeros(n, np.int64)
+        pages = np.bincount(self._pb_sblock, weights=self._pb_pages, minlength=n)[:n] if self.page_blocks \
+            else np.zeros(n)
+        return {"offset": self._sb_offset.copy(), "stored_bytes": self._sb_length.copy(),
+                "page_blocks": page_blocks.astype(np.int64), "pages": pages.astype(np.int64)}
+
+    def page_map(self) -> dict[str, np.ndarray]:
+        """The page map as runs of pages in page order: ``start`` and ``end`` (exclusive), the
+        ``kind`` code (:attr:`kind_names` names it) and, for data, the ``storage_block`` holding
+        them (-1 otherwise). Runs of one kind in one storage block are merged; pages in no run
+        are missing from the checkpoint (no read)."""
+        start, end, code = self._map_start, self._map_end, self._map_code
+        block = np.full(len(start), -1, np.int64)
+        data = code == KIND_DATA
+        block[data] = self._pb_sblock[self._rg_pblock[self._map_aux[data]]]
+        if len(start) > 1:
+            joined = (start[1:] == end[:-1]) & (code[1:] == code[:-1]) & (block[1:] == block[:-1])
+            first = np.concatenate(([True], ~joined))
+            last = np.concatenate((~joined, [True]))
+            start, code, block, end = start[first], code[first], block[first], end[last]
+        return {"start": start.copy(), "end": end.copy(), "kind": code.astype(np.int64), "storage_block": block}
+
     def zero_ranges(self) -> np.ndarray:
         """The zero pages as a sorted array of ``(start, count)`` ranges."""
         return self._zero_ranges.copy()

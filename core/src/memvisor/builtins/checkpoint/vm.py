@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -36,6 +37,13 @@ CHUNK_PAGES = 16384
 """Pages read from or loaded into guest memory at a time (64 MiB)."""
 IDENTITY_CHUNK_PAGES = 1 << 20
 """Pages of identities (:mod:`memvisor.identity`) read or loaded at a time (12 MiB)."""
+
+
+def checkpoint_name(path: str) -> str:
+    """A checkpoint's name as the scenario gave it (its file name without ``.ckpt``): what a
+    report shows, where the file itself lived in the run's temporary folder."""
+    name = Path(path).name
+    return name[: -len(".ckpt")] if name.endswith(".ckpt") else name
 
 
 @attrs.define
@@ -77,6 +85,8 @@ class SaveJob:
         total = None if self.finished is None else self.finished - self.started
         return {
             "vm": self.vm,
+            "kind": "save",
+            "checkpoint": checkpoint_name(self.path),
             "path": self.path,
             "method": self.method,
             "started_s": self.started,
@@ -112,6 +122,8 @@ class RestoreJob:
         """The job as report values."""
         return {
             "vm": self.vm,
+            "kind": "restore",
+            "checkpoint": checkpoint_name(self.path),
             "path": self.path,
             "method": self.method,
             "started_s": self.started,

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.cli import InputFile, OutputDir, OutputFile
+from memvisor.cli import InputFile, OutputDir, json_option
 from memvisor.identity import rows_equal
 from memvisor.report import ReportSection
 
@@ -121,16 +121,17 @@ def memory_error(run, step):
 
 
 def _table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from memvisor.cli import console, table
+    from memvisor.units import shown
 
-    table = Table("VM", "method", "rounds", "total (ms)", "downtime (ms)", "MiB sent", "pages re-sent",
-                  "records (pages by kind)", "refused", title="Live migrations", title_justify="left")
+    numbers = ("rounds", "total", "downtime", "sent", "pages re-sent", "refused")
+    out = table("VM", "method", "rounds", "total", "downtime", "sent", "pages re-sent", "records (pages by kind)",
+                "refused", title="Live migrations", numbers=numbers)
     for r in rows:
-        table.add_row(r["vm"], r["method"], str(r["rounds"]), f"{r['total_s'] * 1e3:.2f}",
-                      f"{r['downtime_s'] * 1e3:.3f}", f"{r['bytes_sent'] / 2**20:.2f}", f"{r['pages_resent']:,}",
-                      ", ".join(f"{k}={v:,}" for k, v in r["records"].items()), str(r["refused"]))
-    Console().print(table)
+        out.add_row(r["vm"], r["method"], str(r["rounds"]), shown(r["total_s"], "s"), shown(r["downtime_s"], "s"),
+                    shown(r["bytes_sent"], "bytes"), f"{r['pages_resent']:,}",
+                    ", ".join(f"{k}={v:,}" for k, v in r["records"].items()), str(r["refused"]))
+    console().print(out)
 
 
 def describing_plugins() -> list[str]:
@@ -206,14 +207,14 @@ def _settings(pairs: tuple[str, ...]) -> dict:
 @click.option("--set", "settings", multiple=True, help="A plugin setting for --image: PLUGIN.KEY=VALUE.")
 @click.option("--postcopy", is_flag=True, help="--image: switch over at once and pull the rest.")
 @click.option("--no-records", is_flag=True, help="--image: do not let plugins describe pages.")
-@click.option("--json", "json_out", default=None, type=OutputFile("JSON file"), help="Write the figures as JSON.")
+@json_option()
 @click.option("--out", "out_dir", default=None, type=OutputDir(), help="Write the report here.")
 def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_records, json_out, out_dir):
     """Run a migration SCENARIO and print its migrations, or migrate a raw memory --image
     with its --disk image: {"bytes_sent": B, "records": {KIND: pages}, ...}."""
     from memvisor.builtins.migration import MigrationOptions
+    from memvisor.cli import write_json
     from memvisor.errors import UserError
-    from memvisor.files import atomic_write
 
     if (scenario is None) == (image is None):
         raise UserError("give a SCENARIO or --image IMAGE (one of them)")
@@ -225,11 +226,12 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
         if disk and not no_records and not figures["describers"] and not plugins:
             click.echo(f"memvisor migrate: --disk {disk}: no installed plugin describes pages (memvisor plugins "
                        f"--hook memvisor_describe_pages lists them); every page was sent as data", err=True)
-        elif disk and figures["describers"]:
+        write_json(json_out, figures)
+        if json_out == "-":
+            return
+        if disk and figures["describers"]:
             click.echo(f"pages that may equal blocks of {disk}: described by plugin(s) "
                        f"{', '.join(figures['describers'])}; records by kind below")
-        if json_out:
-            atomic_write(json_out, json.dumps(figures, indent=2) + "\n")
         _table([figures])
         return
     from memvisor.runner import ScenarioRun
@@ -240,11 +242,11 @@ def migrate_command(scenario, image, disk, plugins, settings, postcopy, no_recor
     rows = scenario_run.host.migrations
     if out_dir:
         report.write(out_dir)
-    if json_out:
-        atomic_write(json_out, json.dumps({"migrations": rows}, indent=2) + "\n")
     if not rows:
         raise UserError(f"{scenario}: the timeline has no migrate step")
-    _table(rows)
+    write_json(json_out, {"migrations": rows})
+    if json_out != "-":
+        _table(rows)
 
 
 class CoreMigration:
@@ -266,17 +268,63 @@ class CoreMigration:
         """One section with every migration and memory error of the run."""
         if not host.migrations and not host.memory_errors:
             return None
-        errors = host.memory_errors
+        errors = [{**e, "pages_hit": len(e["pages"]), "pages_repaired": len(e["repaired"]),
+                   "pages_lost": len(e["lost"])} for e in host.memory_errors]
         metrics = {
             "migrations": list(host.migrations),
-            "memory_error_pages": sum(len(e["pages"]) for e in errors),
-            "memory_error_repaired": sum(len(e["repaired"]) for e in errors),
-            "memory_error_lost": sum(len(e["lost"]) for e in errors),
-            "memory_errors": list(errors),
+            "memory_error_pages": sum(e["pages_hit"] for e in errors),
+            "memory_error_repaired": sum(e["pages_repaired"] for e in errors),
+            "memory_error_lost": sum(e["pages_lost"] for e in errors),
+            "memory_errors": errors,
         }
         return ReportSection("memvisor", "Live migrations and memory errors", metrics,
+                             headlines=_headlines(metrics), tables=_tables(metrics),
                              text="Each migration: total time, downtime, bytes and pages by record kind, rounds. "
                                   "Memory errors: pages hit, repaired by a plugin, and lost (reported to the guest).")
+
+
+def _headlines(metrics: dict) -> list:
+    from memvisor.report import Figure, Headline
+
+    out = []
+    for i, m in enumerate(metrics["migrations"]):
+        figures = {"method": Figure(("migrations", i, "method"), "text"),
+                   "total": Figure(("migrations", i, "total_s"), "s", "lower"),
+                   "downtime": Figure(("migrations", i, "downtime_s"), "s", "lower"),
+                   "sent": Figure(("migrations", i, "bytes_sent"), "bytes", "lower")}
+        text = "migrated live ({method}) in {total} with {downtime} of downtime, sending {sent}"
+        if "verified" in m:
+            figures["verified"] = Figure(("migrations", i, "verified"), "text")
+            text += "; the destination checked equal: {verified}"
+        out.append(Headline(text, figures, vm=m["vm"], key="migration"))
+    if metrics["memory_errors"]:
+        out.append(Headline("memory errors hit {hit} pages: {repaired} repaired, {lost} reported lost to the guest",
+                            {"hit": Figure(("memory_error_pages",), "count"),
+                             "repaired": Figure(("memory_error_repaired",), "count", "higher"),
+                             "lost": Figure(("memory_error_lost",), "count", "lower")}, key="memory errors"))
+    return out
+
+
+def _tables(metrics: dict) -> list:
+    from memvisor.report import Column, Table
+
+    kinds = sorted({k for m in metrics["migrations"] for k in m.get("bytes_by_kind", {})})
+    return [
+        Table("Live migrations", [
+            Column("vm", "VM", "text"), Column("method", "method", "text"), Column("started", "started", "s"),
+            Column("total_s", "total", "s"), Column("downtime_s", "downtime", "s"), Column("rounds", "rounds", "count"),
+            Column("pages_sent", "pages sent", "count"), Column("pages_resent", "pages re-sent", "count"),
+            Column("bytes_sent", "sent", "bytes"), Column("refused", "records refused", "count"),
+            Column("fallbacks", "fallbacks", "count"), Column("postcopy_faults", "post-copy faults", "count"),
+            Column("postcopy_background", "post-copy background pages", "count"),
+            Column("verified", "destination checked equal", "text", "not checked")], rows=("migrations",), keys=()),
+        Table("Bytes sent by record kind", [Column("vm", "VM", "text")] + [
+            Column(("bytes_by_kind", k), k, "bytes") for k in kinds], rows=("migrations",), keys=()),
+        Table("Memory errors", [
+            Column("vm", "VM", "text"), Column("time", "time", "s"), Column("pages_hit", "pages hit", "count"),
+            Column("pages_repaired", "repaired", "count"), Column("pages_lost", "lost", "count")],
+            rows=("memory_errors",), keys=()),
+    ]
 
 
 PLUGIN = CoreMigration
