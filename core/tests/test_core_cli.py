@@ -155,7 +155,7 @@ def test_json_is_a_file_or_standard_output_in_every_command():
 def test_json_to_standard_output_is_the_json_alone(tmp_path):
     """`--json -` leaves standard output to the JSON; `--json FILE` writes the same JSON to the
     file and the summary to standard output."""
-    from memvisor.checkpoint import CheckpointWriter
+    from memvisor.builtins.checkpoint import CheckpointWriter
 
     with CheckpointWriter(tmp_path / "c.ckpt", 8, threads=1) as writer:
         writer.add_pages(0, np.full((8, 4096), 7, np.uint8))
@@ -171,7 +171,7 @@ def test_checkpoint_inspect_shows_its_blocks_and_page_map(tmp_path):
     """`checkpoint inspect` shows what its help promises: every storage block (the pages it
     holds add up to the data pages) and the page map, each run of pages with its kind and the
     storage block of data, as the reader finds each page."""
-    from memvisor.checkpoint import CheckpointReader, CheckpointWriter
+    from memvisor.builtins.checkpoint import CheckpointReader, CheckpointWriter
 
     pages = np.zeros((300, 4096), np.uint8)
     pages[:100] = np.random.default_rng(1).integers(0, 255, (100, 4096), dtype=np.uint8)
