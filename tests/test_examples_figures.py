@@ -39,6 +39,8 @@ from memvisor.testing.scaled import scaled
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.toml") if p.name != "sweep.toml")  # a sweep: tests/test_sweep.py
 SCALE = float(os.environ.get("MEMVISOR_EXAMPLE_SCALE", "0.25"))
+WITH_NUMA = [n for n in NAMES if "numa" in tomllib.loads((EXAMPLES / f"{n}.toml").read_text()).get("plugins", {})]
+"""The examples that enable memvisor-numa (the tests of its figures run on these only)."""
 SMALLER = {"fleet-host": 128}
 """Examples whose memory shrinks that many times more than their time."""
 
@@ -181,13 +183,12 @@ def test_every_plotted_series_ends_at_its_table(example):
                 assert last == pytest.approx(table * plot["scale"], rel=1e-6, abs=1e-6), (plot_name, label)
 
 
+@pytest.mark.parametrize("example", WITH_NUMA, indirect=True)
 def test_numa_t90_and_t99_are_where_the_plot_reaches_them(example):
     """t90_s and t99_s of each move are when the plotted local fraction first reached 0.9 and
     0.99 after it (it once said 2.2e-16 s while the plot showed tenths of a second)."""
     name, data, _ = example
     numa = _plugin(data, "numa")
-    if numa is None:
-        pytest.skip("no numa plugin in this example")
     plot = data["plots"]["numa-local-fraction"]
     for vm, figures in numa["metrics"]["vms"].items():
         for index, move in enumerate(figures["moves"]):
@@ -344,13 +345,12 @@ def test_the_shortened_run_exercises_every_technique(example):
                    for u in budgets["metrics"]["vms"].values())
 
 
+@pytest.mark.parametrize("example", ["budgets"], indirect=True)
 def test_budgets_example_keeps_the_hog_within_its_budget(example):
     """examples/budgets.toml: hog takes no more traps than its budget allows, web's traps
     hardly ever wait for the handler, the scanner keeps to each VM's scan rate and the
     migration to its bandwidth."""
     name, data, _ = example
-    if name != "budgets":
-        pytest.skip("the budgets example's own promise")
     seconds = data["time"]["virtual_seconds"]
     vms = _section(data, "Budgets")["metrics"]["vms"]
     hog, web = vms["hog"], vms["web"]
