@@ -6,25 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-PYPROJECT = """
-[build-system]
-requires = ["setuptools>=61"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "{dist}"
-version = "1.2.3"
-
-[project.entry-points.memvisor]
-{name} = "{module}:{target}"
-
-[tool.setuptools]
-py-modules = ["{module}"]
-"""
+from memvisor.testing import build_plugin
 
 COUNTER = """
 import json, os
@@ -55,23 +40,11 @@ raise ImportError("this plugin needs libfoo, which is not installed")
 """
 
 
-def build_and_install(tmp_path, dist, name, module, target, source):
-    """Write a distribution, pip-install it into a private folder; return that folder."""
-    src = tmp_path / dist
-    src.mkdir()
-    (src / "pyproject.toml").write_text(PYPROJECT.format(dist=dist, name=name, module=module, target=target))
-    (src / f"{module}.py").write_text(textwrap.dedent(source))
-    target_dir = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target_dir),
-                    str(src)], check=True, capture_output=True)
-    return target_dir
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("thirdparty")
-    build_and_install(tmp_path, "memvisor-counter", "counter", "memvisor_counter", "Counter", COUNTER)
-    return build_and_install(tmp_path, "memvisor-broken", "broken", "memvisor_broken", "Nothing", BROKEN)
+    build_plugin(tmp_path, "counter", COUNTER, target="Counter", version="1.2.3")
+    return build_plugin(tmp_path, "broken", BROKEN, target="Nothing", version="1.2.3")
 
 
 def memvisor(site, *args):

@@ -40,7 +40,7 @@ def csv_bomb(path: Path, mib: int = 1024) -> None:
 
 
 def metadata_checkpoint(path: Path, kind: str, n: int = 4_000_000) -> None:
-    from memvisor.checkpoint import layout as L
+    from memvisor.builtins.checkpoint import layout as L
 
     file_id = os.urandom(16)
     header = L.pack_header(flags=0, page_size=4096, vm_pages=2 * n + 1, codec=1, level=1, checksum_size=16,
@@ -58,7 +58,7 @@ def metadata_checkpoint(path: Path, kind: str, n: int = 4_000_000) -> None:
 
 
 def record_bomb(declared: int = 1 << 30) -> str:
-    from memvisor.migration import Link, LiveMigration, MigrationOptions, stream
+    from memvisor.builtins.migration import Link, LiveMigration, MigrationOptions, stream
     from memvisor.testing import small_host
 
     bomb = zstandard.ZstdCompressor(level=19).compress(bytes(declared))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from memvisor.budgets import Budget, TokenBucket
+from memvisor.builtins.migration import LiveMigration, MigrationOptions
 from memvisor.contents import ContentSpec
 from memvisor.errors import UserError
-from memvisor.migration import LiveMigration, MigrationOptions
 from memvisor.scenario import parse_scenario
 from memvisor.testing import small_host
 from memvisor.testing.hog import hog_scenario, run_with_dirty_logging

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint import (
+from memvisor.builtins.checkpoint import (
     KIND_DATA,
     KIND_FIRST_RECORD,
     KIND_MISSING,
@@ -24,7 +24,7 @@ from memvisor.checkpoint import (
     restore_image,
     save_image,
 )
-from memvisor.checkpoint import layout as L
+from memvisor.builtins.checkpoint import layout as L
 from memvisor.errors import UserError
 
 REAL_IMAGE = Path("/work/shared/images/idle-guest-1g.raw.zst")

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint import KIND_ZERO, CheckpointError, CheckpointReader, CheckpointWriter
-from memvisor.checkpoint import layout as L
+from memvisor.builtins.checkpoint import KIND_ZERO, CheckpointError, CheckpointReader, CheckpointWriter
+from memvisor.builtins.checkpoint import layout as L
 
 VM_PAGES = 48
 KEY = b"fuzzing-key-0123456789"
@@ -468,7 +468,7 @@ def test_many_empty_sections_are_refused_without_walking_them(tmp_path):
 
 def test_a_restore_larger_than_its_file_system_is_refused(tmp_path):
     """A checkpoint that declares 2^38 zero pages (1 PiB) is refused before the image is made."""
-    from memvisor.checkpoint import restore_image
+    from memvisor.builtins.checkpoint import restore_image
 
     zero = np.array([(0, 1 << 38)], L.RANGE_DTYPE)
     path = _metadata_only(tmp_path / "huge.ckpt", 1 << 38, zero=zero)

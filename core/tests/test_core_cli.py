@@ -103,14 +103,6 @@ def test_usage_errors_and_environment_are_one_line():
         assert not proc.stderr.startswith("memvisor: error: memvisor: "), proc.stderr  # no prefix repeated
 
 
-def test_a_plugin_command_that_is_missing_names_its_distribution():
-    """`memvisor sharing` when the plugin is blocked (or not installed) says where it comes
-    from, not "No such command"."""
-    proc = memvisor("sharing", "estimate", env={"MEMVISOR_DISABLE_PLUGINS": "sharing"})
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "'sharing' comes from" in proc.stderr and "memvisor-sharing" in proc.stderr
-
-
 def test_an_allow_list_without_the_backend_says_so(tmp_path):
     """MEMVISOR_PLUGINS=stats leaves the emulator out: the line says so, not 'unknown backend'."""
     path = tmp_path / "s.toml"
@@ -163,7 +155,7 @@ def test_json_is_a_file_or_standard_output_in_every_command():
 def test_json_to_standard_output_is_the_json_alone(tmp_path):
     """`--json -` leaves standard output to the JSON; `--json FILE` writes the same JSON to the
     file and the summary to standard output."""
-    from memvisor.checkpoint import CheckpointWriter
+    from memvisor.builtins.checkpoint import CheckpointWriter
 
     with CheckpointWriter(tmp_path / "c.ckpt", 8, threads=1) as writer:
         writer.add_pages(0, np.full((8, 4096), 7, np.uint8))
@@ -179,7 +171,7 @@ def test_checkpoint_inspect_shows_its_blocks_and_page_map(tmp_path):
     """`checkpoint inspect` shows what its help promises: every storage block (the pages it
     holds add up to the data pages) and the page map, each run of pages with its kind and the
     storage block of data, as the reader finds each page."""
-    from memvisor.checkpoint import CheckpointReader, CheckpointWriter
+    from memvisor.builtins.checkpoint import CheckpointReader, CheckpointWriter
 
     pages = np.zeros((300, 4096), np.uint8)
     pages[:100] = np.random.default_rng(1).integers(0, 255, (100, 4096), dtype=np.uint8)

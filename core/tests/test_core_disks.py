@@ -21,7 +21,7 @@ def test_hook_memvisor_disk_io():
     host.backend.protect(vm, np.array([3]))
     recorder = HookRecorder(host.pm)
     host.disk_io(vm, disk, np.array([3, 4]), np.array([10, 11]), np.array([False, False]))
-    assert recorder.names().index("memvisor_page_write") < recorder.names().index("memvisor_disk_io")
+    assert recorder.names().index("memvisor_write_trap") < recorder.names().index("memvisor_disk_io")
     (call,) = recorder.of("memvisor_disk_io")
     assert call.io.disk is disk and call.io.gpps.tolist() == [3, 4] and not call.io.writes.any()
     assert (host.backend.read(vm, np.array([3, 4])) == disk.read([10, 11])).all()

@@ -110,13 +110,13 @@ def test_hook_memvisor_page_fault():
     assert not host.backend.present(vm, np.array([0, 1])).any()
 
 
-def test_hook_memvisor_page_accessed():
+def test_hook_memvisor_traced_access():
     """Touched traced pages reach the access hook already untraced."""
     seen = []
 
     class P:
         @hookimpl
-        def memvisor_page_accessed(self, host, vm, access):
+        def memvisor_traced_access(self, host, vm, access):
             seen.append((access.gpps.tolist(), host.backend.traced(vm, access.gpps).tolist()))
 
     host = small_host(extra_plugins=[P()])
@@ -126,13 +126,13 @@ def test_hook_memvisor_page_accessed():
     assert seen == [([2, 1], [False, False])]
 
 
-def test_hook_memvisor_page_write():
+def test_hook_memvisor_write_trap():
     """Every plugin sees a write to a protected page before it lands; then it is writable."""
     seen = []
 
     class Saver:
         @hookimpl
-        def memvisor_page_write(self, host, vm, write):
+        def memvisor_write_trap(self, host, vm, write):
             seen.append((write.gpps.tolist(), host.backend.read(vm, write.gpps)[:, 0].tolist()))
 
     host = small_host(extra_plugins=[Saver()])

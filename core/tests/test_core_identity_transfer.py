@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memvisor.checkpoint import CheckpointError, CheckpointReader, restore_image
+from memvisor.builtins.checkpoint import CheckpointError, CheckpointReader, restore_image
+from memvisor.builtins.migration import LiveMigration, MigrationAborted, MigrationOptions
 from memvisor.contents import ContentSpec
 from memvisor.events import RestoreRequest, SaveRequest
-from memvisor.migration import LiveMigration, MigrationAborted, MigrationOptions
 from memvisor.testing import ReferenceMemory, small_host
 
 SPEC = ContentSpec.parse({"zero": 0.35, "text": 0.3, "random": 0.2, "duplicate": 0.15}, "contents")
@@ -119,10 +119,10 @@ def test_identity_records_are_numbered_owed_and_checked():
     aborts; a frame that does not declare exactly its records is refused (asked again)."""
     import zstandard
 
+    from memvisor.builtins.migration import stream
+    from memvisor.builtins.migration.live import Destination
+    from memvisor.builtins.migration.stream import StreamViolation
     from memvisor.identity import Identities
-    from memvisor.migration import stream
-    from memvisor.migration.live import Destination
-    from memvisor.migration.stream import StreamViolation
 
     host, vm, _ = vm_with_history("identity")
     contents = host.backend.contents(vm, np.arange(8))
@@ -155,7 +155,7 @@ def test_identity_records_are_numbered_owed_and_checked():
 def test_a_replayed_identity_record_aborts_the_migration_with_the_source_running():
     """A link that delivers an identity record twice ends the migration (never a silent
     difference): the destination VM is gone and the source reads as the reference says."""
-    from memvisor.migration import Link, stream
+    from memvisor.builtins.migration import Link, stream
 
     host, vm, ref = vm_with_history("identity")
     destination = small_host(memory_pages=4 * PAGES, contents="identity")

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.checkpoint.vm import make_present
+from memvisor.builtins.checkpoint.vm import make_present
+from memvisor.builtins.migration import Link, LiveMigration, MigrationOptions, StreamError, stream
 from memvisor.contents import ContentSpec
 from memvisor.errors import BackendError
 from memvisor.events import PageRecords
-from memvisor.migration import Link, LiveMigration, MigrationOptions, StreamError, stream
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
 from memvisor.testing import HookRecorder, small_host
@@ -213,8 +213,8 @@ def test_intact_records_the_destination_was_not_owed_abort():
     """Records with a valid checksum that no source of this VM sends — pages outside the VM, a
     page twice, more than a record may carry, out of sequence, not owed in the round — are
     refused before anything is allocated or installed on their word."""
-    from memvisor.migration.live import Destination
-    from memvisor.migration.stream import StreamViolation
+    from memvisor.builtins.migration.live import Destination
+    from memvisor.builtins.migration.stream import StreamViolation
 
     host = small_host(memory_pages=1024)
     vm = host.create_vm("d", 64)
@@ -241,8 +241,8 @@ def test_opaque_records_keep_their_place_in_the_sequence():
     """A transport's own records (memvisor-qemu's QEMU bytes) are handed back to the caller in
     sequence, never installed; replayed, carrying pages or of a kind not declared opaque,
     they are refused like any record."""
-    from memvisor.migration.live import Destination
-    from memvisor.migration.stream import StreamViolation
+    from memvisor.builtins.migration.live import Destination
+    from memvisor.builtins.migration.stream import StreamViolation
 
     host = small_host(memory_pages=1024)
     vm = host.create_vm("d", 64)
@@ -263,8 +263,8 @@ def test_opaque_records_keep_their_place_in_the_sequence():
 def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort():
     """The link drops while the destination pulls a page after the switch-over: one
     MigrationAborted, the destination's VM and its fault handler gone, the source running."""
-    from memvisor.migration import MigrationAborted
-    from memvisor.migration.live import _PostCopyFaults
+    from memvisor.builtins.migration import MigrationAborted
+    from memvisor.builtins.migration.live import _PostCopyFaults
 
     source, destination = hosts()
     vm = source.create_vm("a", 128, contents=CONTENTS)
@@ -277,6 +277,9 @@ def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort()
             raise ConnectionResetError("link dropped")
         return wire
 
+    from memvisor.testing import HookRecorder
+
+    recorder = HookRecorder(source.pm)
     migration = LiveMigration(source, vm, destination, MigrationOptions(postcopy=True, max_rounds=1),
                               link=Link(link))
     migration.run(Guest(source, vm, 1, 200, 1.0))
@@ -287,21 +290,24 @@ def test_a_postcopy_link_failure_after_the_switch_over_is_the_documented_abort()
     assert not [p for p in destination.pm.get_plugins() if isinstance(p, _PostCopyFaults)]
     with pytest.raises(MigrationAborted):
         migration.finish_postcopy()
+    phases = [c.kwargs["phase"].phase for c in recorder.of("memvisor_migration_phase")]
+    recorder.close()  # the plugins that saw it start saw it end, once, as aborted
+    assert phases[0] == "start" and phases[-1] == "aborted" and "end" not in phases and phases.count("aborted") == 1
 
 
 def test_migrate_command_says_when_a_named_disk_cannot_be_used(tmp_path):
-    """`memvisor migrate --image IMAGE --disk DISK` without the plugin that sends disk
-    references says so in one line (the migration still runs, every page as data) rather than
-    silently sending plain compression."""
+    """`memvisor migrate --image IMAGE --disk DISK` without a plugin that describes pages (one
+    that could send disk references) says so in one line (the migration still runs, every page
+    as data) rather than silently sending plain compression."""
     image, disk, out = tmp_path / "mem.img", tmp_path / "disk.img", tmp_path / "out.json"
     pages = ContentSpec.parse("random", "t").fill(16, 3, np.arange(16))
     image.write_bytes(pages.tobytes())
     disk.write_bytes(pages.tobytes())
     done = subprocess.run([sys.executable, "-m", "memvisor", "migrate", "--image", str(image), "--disk", str(disk),
                            "--json", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "MEMVISOR_DISABLE_PLUGINS": "diskmap"})
+                          env={**os.environ, "MEMVISOR_PLUGINS": "emulator"})
     assert done.returncode == 0, done.stderr
-    assert done.stderr == (f"memvisor migrate: --disk {disk}: no disk references without the diskmap plugin "
-                           "(pip install memvisor-diskmap); every page was sent as data\n")
+    assert done.stderr == (f"memvisor migrate: --disk {disk}: no installed plugin describes pages (memvisor plugins "
+                           "--hook memvisor_describe_pages lists them); every page was sent as data\n")
     figures = json.loads(out.read_text())
-    assert figures["records"] == {"page": 16} and figures["disk_references"] is None
+    assert figures["records"] == {"page": 16} and figures["describers"] == []

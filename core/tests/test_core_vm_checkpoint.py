@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from memvisor import hookimpl
-from memvisor.checkpoint import CheckpointError, CheckpointReader
+from memvisor.builtins.checkpoint import CheckpointError, CheckpointReader
 from memvisor.contents import ContentSpec
 from memvisor.events import PageRecords, RestoreRequest, SaveRequest
 from memvisor.runner import ScenarioRun
@@ -30,7 +30,7 @@ def test_hook_memvisor_checkpoint_save(tmp_path):
     class Mine:
         @hookimpl
         def memvisor_checkpoint_save(self, host, vm, request):
-            from memvisor.checkpoint.vm import SaveJob
+            from memvisor.builtins.checkpoint.vm import SaveJob
 
             return SaveJob(vm.name, request.path, "mine", host.now)
 

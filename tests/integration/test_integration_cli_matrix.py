@@ -30,7 +30,7 @@ def test_integration_every_file_parameter_says_whether_it_is_read_or_written():
     assert cli_matrix.untyped_files() == []
 
 
-@pytest.mark.parametrize("command", sorted(set(cli_matrix.BASELINES) - {"bench"}))
+@pytest.mark.parametrize("command", sorted(set(cli_matrix.baselines()) - {"bench"}))
 def test_integration_cli_matrix_baselines_run(command, sandbox):
     """Each valid invocation the matrix starts from runs (exit 0): a case fails because of
     the one bad argument, not because its baseline was broken. (bench is slow and is
@@ -41,11 +41,11 @@ def test_integration_cli_matrix_baselines_run(command, sandbox):
     commands = cli_matrix.commands()
     if command not in commands:
         pytest.skip(f"{command}: its plugin is not installed")
-    if any(p in str(v) for v in cli_matrix.BASELINES[command].values() for p in cli_matrix.NEEDS_QEMU):
+    if any(p in str(v) for v in cli_matrix.baselines()[command].values() for p in cli_matrix.LIVE_SOCKETS):
         pytest.skip(f"{command}: needs a running QEMU (hypervisor_backends/memvisor-qemu/tests/test_qemu_cli.py "
                     "runs this baseline against real ones)")
     sandbox.clear_out()
-    baseline = dict(cli_matrix.BASELINES[command])
+    baseline = dict(cli_matrix.baselines()[command])
     if "json_out" in baseline:
         baseline["json_out"] = "-"
     args = cli_matrix._argv(commands[command], baseline, sandbox)

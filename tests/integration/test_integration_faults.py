@@ -15,14 +15,17 @@ import numpy as np
 import pytest
 
 from memvisor import PAGE_SIZE, hookimpl
-from memvisor.checkpoint import CheckpointError
+from memvisor.builtins.checkpoint import CheckpointError
+from memvisor.builtins.migration import Link, LiveMigration, MigrationAborted, MigrationOptions
 from memvisor.errors import UserError, VMStoppedError
 from memvisor.events import RestoreRequest, SaveRequest
-from memvisor.migration import Link, LiveMigration, MigrationAborted, MigrationOptions
 from memvisor.testing import small_host
-from memvisor.testing.integration import PLUGINS, IntegrationModel
+from memvisor.testing.integration import IntegrationModel, machine_plugins
 
-FAULTY_HOOKS = ("memvisor_tick", "memvisor_page_accessed", "memvisor_memory_pressure", "memvisor_memory_error",
+PLUGINS = machine_plugins()
+"""Every installed plugin, as the all-techniques machine enables them."""
+
+FAULTY_HOOKS = ("memvisor_tick", "memvisor_traced_access", "memvisor_memory_pressure", "memvisor_memory_error",
                 "memvisor_disk_io", "memvisor_vcpus_moved")
 
 
@@ -41,7 +44,7 @@ class Faulty:
         self._boom()
 
     @hookimpl
-    def memvisor_page_accessed(self, host, vm, access):
+    def memvisor_traced_access(self, host, vm, access):
         self._boom()
 
     @hookimpl(tryfirst=True)
@@ -111,7 +114,7 @@ class FaultyFault:
 
 class FaultyWrite:
     @hookimpl(tryfirst=True)
-    def memvisor_page_write(self, host, vm, write):
+    def memvisor_write_trap(self, host, vm, write):
         raise RuntimeError("write handler bug")
 
 

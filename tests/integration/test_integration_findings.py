@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint import CheckpointError
+from memvisor.builtins.checkpoint import CheckpointError
 from memvisor.events import RestoreRequest, SaveRequest
 from memvisor.testing import small_host
-from memvisor.testing.integration import PLUGINS, IntegrationModel
+from memvisor.testing.integration import IntegrationModel
+
+PLUGINS = ("stats", "mrc", "balloon", "sharing", "numa", "lazy-save", "lazy-restore", "diskmap")
+"""The technique plugins of this repository, which these findings involve."""
 
 
 def disk_backed_vm(seed=0):

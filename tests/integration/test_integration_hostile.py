@@ -52,7 +52,7 @@ def test_integration_a_bad_record_after_the_switch_over_is_the_documented_abort(
 
 def _pull_records(touches) -> list[int]:
     """Numbers of the records a post-copy migration of check_link sends after its switch-over."""
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     kinds = []
     assert fuzz.check_link({}, True, touches, sent=lambda wire: kinds.append(stream.decode(wire).kind)) == "migrated"
@@ -62,7 +62,7 @@ def _pull_records(touches) -> list[int]:
 def test_integration_a_decompression_bomb_record_costs_no_memory():
     """A page record whose zstd frame declares 256 MiB (or declares nothing and holds it) is
     refused before it is decompressed: the fuzzer's 64 MiB bound holds."""
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     record = stream.decode(fuzz.owed_records()[0])
     for bomb in fuzz.zstd_bombs():

@@ -49,6 +49,7 @@ class Capability:
     """Time is virtual and deterministic under a seed (the emulator)."""
 
     ALL = (FAULT, TRACE, WRITE_PROTECT, ACCESSED, DIRTY, SHARE, ZERO_PAGE, LARGE_PAGES, NUMA, VIRTUAL_TIME)
+    """Every capability name."""
 
 
 @attrs.frozen
@@ -82,10 +83,22 @@ class Backend(ABC):
     Operations never trap: they are the hypervisor's own view of memory. Guest activity goes
     through :meth:`access`, which turns the touches that trap into batched hook calls on the
     attached host.
+
+    Page arguments are int64 arrays of guest page numbers; per-page answers are arrays in the
+    same order. Errors: an operation whose arguments break its contract — a page number
+    outside the VM, a VM not on this backend, a page that must be present and is not (``read``,
+    ``write``, ``share``) or must not be and is (``populate``), the same page twice in one
+    call, a large-page member where small pages are needed, contents that differ in ``share``
+    — raises :class:`memvisor.errors.BackendError` (a bug of the caller, one line saying
+    which) before it changes anything. An operation that needs a capability the backend lacks
+    raises :class:`memvisor.errors.CapabilityError` (one line); a plugin checks its
+    capabilities once, with ``host.require``, when the host starts.
     """
 
     name: str = "?"
+    """The name the backend is registered under (``[host] backend``)."""
     capabilities: frozenset[str] = frozenset()
+    """The :class:`Capability` names this backend offers (``host.require`` checks them)."""
     contents_model: str = "bytes"
     """How this backend holds page contents: ``"bytes"`` (real bytes) or ``"identity"`` (by
     content identity, :mod:`memvisor.identity`: the emulator's model for hosts larger than the
@@ -138,6 +151,14 @@ class Backend(ABC):
         little-endian uint64 in the first 8 bytes of its page (the guest's real store, which the
         reference model of guest memory mirrors).
         """
+
+    def work_seconds(self, kind: str, nbytes: int, ops: int = 1) -> float | None:
+        """How long hypervisor work of ``kind`` (those of :meth:`account`, and ``"numa_copy"``:
+        migrating pages between NUMA nodes, ``"zero_fill"``) on ``nbytes`` in ``ops`` calls
+        takes in this backend's cost model, without charging it; ``None`` on a backend without
+        a cost model (real time). A policy that plans by cost (a migration budget per tick)
+        asks this."""
+        return None
 
     def trapping(self, vm: VM, gpps: np.ndarray, writes: np.ndarray) -> np.ndarray | None:
         """Per access of a batch, whether it would trap if the batch ran now (a fault, a traced
@@ -344,6 +365,13 @@ class Backend(ABC):
     @abstractmethod
     def total_pages(self, node: int | None = None) -> int:
         """Machine pages (on one node, or all)."""
+
+    def check_invariants(self) -> int | None:
+        """Recount every machine page's references from the page tables and compare (slow:
+        for tests and ``memvisor selftest``). Raises :class:`memvisor.errors.BackendError` on a
+        leaked, double-mapped or miscounted page; returns the number of machine pages held
+        outside page tables (:meth:`hold_page`), or None on a backend that cannot recount."""
+        return None
 
     def describe(self) -> dict:
         """A JSON-able description for reports: name, capabilities, sizes."""

@@ -25,11 +25,6 @@ import click
 from memvisor import __version__
 from memvisor.errors import UserError
 
-PLUGIN_COMMANDS = {"diskmap": "memvisor-diskmap", "mrc": "memvisor-mrc", "numa": "memvisor-numa",
-                   "sharing": "memvisor-sharing"}
-"""Subcommands of this repository's plugins, with the distribution that provides each: named
-when the command is missing (the core imports no plugin, it only knows their names)."""
-
 
 def one_line(text: object) -> str:
     """``text`` on one line: line breaks and other control characters become spaces."""
@@ -53,8 +48,10 @@ class _Group(click.Group):
 
     def resolve_command(self, ctx, args):
         name = click.utils.make_str(args[0]) if args else None
-        if name is not None and name in PLUGIN_COMMANDS and self is cli and self.get_command(ctx, name) is None:
-            raise click.UsageError(_missing_command(name), ctx)
+        if name is not None and self is cli and self.get_command(ctx, name) is None:
+            missing = _missing_command(name)
+            if missing:
+                raise click.UsageError(missing, ctx)
         return super().resolve_command(ctx, args)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -92,14 +89,27 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _missing_command(name: str) -> str:
-    from memvisor.plugins import ENV_ALLOW, ENV_BLOCK, _entry_points
+def _missing_command(name: str) -> str | None:
+    """Where command ``name`` would come from: an installed plugin that the allow- or
+    block-list leaves out (its commands are asked for on a group of their own); None when no
+    installed plugin has it."""
+    from memvisor.plugins import _entry_points, _instantiate, _load, left_out
 
-    distribution = PLUGIN_COMMANDS[name]
-    if any(ep.name == name for ep in _entry_points()):
-        return (f"'{name}' comes from plugin {name!r} ({distribution}), which {ENV_ALLOW} or {ENV_BLOCK} "
-                f"leaves out")
-    return f"'{name}' comes from the {distribution} distribution, which is not installed (pip install {distribution})"
+    for ep in _entry_points():
+        reason = left_out(ep.name)
+        plugin = _load(ep) if reason else None
+        register = getattr(_instantiate(plugin.target), "memvisor_register_commands", None) if plugin and \
+            plugin.error is None else None
+        if register is None:
+            continue
+        group = click.Group()
+        try:
+            register(cli=group)
+        except Exception:  # a broken plugin says nothing here
+            continue
+        if name in group.commands:
+            return f"'{name}' comes from plugin {ep.name!r} ({plugin.distribution}): {reason}"
+    return None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,6 +183,7 @@ class InputFile(_File):
         super().__init__(what, allow_dash)
 
     def check(self, value: str) -> None:
+        """:class:`UserError` unless ``value`` is a regular file that exists."""
         from memvisor.files import check_regular
 
         check_regular(value, self.what)
@@ -183,11 +194,14 @@ class OutputFile(_File):
     and it must not be one of the command's input files."""
 
     kind = "out"
+    """What the command does with the file: writes it."""
 
     def __init__(self, what: str = "output file", allow_dash: bool = False):
         super().__init__(what, allow_dash)
 
     def check(self, value: str) -> None:
+        """:class:`UserError` unless ``value`` can be written (its folder exists, it is absent or
+        a regular file)."""
         from memvisor.files import check_output
 
         check_output(value, self.what)
@@ -197,6 +211,7 @@ class OutputDir(click.ParamType):
     """A folder the command writes into: checked writable before the command does any work."""
 
     name = "folder"
+    """How click names the type in messages."""
 
     def convert(self, value, param, ctx):
         from memvisor.files import check_out_dir
@@ -212,6 +227,7 @@ class UnixSocket(click.ParamType):
     missing path is refused in one line before the command does anything."""
 
     name = "socket"
+    """How click names the type in messages."""
 
     def __init__(self, what: str = "Unix socket"):
         self.what = what
@@ -228,6 +244,7 @@ class Size(click.ParamType):
     """A size in bytes (``"4MiB"``, binary units) within ``[low, high]``."""
 
     name = "size"
+    """How click names the type in messages."""
 
     def __init__(self, low: int = 1, high: int | None = None):
         self.low, self.high = low, high
@@ -252,6 +269,7 @@ class Number(click.ParamType):
     """A finite number within ``[low, high]`` (int when ``integer``): never NaN or infinite."""
 
     name = "number"
+    """How click names the type in messages (``integer`` for whole numbers)."""
 
     def __init__(self, low: float | None = None, high: float | None = None, integer: bool = False):
         self.low, self.high, self.integer = low, high, integer

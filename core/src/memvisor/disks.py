@@ -7,7 +7,7 @@ charges the backend's disk costs and calls :func:`memvisor_disk_io`.
 
 A read lands in guest memory as a DMA write by the guest's device: it goes through
 ``backend.guest_write``, so it traps like a guest write (a write-protected page is seen by
-:func:`memvisor_page_write` first) and sets the dirty bits that live migration reads.
+:func:`memvisor_write_trap` first) and sets the dirty bits that live migration reads.
 A write reads the pages through ``backend.guest_read``.
 
 On an identity-model host (:mod:`memvisor.identity`) a generated disk holds its blocks by
@@ -66,6 +66,12 @@ class Disk:
     def blocks(self) -> int:
         """Number of 4 KiB blocks."""
         return len(self.data)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the image is attached read-only (``memvisor migrate --image --disk``): its
+        blocks are what the guest's pages may equal, not what the guest reads or writes."""
+        return not self.data.flags.writeable
 
     @property
     def contents_model(self) -> str:

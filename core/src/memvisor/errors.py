@@ -57,3 +57,4 @@ class GuestDied(VMStoppedError, BackendError):
     what ran (set by :meth:`memvisor.runner.ScenarioRun.run`)."""
 
     report = None
+    """The report of what ran before the guest died, or None."""

@@ -163,6 +163,20 @@ class RestoreRequest:
 
 
 @attrs.frozen(eq=False)
+class RestoreStart:
+    """A restore of one VM passed its checks and is about to replace every page of its memory.
+
+    :ivar request: the :class:`RestoreRequest`.
+    :ivar record_pages: the pages the checkpoint stores as plugin records, by record kind
+        (``{"disk-ref": gpps}``): their records were resolved by the check, and each of these
+        pages will hold exactly the bytes its record resolved to.
+    """
+
+    request: RestoreRequest
+    record_pages: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen(eq=False)
 class PageRecords:
     """Pages that a plugin describes more cheaply than by their bytes (a checkpoint or a
     migration stream stores the record instead of the data).
@@ -219,7 +233,8 @@ class MigrationPhase:
     """A live migration of a VM reached a phase.
 
     :ivar phase: ``"start"``, ``"round"`` (a pre-copy round begins), ``"stop_and_copy"``,
-        ``"postcopy"`` (the destination runs and pulls missing pages) or ``"end"``.
+        ``"postcopy"`` (the destination runs and pulls missing pages), ``"end"``, or
+        ``"aborted"`` (the migration failed after its start; the VM runs on on the source).
     :ivar round: number of the pre-copy round (0 before the first).
     :ivar pages: pages to send in this phase (0 where not known).
     :ivar destination: the destination :class:`memvisor.host.Host`.

@@ -214,6 +214,7 @@ def check_out_dir(path: str | os.PathLike, what: str = "output folder") -> None:
 # -- temporaries --------------------------------------------------------------------------------
 
 TEMP_MARK = "memvisor-tmp"
+"""The mark in the name of every temporary memvisor writes beside an output."""
 
 
 def _alive(pid: int) -> bool:

@@ -11,8 +11,9 @@ Implementations may take fewer arguments than the specification (pluggy's opt-in
 new arguments can be added without breaking plugins. Guest activity arrives in batches: one call
 carries a numpy array of pages, never one page.
 
-Hooks that later techniques need are added here by the change that makes the core call them;
-docs/architecture.md lists them.
+Every hook here is called by the core. Hooks that plugins ask each other (how hot pages are,
+how much memory a VM can give up) are declared by those plugins
+(:func:`memvisor_register_hookspecs`), not here; docs/hooks.md lists both.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pluggy
 
-from memvisor import PROJECT_NAME
+import memvisor
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from collections.abc import Callable
+
     import click
 
-    from memvisor.checkpoint.vm import RestoreJob, SaveJob
+    from memvisor.builtins.checkpoint.vm import RestoreJob, SaveJob
     from memvisor.events import (
         AccessBatch,
         DiskIOBatch,
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
         MigrationPhase,
         PageRecords,
         RestoreRequest,
+        RestoreStart,
         SaveRequest,
         Tick,
         VcpuMove,
@@ -45,8 +48,9 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from memvisor.host import VM, Host
     from memvisor.registry import Registry
     from memvisor.report import ReportSection
+    from memvisor.testing.integration import Selftest
 
-hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookspec = memvisor.hookspec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +125,11 @@ def memvisor_page_fault(host: Host, vm: VM, fault: FaultBatch) -> np.ndarray | N
     checks presence before serving. The core's default (``trylast``) fills every page that is
     still missing with zeros, which is what a guest sees of memory that nobody has written.
 
+    The core uses what each implementation returns: it checks that the pages are present (a
+    plugin that claims a page it did not serve is stopped like one that raised: the VM stops,
+    no wrong page is handed over) and counts them per plugin (``faults_served_by`` in the
+    report's memory section, zero-fill included, which adds up to the VM's faults).
+
     :param host: the host.
     :param vm: the faulting VM.
     :param fault: the faulting pages, each once per guest batch.
@@ -129,12 +138,13 @@ def memvisor_page_fault(host: Host, vm: VM, fault: FaultBatch) -> np.ndarray | N
 
 
 @hookspec
-def memvisor_page_accessed(host: Host, vm: VM, access: AccessBatch) -> None:
-    """Observer. The guest touched traced pages.
+def memvisor_traced_access(host: Host, vm: VM, access: AccessBatch) -> None:
+    """Observer. The guest touched pages that a plugin traced (``host.backend.trace``).
 
-    The core has untraced the pages before the call: they stay untraced until a plugin traces
-    them again (``host.backend.trace``), typically from :func:`memvisor_tick`. Only the first
-    touch of a page in a guest batch traps.
+    A trap on *traced* pages, not a reading of accessed bits (those are read without traps:
+    ``host.take_accessed``). The core has untraced the pages before the call: they stay
+    untraced until a plugin traces them again, typically from :func:`memvisor_tick`. Only the
+    first touch of a page in a guest batch traps. Formerly ``memvisor_page_accessed``.
 
     :param host: the host.
     :param vm: the VM.
@@ -143,14 +153,15 @@ def memvisor_page_accessed(host: Host, vm: VM, access: AccessBatch) -> None:
 
 
 @hookspec
-def memvisor_page_write(host: Host, vm: VM, write: WriteBatch) -> None:
-    """Observer. The guest is about to write pages that are shared or write-protected.
+def memvisor_write_trap(host: Host, vm: VM, write: WriteBatch) -> None:
+    """Observer. A write trap: the guest is about to write pages that are shared or
+    write-protected (``host.backend.protect``).
 
     Every implementation sees the whole batch before the write lands: save the old contents,
     drop a mapping, reset a balloon. Afterwards the core gives each page that is still shared a
     private copy and clears write protection on all of them, so the guest's write never fails
     and never reaches another page. An implementation that wants the page protected again
-    re-protects it later (from a tick), not inside this call.
+    re-protects it later (from a tick), not inside this call. Formerly ``memvisor_page_write``.
 
     :param host: the host.
     :param vm: the writing VM.
@@ -166,7 +177,7 @@ def memvisor_disk_io(host: Host, vm: VM, io: DiskIOBatch) -> None:
     Called after the transfer (``host.disk_io``): after a read each page of ``io.gpps`` holds
     its block's bytes, after a write each block holds its page's bytes. A read lands in guest
     memory as the guest's own write would (it traps on write-protected pages first, so
-    :func:`memvisor_page_write` sees it before this hook does). One call per batch of I/O.
+    :func:`memvisor_write_trap` sees it before this hook does). One call per batch of I/O.
 
     :param host: the host.
     :param vm: the VM doing the I/O.
@@ -209,23 +220,6 @@ def memvisor_vcpus_moved(host: Host, vm: VM, move: VcpuMove) -> None:
     """
 
 
-@hookspec(firstresult=True)
-def memvisor_page_heat(host: Host, vm: VM, gpps: np.ndarray) -> np.ndarray | None:
-    """Decision. How hot each of ``gpps`` is, by a plugin that measures page use.
-
-    A plugin that tracks accesses (an MRC plugin's LRU, for one) answers with a float per page,
-    higher meaning hotter (more recently or more often used); pages it knows nothing of get 0.
-    Consumers order work by it: NUMA migration moves the hottest pages first, lazy restore
-    prefetches them first. ``None`` means no plugin can tell; consumers fall back to their own
-    measure (accessed bits).
-
-    :param host: the host.
-    :param vm: the VM.
-    :param gpps: the pages to rate.
-    :returns: float64 array, one heat per page of ``gpps``, or ``None``.
-    """
-
-
 # ---------------------------------------------------------------------------------------------
 # checkpoints and page records
 # ---------------------------------------------------------------------------------------------
@@ -236,14 +230,15 @@ def memvisor_checkpoint_save(host: Host, vm: VM, request: SaveRequest) -> SaveJo
     """Decision. Save ``vm``'s memory to ``request.path``.
 
     A lazy-save plugin returns its job when it takes the save (the VM keeps running and the
-    job's ``done`` turns true later); the core's stop-the-world save (``trylast``) takes it
-    otherwise. Either writes the checkpoint format (docs/checkpoint-format.md), asking
+    job's ``done`` turns true later; its ``flush`` finishes it at once, which the core calls
+    before the VM's memory is replaced by a restore); the core's stop-the-world save
+    (``trylast``) takes it otherwise. Either writes the checkpoint format (docs/checkpoint-format.md), asking
     :func:`memvisor_describe_pages` for records of pages other plugins describe more cheaply.
 
     :param host: the host.
     :param vm: the VM to save.
     :param request: where and how.
-    :returns: a :class:`memvisor.checkpoint.vm.SaveJob`, or ``None`` to leave the save to others.
+    :returns: a :class:`memvisor.builtins.checkpoint.vm.SaveJob`, or ``None`` to leave the save to others.
     """
 
 
@@ -251,14 +246,34 @@ def memvisor_checkpoint_save(host: Host, vm: VM, request: SaveRequest) -> SaveJo
 def memvisor_checkpoint_restore(host: Host, vm: VM, request: RestoreRequest) -> RestoreJob | None:
     """Decision. Replace ``vm``'s memory with the checkpoint at ``request.path``.
 
-    A lazy-restore plugin returns its job after making every page not present (it then serves
+    Called after the core checked that the restore can finish (the file opens and holds every
+    page, its records still resolve) and after :func:`memvisor_restore_starting`. A
+    lazy-restore plugin returns its job after making every page not present (it then serves
     faults from the file); the core's eager restore (``trylast``) loads every page first.
     Pages stored as records are turned back into bytes by :func:`memvisor_resolve_records`.
+    A plugin that only needs to know that the VM's memory is replaced implements
+    :func:`memvisor_restore_starting`, not this.
 
     :param host: the host.
     :param vm: the VM whose memory is replaced.
     :param request: the checkpoint and how.
-    :returns: a :class:`memvisor.checkpoint.vm.RestoreJob`, or ``None``.
+    :returns: a :class:`memvisor.builtins.checkpoint.vm.RestoreJob`, or ``None``.
+    """
+
+
+@hookspec
+def memvisor_restore_starting(host: Host, vm: VM, restore: RestoreStart) -> None:
+    """Observer. Every page of ``vm`` is about to be replaced by a checkpoint's.
+
+    Fires once the restore passed the core's checks (a restore refused there changes nothing
+    and does not fire this), before :func:`memvisor_checkpoint_restore` and before any page
+    changes. A plugin drops what it knows of the VM's pages here: a balloon ends (the guest's
+    driver starts over), a mapping of pages to disk blocks is void, a save in progress is
+    finished first, a lazy restore in progress ends.
+
+    :param host: the host.
+    :param vm: the VM whose memory is replaced.
+    :param restore: the request, and the pages the checkpoint stores as records of each kind.
     """
 
 
@@ -299,7 +314,9 @@ def memvisor_migration_phase(host: Host, vm: VM, phase: MigrationPhase) -> None:
 
     Fires on the source host at ``"start"``, at each pre-copy ``"round"``, at
     ``"stop_and_copy"`` (the VM is stopped), at ``"postcopy"`` (the destination resumes and
-    pulls the pages still missing, when post-copy is on) and at ``"end"``. Pages sent in the
+    pulls the pages still missing, when post-copy is on) and at ``"end"``; a migration that
+    fails after ``"start"`` ends with ``"aborted"`` instead (the VM runs on on the source), so
+    every ``"start"`` is followed by one ``"end"`` or ``"aborted"``. Pages sent in the
     stream come from :func:`memvisor_describe_pages` (``purpose="migration"``) where a plugin
     describes them, and are turned back into bytes on the destination by
     :func:`memvisor_resolve_records`.
@@ -327,27 +344,9 @@ def memvisor_memory_pressure(host: Host, pressure: MemoryPressure) -> int | None
     (``trylast``: the guest pays a fault later).
 
     :param host: the host.
-    :param pressure: free pages and the target.
+    :param pressure: a :class:`memvisor.events.MemoryPressure`: ``free_pages``,
+        ``target_free_pages``, ``deficit_pages`` (what is left to reclaim) and ``time``.
     :returns: the number of machine pages this implementation freed, or ``None``.
-    """
-
-
-@hookspec(firstresult=True)
-def memvisor_giveable_pages(host: Host, vm: VM, miss_ratio_increase: float) -> int | None:
-    """Decision. How many pages ``vm`` could give up for at most ``miss_ratio_increase`` more
-    misses, by a plugin that knows the VM's miss-rate curve.
-
-    A reclaim policy (the balloon's, for one) asks this to take memory where the miss ratio
-    rises least. ``None`` means no plugin can tell; the policy falls back to its own measure.
-    The count is of the VM's whole memory: ``vm.pages`` minus the smallest size whose miss
-    ratio is at most the miss ratio at the VM's current allocation (its pages less those a
-    guest driver has pinned) plus ``miss_ratio_increase``; pages already taken by a balloon are
-    included, so a caller subtracts what it holds.
-
-    :param host: the host.
-    :param vm: the VM.
-    :param miss_ratio_increase: the largest acceptable rise of the VM's miss ratio (0..1).
-    :returns: pages the VM can give up, or ``None``.
     """
 
 
@@ -368,6 +367,39 @@ def memvisor_register_backends(register: Registry) -> None:
 
 
 @hookspec
+def memvisor_register_settings(register: Registry) -> None:
+    """Observer. Declare your plugin's settings: ``register(NAME, cls)``.
+
+    ``NAME`` is the plugin's entry-point name (its ``[plugins.NAME]`` table); ``cls`` is a
+    frozen attrs class whose every field is made with :func:`memvisor.settings.setting` (type
+    from the annotation; default, bounds or choices, one-line doc). The core checks the table
+    when the scenario is loaded (one line naming the file and the dotted key), fills the
+    defaults and hands the plugin an instance of ``cls`` from ``host.plugin_settings(NAME)``.
+    A plugin without settings registers a class without fields, so that a misspelt key in its
+    table is refused too.
+
+    :param register: the settings registry.
+    """
+
+
+@hookspec
+def memvisor_register_hookspecs(register: Callable[[object], None]) -> None:
+    """Observer. Declare hooks your plugin offers other plugins: ``register(namespace)``, a
+    module or class of functions marked ``@memvisor.hookspec`` (pytest's ``pytest_addhooks``).
+
+    A plugin that asks the others something (numa asks how hot pages are) declares the hook and
+    calls it through ``host.hook``; plugins that answer implement it with
+    ``@memvisor.hookimpl(optionalhook=True)``, so that they still load where no plugin declares
+    it. Plugins never import each other, so several may declare one hook: they must declare it
+    alike (same arguments, same kind of call), else loading fails in one line naming both.
+    Names start with ``memvisor_`` and are not the core's. Declarations are read when a
+    plugin manager is built; docs/hooks.md lists those of the installed plugins.
+
+    :param register: adds the hook specifications of a module or class.
+    """
+
+
+@hookspec
 def memvisor_register_workloads(register: Registry) -> None:
     """Observer. Register workload kinds: ``register(kind, factory)``.
 
@@ -383,7 +415,13 @@ def memvisor_register_actions(register: Registry) -> None:
     """Observer. Register scenario timeline actions: ``register(name, function)``.
 
     ``function(run, step)`` receives the running scenario (:class:`memvisor.runner.ScenarioRun`)
-    and the step's table from the scenario file, and performs the step.
+    and the step (:class:`memvisor.runner.Step`: the step's table with checked access, every
+    error naming the file and the dotted key), and performs the step. A function that also takes
+    ``plugin`` (``function(run, step, plugin)``) gets the running host's instance of the plugin
+    that registered it, or None when the scenario does not enable that plugin (refuse with
+    ``raise step.error("do", "...needs the NAME plugin...")``). Register functions, not bound
+    methods: registration hooks are called on a catalog of every installed plugin, not on the
+    host's plugins.
 
     :param register: the action registry.
     """
@@ -423,6 +461,66 @@ def memvisor_report(host: Host) -> ReportSection | list[ReportSection] | None:
     :param host: the host, after :func:`memvisor_host_stopping`.
     :returns: report sections, or ``None``.
     """
+
+
+# ---------------------------------------------------------------------------------------------
+# self-test
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def memvisor_selftest(selftest: Selftest) -> None:
+    """Observer. Take part in ``memvisor selftest``: the all-techniques state machine
+    (:mod:`memvisor.testing.integration`) that drives one host with every installed plugin
+    through random interleavings of guest activity, pressure, checkpoints, restores, live
+    migrations and memory errors, and checks every guest page against the reference model
+    after each step.
+
+    Every installed plugin takes part, with its default settings, without this hook. With it,
+    a plugin adds what only it knows, through ``selftest``
+    (:class:`memvisor.testing.integration.Selftest`): ``selftest.settings({...})`` (its table
+    on the machine's hosts), ``selftest.step(name, function, **ranges)`` (a step of its own:
+    ``function(plugin, host, vm=VM, **arguments)``), ``selftest.check(function)`` (its own
+    invariant after every step: ``function(plugin, host)`` raises ``AssertionError``, returns
+    the machine pages it holds outside page tables), ``selftest.guest_view(function)`` (pages
+    the guest gave up to its driver and what they read), ``selftest.command(path, arguments)``
+    (a valid invocation of its command for the CLI matrix). Every function gets the machine
+    host's instance of the plugin first.
+
+    :param selftest: what the machine collects from each plugin in turn.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# deprecated names (kept for one release; the core still calls them)
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(warn_on_impl=DeprecationWarning(
+    "memvisor_page_accessed is renamed memvisor_traced_access (same arguments); the old name goes in the next release"))
+def memvisor_page_accessed(host: Host, vm: VM, access: AccessBatch) -> None:
+    """Observer. Deprecated: implement :func:`memvisor_traced_access` (same arguments, same call).
+
+    :param host: the host.
+    :param vm: the VM.
+    :param access: the touched traced pages.
+    """
+
+
+@hookspec(warn_on_impl=DeprecationWarning(
+    "memvisor_page_write is renamed memvisor_write_trap (same arguments); the old name goes in the next release"))
+def memvisor_page_write(host: Host, vm: VM, write: WriteBatch) -> None:
+    """Observer. Deprecated: implement :func:`memvisor_write_trap` (same arguments, same call).
+
+    :param host: the host.
+    :param vm: the writing VM.
+    :param write: the pages about to be written.
+    """
+
+
+DEPRECATED: dict[str, str] = {"memvisor_page_accessed": "memvisor_traced_access",
+                              "memvisor_page_write": "memvisor_write_trap"}
+"""Old hook names and their replacements: the core calls both for one release."""
 
 
 def _all_hook_names() -> list[str]:

@@ -28,6 +28,7 @@ from memvisor.events import (
     MemoryErrorEvent,
     MemoryPressure,
     RestoreRequest,
+    RestoreStart,
     SaveRequest,
     Tick,
     VcpuMove,
@@ -35,9 +36,9 @@ from memvisor.events import (
 )
 from memvisor.identity import auto_model, host_memory_bytes
 from memvisor.limits import check_machine_memory
-from memvisor.metrics import Metrics
+from memvisor.metrics import COUNTERS, Metrics
 from memvisor.plugins import new_plugin_manager
-from memvisor.registry import Registry, fill
+from memvisor.registry import Registry, SettingsRegistry, fill
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.contents import ContentSpec
@@ -133,24 +134,52 @@ def _disk_seed(vm_seed: int, index: int) -> int:
     return (int(vm_seed) % 2**64) * 2**20 + 0xD15C0 + index
 
 
-def registries(pm: pluggy.PluginManager) -> dict[str, Registry]:
-    """Fill the backend, workload and action registries from every plugin in ``pm``."""
-    h = pm.hook
-    return {
-        "backend": fill(h.memvisor_register_backends, Registry("backend"), pm),
-        "workload": fill(h.memvisor_register_workloads, Registry("workload"), pm),
-        "action": fill(h.memvisor_register_actions, Registry("action"), pm),
-    }
+def registries(pm: pluggy.PluginManager, extra: tuple[pluggy.PluginManager, Iterable[object]] | None = None,
+               ) -> dict[str, Registry]:
+    """Fill the backend, workload, action and settings registries from every plugin in ``pm``,
+    and from the plugin objects of ``extra`` (a plugin manager and the objects registered in
+    it as they are) whose class is not one of ``pm``'s plugins already."""
+    out: dict[str, Registry] = {}
+    installed = {type(p) for p in pm.get_plugins()}
+    for kind, hook, registry in (("backend", "memvisor_register_backends", Registry("backend")),
+                                 ("workload", "memvisor_register_workloads", Registry("workload")),
+                                 ("action", "memvisor_register_actions", Registry("action")),
+                                 ("settings", "memvisor_register_settings", SettingsRegistry())):
+        out[kind] = fill(getattr(pm.hook, hook), registry, pm)
+        if extra is not None:
+            extra_pm, objects = extra
+            objects = [o for o in objects if type(o) not in installed]
+            if objects:
+                fill(getattr(extra_pm.hook, hook), registry, extra_pm, only=objects)
+    return out
 
 
 class Host:
-    """A hypervisor host.
+    """A hypervisor host: what every hook receives as ``host``.
 
     :param config: the host's configuration.
     :param plugins: names of installed plugins to enable (entry-point names).
     :param extra_plugins: plugin objects to register as they are (tests, embedding programs).
     :param catalog: a plugin manager with every installed plugin, for the registries of
         backends, workloads and actions (a new one is made when None).
+
+    :ivar config: the :class:`HostConfig` it was built from.
+    :ivar backend: the :class:`memvisor.backend.Backend` every technique acts through.
+    :ivar vms: the VMs by name.
+    :ivar hook: the hook caller of the host's plugin manager, to call a hook plugins offer
+        each other (``host.hook.memvisor_page_heat(host=host, vm=vm, gpps=gpps)``).
+    :ivar pm: the host's plugin manager (``host.pm.get_plugin(NAME)``: a plugin's instance).
+    :ivar tick_interval: seconds between two :func:`memvisor_tick` calls.
+    :ivar disks: each VM's disks, by VM name and disk name (:class:`memvisor.disks.Disk`).
+    :ivar budgets: the VMs' budgets and their use (:class:`memvisor.budgets.Budgets`):
+        a content scanner asks ``host.budgets.take_scan(vm, pages, host.now)``.
+    :ivar checkpoint_jobs: every checkpoint save and restore of the run, in order.
+    :ivar migrations: the figures of every live migration from this host.
+    :ivar memory_errors: every memory error and what became of its pages.
+    :ivar plugin_failures: every failure of a plugin inside a hook (:mod:`memvisor.isolation`).
+    :ivar reclaimed_by: machine pages each plugin reclaimed under memory pressure.
+    :ivar faults_served_by: faulting pages each plugin served (``zero-fill``: the core's default).
+    :ivar stopped: whether the run ended (:meth:`stop`).
     """
 
     def __init__(
@@ -161,9 +190,10 @@ class Host:
         extra_plugins: Iterable[object] = (),
         catalog: pluggy.PluginManager | None = None,
     ):
+        extra_plugins = list(extra_plugins)
         self.pm = new_plugin_manager(list(plugins), extra=extra_plugins)
         self.hook = self.pm.hook
-        self.registries = registries(catalog or new_plugin_manager(None, strict=False))
+        self.registries = registries(catalog or new_plugin_manager(None, strict=False), (self.pm, extra_plugins))
         backend_class = self.registries["backend"][config.backend]
         model = config.contents_model(getattr(backend_class, "contents_models", ("bytes",)))
         if config.contents is None and model != auto_model(config.memory_pages):
@@ -174,6 +204,7 @@ class Host:
                 raise UserError(f"host.memory: {exc} (backend {config.backend!r} holds page bytes)") from None
         config = attrs.evolve(config, contents=model)
         self.config = config
+        self._settings = self._checked_settings()
         self.backend: Backend = backend_class(config)
         self.backend.attach(self)
         self.vms: dict[str, VM] = {}
@@ -199,13 +230,33 @@ class Host:
         from memvisor.isolation import isolate
         from memvisor.plugins import BUILTIN_MODULES
 
-        self.hook.memvisor_host_started(host=self)
+        # Plugins still implementing a hook under its old name (one release): called too.
+        self._legacy_traced = bool(self.hook.memvisor_page_accessed.get_hookimpls())
+        self._legacy_write = bool(self.hook.memvisor_page_write.get_hookimpls())
+        self.faults_served_by: dict[str, int] = {}
         isolate(self, BUILTIN_MODULES)
+        self.hook.memvisor_host_started(host=self)
 
     # -- configuration ------------------------------------------------------------------------
 
-    def plugin_settings(self, name: str) -> Mapping[str, Any]:
-        """Settings of plugin ``name`` from the scenario (empty when it has none)."""
+    def _checked_settings(self) -> dict[str, Any]:
+        """Each plugin's settings object (:func:`memvisor_register_settings`): its table from
+        the configuration checked, defaults filled (one line naming the dotted key otherwise)."""
+        from memvisor.settings import load
+
+        declared = self.registries["settings"]
+        out = {}
+        for name in declared:
+            table = self.config.plugin_settings.get(name, {})
+            out[name] = load(declared[name], table, f"plugins.{name}")
+        return out
+
+    def plugin_settings(self, name: str) -> Any:
+        """The settings of plugin ``name``: an instance of the class it declared
+        (:func:`memvisor_register_settings`), checked, defaults filled. For a plugin that
+        declares none, its table from the scenario as it is (empty when it has none)."""
+        if name in self._settings:
+            return self._settings[name]
         return self.config.plugin_settings.get(name, {})
 
     def require(self, plugin: str, *capabilities: str) -> None:
@@ -221,6 +272,20 @@ class Host:
     def now(self) -> float:
         """Current time in seconds (virtual on the emulator)."""
         return self.backend.now()
+
+    # -- the core's measurements --------------------------------------------------------------
+
+    def counters(self, vm: VM) -> dict[str, int]:
+        """The core's counters of ``vm`` so far (:data:`memvisor.metrics.COUNTERS`: its guest's
+        accesses and remote accesses, the faults, traced accesses and write traps delivered,
+        its guest's own traps); zeros before its first batch. A copy."""
+        counts = self.metrics.counters.get(vm.name)
+        return dict(counts) if counts is not None else dict.fromkeys(COUNTERS, 0)
+
+    def record_event(self, kind: str, **fields: Any) -> None:
+        """Add an event of ``kind`` (with JSON-able ``fields``) to the run's report, stamped
+        with the time now: ``report.json``'s ``events`` and the sweep's ``events.KIND`` counts."""
+        self.metrics.event(self.now, kind, **fields)
 
     # -- VMs ----------------------------------------------------------------------------------
 
@@ -270,7 +335,7 @@ class Host:
             self.metrics.event(self.now, "vm_stopped", vm=vm.name, reason=reason)
 
     def record_plugin_failure(self, plugin: str, hook: str, error: str, *, handled: bool) -> None:
-        """A plugin raised inside a hook (see :mod:`memvisor.isolation`): log it with the
+        """Internal (:mod:`memvisor.isolation`): a plugin raised inside a hook; log it with the
         plugin's name and keep it in :attr:`plugin_failures`."""
         entry = {"plugin": plugin, "hook": hook, "error": error, "time": self.now, "handled": handled}
         self.plugin_failures.append(entry)
@@ -440,17 +505,32 @@ class Host:
         if not self.backend.present(vm, fault.gpps).all():
             raise BackendError(f"VM {vm.name!r}: page faults left unserved")
 
+    def served_faults(self, vm: VM, plugin: str, gpps) -> None:
+        """Internal (:mod:`memvisor.isolation`). What a :func:`memvisor_page_fault`
+        implementation of ``plugin`` returned: the pages it
+        served, which must be present now (else :class:`BackendError`, and the VM stops as
+        when the plugin raised); counted in :attr:`faults_served_by`."""
+        gpps = np.asarray(gpps, dtype=np.int64).reshape(-1)
+        if len(gpps) and not self.backend.present(vm, gpps).all():
+            missing = gpps[~self.backend.present(vm, gpps)]
+            raise BackendError(f"returned {len(missing)} pages it did not make present (first: {int(missing[0])})")
+        self.faults_served_by[plugin] = self.faults_served_by.get(plugin, 0) + len(gpps)
+
     def deliver_accesses(self, vm: VM, access: AccessBatch) -> None:
         """Called by the backend: tell plugins which traced pages were touched (now untraced)."""
         self.metrics.add_traps(vm.name, "traced", len(access.gpps))
-        self.hook.memvisor_page_accessed(host=self, vm=vm, access=access)
+        self.hook.memvisor_traced_access(host=self, vm=vm, access=access)
+        if self._legacy_traced:
+            self.hook.memvisor_page_accessed(host=self, vm=vm, access=access)
 
     def deliver_writes(self, vm: VM, write: WriteBatch) -> None:
         """Called by the backend: let plugins see writes to shared or protected pages, then make
         the pages writable (private copy for shared ones, protection cleared)."""
         self.metrics.add_traps(vm.name, "write_traps", len(write.gpps))
         try:
-            self.hook.memvisor_page_write(host=self, vm=vm, write=write)
+            self.hook.memvisor_write_trap(host=self, vm=vm, write=write)
+            if self._legacy_write:
+                self.hook.memvisor_page_write(host=self, vm=vm, write=write)
         except Exception as exc:  # no safe fallback: the plugin may need to act before the write
             self._fatal(vm, "handling a write trap", exc)
             raise
@@ -615,7 +695,9 @@ class Host:
 
     def check_pressure(self, target_free_pages: int | None = None) -> int:
         """Call :func:`memvisor_memory_pressure` if free memory is below the low watermark (or
-        below ``target_free_pages`` when given); returns the machine pages reclaimed."""
+        below ``target_free_pages`` when given); returns the machine pages reclaimed. The core
+        calls it after every tick; a test causes pressure with ``target_free_pages``
+        (``host.check_pressure(target_free_pages=host.backend.free_pages() + 1024)``)."""
         total = self.backend.total_pages()
         free = self.backend.free_pages()
         if target_free_pages is None:
@@ -642,12 +724,23 @@ class Host:
         return job
 
     def restore_checkpoint(self, vm: VM, request: RestoreRequest):
-        """Replace ``vm``'s memory with a checkpoint's (:func:`memvisor_checkpoint_restore`),
-        then measure the time until the guest's first access is served: one read of page 0
-        (the first page a booting guest touches).
+        """Replace ``vm``'s memory with a checkpoint's, then measure the time until the guest's
+        first access is served: one read of page 0 (the first page a booting guest touches).
 
-        Restores check first that they can finish (:func:`memvisor.checkpoint.vm.check_restorable`)
-        and refuse with nothing of the VM's memory changed."""
+        A save of the VM still running finishes first (its job's ``flush``: the file holds the
+        memory the save began with). Then the restore is checked
+        (:func:`memvisor.builtins.checkpoint.vm.check_restorable`: the file opens and holds every page,
+        its records still resolve) and refused with nothing of the VM changed; then
+        :func:`memvisor_restore_starting` tells every plugin, and
+        :func:`memvisor_checkpoint_restore` decides who restores (a lazy restore, or the core's
+        eager one)."""
+        from memvisor.builtins.checkpoint.vm import check_restorable
+
+        for job in self.checkpoint_jobs:
+            if job.vm == vm.name and getattr(job, "flush", None) is not None and not job.done:
+                job.flush()  # a save of the VM still running (lazy)
+        record_pages = check_restorable(self, vm, request)
+        self.hook.memvisor_restore_starting(host=self, vm=vm, restore=RestoreStart(request, record_pages))
         job = self.hook.memvisor_checkpoint_restore(host=self, vm=vm, request=request)
         probe = self.access(vm, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=bool))
         self.advance(probe.seconds)

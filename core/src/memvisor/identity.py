@@ -71,19 +71,28 @@ def host_memory_bytes(memory_pages: int, model: str) -> int:
     memory: at least its pages' bytes, or :data:`IDENTITY_PAGE_BYTES` a page by identity."""
     return memory_pages * (IDENTITY_PAGE_BYTES if model == "identity" else PAGE_SIZE)
 
+
 TAG_SHIFT = 62
+"""An identity's top two bits say its class: the tag is ``identity >> TAG_SHIFT``."""
 KEY_MASK = (1 << TAG_SHIFT) - 1
+"""The low 62 bits of an identity: its key within its class."""
 RANDOM_TAG = 1 << TAG_SHIFT
+"""The class of generated random pages."""
 TEXT_TAG = 2 << TAG_SHIFT
+"""The class of generated text pages."""
 LITERAL_TAG = 3 << TAG_SHIFT
+"""The class of pages whose bytes came from outside (kept in a :class:`LiteralTable`)."""
 ZERO_ID = 0
+"""The identity of the page of zeros."""
 
 MAX_STAMP = 2**32 - 1
 """Largest write stamp an identity-model page holds (stamps are uint32; the host's write epochs
 start at 1 and grow by one per batch)."""
 
 ID_DTYPE = np.dtype(np.uint64)
+"""The dtype of identities."""
 STAMP_DTYPE = np.dtype(np.uint32)
+"""The dtype of write stamps."""
 RECORD_DTYPE = np.dtype([("id", "<u8"), ("stamp", "<u4")])
 """One page as 12 bytes on disk and on the wire (checkpoints, migration streams)."""
 

@@ -34,17 +34,19 @@ from memvisor import PROJECT_NAME, hookspecs
 from memvisor.errors import PluginError
 
 ENV_ALLOW = "MEMVISOR_PLUGINS"
+"""The environment variable of the allow-list of plugins."""
 ENV_BLOCK = "MEMVISOR_DISABLE_PLUGINS"
+"""The environment variable of the block-list of plugins."""
 ENV_TRACE = "MEMVISOR_TRACE_HOOKS"
+"""The environment variable that turns the hook trace on."""
 
 BUILTIN_MODULES = (
     "memvisor.builtins.defaults",
     "memvisor.builtins.workloads",
     "memvisor.builtins.actions",
     "memvisor.builtins.commands",
-    "memvisor.builtins.checkpoints",
-    "memvisor.builtins.sweep",
-    "memvisor.builtins.migration",
+    "memvisor.builtins.checkpoint.plugin",
+    "memvisor.builtins.migration.plugin",
     "memvisor.builtins.selftest",
     "memvisor.builtins.budgets",
 )
@@ -59,7 +61,7 @@ class InstalledPlugin:
     """A plugin found through an entry point, loaded or not.
 
     :ivar name: the entry-point name, used to select, block and configure the plugin.
-    :ivar distribution: the distribution that provides it, e.g. ``memvisor-stats``.
+    :ivar distribution: the distribution that provides it, e.g. ``memvisor-hotcount``.
     :ivar version: that distribution's version.
     :ivar target: the loaded module or class, or None when loading failed.
     :ivar error: one line saying why loading failed, or None.
@@ -182,10 +184,96 @@ def new_plugin_manager(
         pm.register(_instantiate(plugin.target), name=name)
     for obj in extra:
         pm.register(obj)
+    add_offered_hookspecs(pm)
+    _accept_formerly_core(pm)
     pm.check_pending()
     if os.environ.get(ENV_TRACE, "0") not in ("", "0"):
         _trace_hooks(pm)
     return pm
+
+
+FORMERLY_CORE = ("memvisor_page_heat", "memvisor_giveable_pages")
+"""Hooks that the core specified until plugins declared them themselves
+(:func:`memvisor_register_hookspecs`): an implementation written for the core's spec still
+loads where no plugin declares them (with a deprecation warning) for one release."""
+
+
+@attrs.frozen
+class OfferedHook:
+    """A hook that plugins offer each other: its specification (the first declaration) and
+    the plugins that declare it."""
+
+    name: str
+    spec: object
+    opts: dict
+    plugins: tuple[str, ...]
+
+
+def offered_hooks(pm: pluggy.PluginManager) -> dict[str, OfferedHook]:
+    """The hooks the plugins of ``pm`` declare (:func:`memvisor_register_hookspecs`), checked:
+    a hook declared by several plugins (each that asks it: plugins never import each other)
+    must be declared alike, the same arguments and the same kind of call, else
+    :class:`PluginError` names both; a name must start with ``memvisor_`` and not be the
+    core's."""
+    found: dict[str, OfferedHook] = {}
+    for impl in reversed(pm.hook.memvisor_register_hookspecs.get_hookimpls()):
+        owner = pm.get_name(impl.plugin) or repr(impl.plugin)
+
+        def register(namespace, owner=owner):
+            _declared(pm, namespace, owner, found)
+
+        impl.function(register=register) if "register" in impl.argnames else impl.function()
+    return found
+
+
+def _declared(pm: pluggy.PluginManager, namespace, owner: str, found: dict[str, OfferedHook]) -> None:
+    names = [name for name in dir(namespace) if pm.parse_hookspec_opts(namespace, name) is not None]
+    if not names:
+        raise PluginError(f"plugin {owner!r} registers hook specifications but {namespace!r} has none "
+                          f"(mark them with @memvisor.hookspec)")
+    for name in names:
+        if not name.startswith(f"{PROJECT_NAME}_"):
+            raise PluginError(f"plugin {owner!r} declares hook {name!r}: hook names start with {PROJECT_NAME}_")
+        if name in hookspecs.HOOK_NAMES:
+            raise PluginError(f"plugin {owner!r} declares {name}, which is a hook of the core")
+        spec, opts = getattr(namespace, name), dict(pm.parse_hookspec_opts(namespace, name))
+        if name in found:
+            first = found[name]
+            if _shape(spec, opts) != _shape(first.spec, first.opts):
+                raise PluginError(f"plugin {owner!r} declares {name} otherwise than plugin {first.plugins[0]!r} "
+                                  f"(arguments {_shape(spec, opts)[0]} against {_shape(first.spec, first.opts)[0]}, "
+                                  f"or the kind of call)")
+            found[name] = attrs.evolve(first, plugins=(*first.plugins, owner))
+        else:
+            found[name] = OfferedHook(name, spec, opts, (owner,))
+
+
+def _shape(spec, opts: dict) -> tuple:
+    arguments = tuple(p.name for p in inspect.signature(spec).parameters.values() if p.name != "self")
+    return arguments, bool(opts.get("firstresult")), bool(opts.get("historic"))
+
+
+def add_offered_hookspecs(pm: pluggy.PluginManager) -> dict[str, OfferedHook]:
+    """Add to ``pm`` the specifications of the hooks its plugins offer each other."""
+    offered = offered_hooks(pm)
+    for hook in offered.values():
+        pm.add_hookspecs(type(f"{hook.plugins[0]}_specs", (), {hook.name: hook.spec}))
+    return offered
+
+
+def _accept_formerly_core(pm: pluggy.PluginManager) -> None:
+    import warnings
+
+    for name in FORMERLY_CORE:
+        caller = getattr(pm.hook, name, None)
+        if caller is None or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if not impl.optionalhook:
+                warnings.warn(DeprecationWarning(
+                    f"plugin {impl.plugin_name!r} implements {name}, which plugins now declare themselves: "
+                    f"mark it @hookimpl(optionalhook=True); it is required in the next release"), stacklevel=2)
+                impl.optionalhook = True
 
 
 def hooks_of(pm: pluggy.PluginManager, plugin: object) -> list[str]:

@@ -415,8 +415,8 @@ class Report:
     def build(cls, run: ScenarioRun, real_seconds: float) -> Report:
         """Collect the core's metrics and every plugin's sections after the run."""
         host, scenario = run.host, run.scenario
+        sections = host.report_sections()  # first: a section's hook may still record an event
         metrics = host.metrics.to_json()
-        sections = host.report_sections()
         core_plots = _core_plots(metrics)
         data = {
             "memvisor": memvisor.__version__,
@@ -615,4 +615,5 @@ def plot_png(plot: Plot, colours: Mapping[str, str] | None = None,
 
 
 __all__ = ["FOLD_ROWS", "MEMORY_SECTION", "UNITS", "Column", "Figure", "Headline", "Plot", "Report", "ReportSection",
-           "Table", "auto_tables", "draw_plot", "metric_at", "table_rows", "time_summary", "to_jsonable", "value_at"]
+           "Table", "auto_tables", "draw_plot", "metric_at", "table_rows", "time_summary", "to_jsonable", "value_at",
+           "write_files"]

@@ -43,6 +43,7 @@ details{margin:.4em 0} summary{cursor:pointer;font-weight:600}
 """The style sheet of every page memvisor writes."""
 
 DASH = "–"
+"""What a table cell shows for a value that is absent (None, an empty list)."""
 
 
 def esc(value: Any) -> str:

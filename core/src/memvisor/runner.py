@@ -265,7 +265,7 @@ class ScenarioRun:
                          **{k: v[:80] if isinstance(v, str) else v for k, v in step.data.items()
                             if k in _LOGGED and isinstance(v, (str, int, float))})
                 self.host.metrics.event(self.host.now, "step", action=step.action, index=step.index)
-                actions[step.action](self, step)
+                self._perform(actions, step)
                 step.check_unknown()
         except GuestDied as exc:
             # A guest killed from outside: the run ends here, with the report of what ran.
@@ -275,6 +275,16 @@ class ScenarioRun:
         finally:
             self._workdir.cleanup()
         return self._finish(started)
+
+    def _perform(self, actions, step: Step) -> None:
+        """Perform one step. An action that takes a ``plugin`` argument gets the host's
+        instance of the plugin that registered it (None when the scenario does not enable
+        that plugin): state lives in the plugin, once per host."""
+        function = actions[step.action]
+        if "plugin" in _parameters(function):
+            function(self, step, plugin=actions.owner_in(self.host.pm, step.action))
+        else:
+            function(self, step)
 
     def _finish(self, started: float) -> Report:
         self.host.stop()
@@ -304,3 +314,13 @@ def _step_seconds(step: dict) -> float:
         return 0.0
 
 
+
+
+def _parameters(function) -> tuple[str, ...]:
+    """Names of the parameters ``function`` takes (empty when they cannot be told)."""
+    import inspect
+
+    try:
+        return tuple(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return ()

@@ -349,6 +349,9 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
         format_bytes,
         machine_memory,
     )
+    from memvisor.settings import SettingError
+    from memvisor.settings import installed as installed_settings
+    from memvisor.settings import load as load_settings
 
     check_nesting(data, path)
     top = Table(path, "", data)
@@ -391,8 +394,14 @@ def parse_scenario(data: Mapping[str, Any], path: str | Path = "<scenario>") -> 
 
     plugins_table = top.table("plugins")
     plugins = {}
+    declared = installed_settings()
     for plugin_name in plugins_table.data:
         plugins[plugin_name] = plugins_table.table(plugin_name).data
+        if plugin_name in declared:  # an unknown plugin is named when the host is built
+            try:
+                load_settings(declared[plugin_name], plugins[plugin_name], plugins_table.key(plugin_name))
+            except SettingError as exc:
+                raise ScenarioError(path, exc.key, exc.problem) from None
 
     vm_tables = top.get("vm", list, [])
     if not vm_tables:

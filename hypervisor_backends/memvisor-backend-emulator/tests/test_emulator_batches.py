@@ -15,7 +15,7 @@ class Retracer:
         self.batches = []
 
     @hookimpl
-    def memvisor_page_accessed(self, access):
+    def memvisor_traced_access(self, access):
         self.batches.append(access)
 
 
@@ -192,8 +192,8 @@ def test_trapping_predicts_the_pages_that_trap(seed):
     recorder = HookRecorder(host.pm)
     result = host.access(vm, gpps, writes)
     trapped = set()
-    for name, key in (("memvisor_page_fault", "fault"), ("memvisor_page_accessed", "access"),
-                      ("memvisor_page_write", "write")):
+    for name, key in (("memvisor_page_fault", "fault"), ("memvisor_traced_access", "access"),
+                      ("memvisor_write_trap", "write")):
         for call in recorder.of(name):
             trapped |= set(call.kwargs[key].gpps.tolist())
     assert trapped == set(gpps[marked].tolist())

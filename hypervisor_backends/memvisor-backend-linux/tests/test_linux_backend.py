@@ -79,11 +79,11 @@ class Recorder:
         self.accessed, self.writes, self.before = [], [], []
 
     @hookimpl
-    def memvisor_page_accessed(self, access):
+    def memvisor_traced_access(self, access):
         self.accessed.append(access)
 
     @hookimpl
-    def memvisor_page_write(self, host, vm, write):
+    def memvisor_write_trap(self, host, vm, write):
         self.writes.append(write)
         self.before.append(host.backend.read(vm, write.gpps).copy())
 

@@ -61,7 +61,7 @@ def test_zero_page_is_a_hole_whose_read_maps_zeros_and_whose_first_write_traps(m
             self.batches = []
 
         @hookimpl
-        def memvisor_page_write(self, host, vm, write):
+        def memvisor_write_trap(self, host, vm, write):
             self.batches.append((write.gpps.copy(), write.mpns.copy(), write.shared.copy()))
 
     writes = Writes()
@@ -295,7 +295,7 @@ def test_unprotect_keeps_a_zero_page_write_protected(make_host):
         shared = []
 
         @hookimpl
-        def memvisor_page_write(self, host, vm, write):
+        def memvisor_write_trap(self, host, vm, write):
             self.shared.extend(write.gpps[write.shared].tolist())
 
     writes = Writes()

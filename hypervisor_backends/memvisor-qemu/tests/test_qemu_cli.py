@@ -25,7 +25,7 @@ def test_every_qemu_command_has_a_baseline_and_typed_parameters():
     bare path (a QMP socket is a UnixSocket, files are InputFile or OutputFile)."""
     commands = [c for c in cli_matrix.commands() if c.startswith("qemu ")]
     assert sorted(commands) == ["qemu migrate", "qemu restore", "qemu save"]
-    assert set(commands) <= set(cli_matrix.BASELINES)
+    assert set(commands) <= set(cli_matrix.baselines())
     assert not [p for p in cli_matrix.untyped_files() if p.startswith("memvisor qemu")]
 
 
@@ -33,7 +33,7 @@ def _run(sandbox: cli_matrix.Sandbox, command: str):
     from memvisor.cli import cli
 
     sandbox.clear_out()
-    args = cli_matrix._argv(cli_matrix.commands()[command], cli_matrix.BASELINES[command], sandbox)
+    args = cli_matrix._argv(cli_matrix.commands()[command], cli_matrix.baselines()[command], sandbox)
     return CliRunner().invoke(cli, [*command.split(), *args])
 
 

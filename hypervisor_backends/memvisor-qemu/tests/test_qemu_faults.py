@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from memvisor.checkpoint import CheckpointReader, CheckpointWriter
+from memvisor.builtins.checkpoint import CheckpointReader, CheckpointWriter
 from memvisor_qemu.guest import GuestLayout
 from memvisor_qemu.state import TAG, QemuState
 from memvisor_qemu.testing import QemuVM, needs, one_line_error, unavailable_reason, write_disk

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memvisor.migration import stream as wire
+from memvisor.builtins.migration import stream as wire
 from memvisor_qemu import stream as S
 from memvisor_qemu.migrate import RAW, _Receiver, _Sender
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from memvisor.checkpoint import CheckpointReader
+from memvisor.builtins.checkpoint import CheckpointReader
 from memvisor_qemu.guest import PAGE, GuestLayout
 from memvisor_qemu.state import TAG, QemuState
 from memvisor_qemu.testing import QemuVM, consistent, counters, needs, unavailable_reason, write_disk

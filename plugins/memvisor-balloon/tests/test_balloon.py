@@ -18,7 +18,7 @@ def test_balloon_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
     row = listed_plugin("balloon")
     assert row["distribution"] == "memvisor-balloon"
-    for hook in ("memvisor_page_write", "memvisor_memory_pressure", "memvisor_report", "memvisor_register_actions"):
+    for hook in ("memvisor_write_trap", "memvisor_memory_pressure", "memvisor_report", "memvisor_register_actions"):
         assert hook in row["hooks"]
 
 

@@ -65,8 +65,9 @@ def test_balloon_actions_check_their_keys():
 
 
 def test_bad_settings_in_a_scenario_name_the_file_and_key():
-    """A misspelt setting stops the run before it starts, naming the scenario and the key."""
-    with pytest.raises(UserError, match=r"<scenario>: plugins\.balloon\.polcy: unknown key"):
+    """A misspelt setting stops the scenario when it is loaded, naming the file and the key."""
+    problem = r"<scenario>: plugins\.balloon\.polcy: unknown setting \(did you mean .policy.\?\)"
+    with pytest.raises(UserError, match=problem):
         ScenarioRun(small_scenario([{"do": "run", "for": "1ms"}], balloon={"polcy": "mrc"}))
 
 

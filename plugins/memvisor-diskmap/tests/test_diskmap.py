@@ -14,13 +14,13 @@ from memvisor_diskmap import KIND, DiskmapPlugin
 from memvisor_diskmap.index import DiskIndex, sample_keys, scan_image
 
 from memvisor import PAGE_SIZE
-from memvisor.checkpoint import CheckpointReader
-from memvisor.checkpoint.vm import make_present
+from memvisor.builtins.checkpoint import CheckpointReader
+from memvisor.builtins.checkpoint.vm import make_present
+from memvisor.builtins.migration import LiveMigration, MigrationOptions
 from memvisor.contents import ContentSpec
 from memvisor.errors import BackendError
 from memvisor.events import RestoreRequest, SaveRequest
 from memvisor.identity import fingerprints
-from memvisor.migration import LiveMigration, MigrationOptions
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
 from memvisor.testing import small_host
@@ -260,7 +260,8 @@ def test_scenario_end_to_end_with_pagecache_swap_error_snapshot_and_migration():
 def test_migrate_command_with_an_image_sends_disk_references(tmp_path, options):
     """`memvisor migrate --image M --disk D` finds the image's pages that are disk blocks by
     content and sends them as references, and says so: with diskmap named, and with the disk
-    alone (diskmap, scanning, is enabled because the disk was named; it once sent none unless
+    alone (the core enables the plugins that describe pages because the disk was named, and
+    diskmap scans by content a VM whose disks are read-only images; it once sent none unless
     `--plugin diskmap --set diskmap.scan=true` was given too)."""
     disk = ContentSpec.parse("text", "d").fill(256, 5, np.arange(256))
     mem = ContentSpec.parse({"zero": 0.5, "random": 0.5}, "m").fill(128, 6, np.arange(128))
@@ -272,10 +273,14 @@ def test_migrate_command_with_an_image_sends_disk_references(tmp_path, options):
                            "--disk", str(tmp_path / "d.img"), *options, "--json", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"disk references to {tmp_path / 'd.img'}: plugin diskmap (scan = true)")
     figures = json.loads(out.read_text())
     assert figures["records"][KIND] == 40
-    assert figures["disk_references"] == {"plugin": "diskmap", "settings": {"scan": True}}
+    if options:
+        assert figures["describers"] == []  # named, not added
+    else:
+        assert done.stdout.startswith(f"pages that may equal blocks of {tmp_path / 'd.img'}: described by plugin(s) "
+                                      "diskmap")
+        assert figures["describers"] == ["diskmap"]
 
 
 def test_swap_then_restore_then_disk_write_keeps_every_page(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from memvisor import hookimpl
-from memvisor.checkpoint import CheckpointError, CheckpointReader
+from memvisor.builtins.checkpoint import CheckpointError, CheckpointReader
 from memvisor.contents import ContentSpec
 from memvisor.errors import UserError
 from memvisor.events import PageRecords, RestoreRequest, SaveRequest

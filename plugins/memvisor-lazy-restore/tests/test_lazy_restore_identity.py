@@ -3,7 +3,7 @@ the save, page by page against the reference model, while the pages come in on f
 
 import numpy as np
 
-from memvisor.checkpoint import CheckpointReader
+from memvisor.builtins.checkpoint import CheckpointReader
 from memvisor.contents import ContentSpec
 from memvisor.events import RestoreRequest, SaveRequest
 from memvisor.testing import ReferenceMemory, small_host

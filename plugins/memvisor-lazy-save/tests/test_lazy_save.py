@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from memvisor.checkpoint import CheckpointReader
+from memvisor.builtins.checkpoint import CheckpointReader
 from memvisor.contents import ContentSpec
 from memvisor.errors import UserError
 from memvisor.events import RestoreRequest, SaveRequest
@@ -23,7 +23,7 @@ def test_lazy_save_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
     row = listed_plugin("lazy-save")
     assert row["distribution"] == "memvisor-lazy-save"
-    for hook in ("memvisor_checkpoint_save", "memvisor_page_write", "memvisor_tick", "memvisor_report",
+    for hook in ("memvisor_checkpoint_save", "memvisor_write_trap", "memvisor_tick", "memvisor_report",
                  "memvisor_register_benchmarks"):
         assert hook in row["hooks"]
 
@@ -170,5 +170,5 @@ def test_lazy_save_in_a_scenario_and_bad_settings():
     assert [j["method"] for j in jobs] == ["lazy", "eager"]
     (save,) = report.metric("lazy-save", "saves")
     assert save["pages"] == 4096 and save["stop_s"] < save["total_s"]
-    with pytest.raises(UserError, match="plugins.lazy-save: unknown setting 'nope'"):
+    with pytest.raises(UserError, match="plugins.lazy-save.nope: unknown setting"):
         small_host(plugins=["lazy-save"], settings={"lazy-save": {"nope": 1}})

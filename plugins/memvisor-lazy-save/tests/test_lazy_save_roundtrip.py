@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memvisor.checkpoint import save_image
+from memvisor.builtins.checkpoint import save_image
 from memvisor.contents import ContentSpec
 from memvisor.events import RestoreRequest, SaveRequest
 from memvisor.testing import ReferenceMemory, small_host

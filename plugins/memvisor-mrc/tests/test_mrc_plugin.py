@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from memvisor import hookimpl, hookspec
 from memvisor.errors import UserError
 from memvisor.runner import ScenarioRun
 from memvisor.scenario import parse_scenario
@@ -14,7 +15,7 @@ from memvisor.workloads import make_workload
 from memvisor_mrc.cli import compute
 from memvisor_mrc.curve import Curve
 from memvisor_mrc.online import VMTracker
-from memvisor_mrc.plugin import MRCPlugin, MRCSettings
+from memvisor_mrc.plugin import MRCPlugin
 from memvisor_mrc.stack_distance import exact_mrc
 from memvisor_mrc.summary import giveable_pages, recommended_pages, working_sets
 
@@ -25,7 +26,7 @@ def test_mrc_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
     row = listed_plugin("mrc")
     assert row["distribution"] == "memvisor-mrc" and row["error"] is None
-    for hook in ("memvisor_page_accessed", "memvisor_tick", "memvisor_page_heat", "memvisor_giveable_pages",
+    for hook in ("memvisor_traced_access", "memvisor_tick", "memvisor_page_heat", "memvisor_giveable_pages",
                  "memvisor_report", "memvisor_register_commands", "memvisor_register_benchmarks"):
         assert hook in row["hooks"]
 
@@ -35,10 +36,31 @@ def plugin_of(host) -> MRCPlugin:
     return plugin
 
 
+class AskedHooks:
+    """The two hooks mrc answers, declared as the plugins that ask them declare them (numa,
+    lazy save, the balloon): mrc's tests run without those plugins installed."""
+
+    @hookspec(firstresult=True)
+    def memvisor_page_heat(self, host, vm, gpps):
+        """How hot each page is."""
+
+    @hookspec(firstresult=True)
+    def memvisor_giveable_pages(self, host, vm, miss_ratio_increase):
+        """How many pages the VM can give up."""
+
+
+class Asker:
+    """A plugin that asks mrc's hooks: it declares them (memvisor_register_hookspecs)."""
+
+    @hookimpl
+    def memvisor_register_hookspecs(self, register):
+        register(AskedHooks)
+
+
 def drive(settings: dict, batches: int = 200, batch: int = 1024, seed: int = 3, alpha: float = 0.9):
     """Run a zipf guest on a small host with the plugin, one tick after each batch; returns the
     host, the VM, the plugin and the accesses concatenated in order (what the guest touched)."""
-    host = small_host(memory_pages=2 * VM_PAGES, plugins=["mrc"], settings={"mrc": settings})
+    host = small_host(memory_pages=2 * VM_PAGES, plugins=["mrc"], settings={"mrc": settings}, extra_plugins=[Asker()])
     vm = host.create_vm("a", VM_PAGES)
     workload = make_workload({"kind": "zipf", "alpha": alpha, "write_fraction": 0.2}, VM_PAGES, seed)
     seen = []
@@ -117,7 +139,8 @@ def test_fixed_size_sample_keeps_at_most_s_pages_and_untraces_the_rest():
 def test_page_heat_answer_is_lru_recency():
     """The heat of sampled pages follows the order of their last traps (most recent hottest);
     pages outside the sample, or never touched, get 0."""
-    host = small_host(memory_pages=2 * VM_PAGES, plugins=["mrc"], settings={"mrc": {"rate": 0.05}})
+    host = small_host(memory_pages=2 * VM_PAGES, plugins=["mrc"], settings={"mrc": {"rate": 0.05}},
+                      extra_plugins=[Asker()])
     vm = host.create_vm("a", VM_PAGES)
     tracker = plugin_of(host).vms["a"].tracker
     sample = tracker.sample()
@@ -159,14 +182,16 @@ def test_giveable_pages_of_a_known_curve():
 
 
 def test_settings_are_checked_in_one_line():
-    """A mistake in [plugins.mrc] is one line naming the key."""
+    """A mistake in [plugins.mrc] is one line naming the key; the fixed-rate mode's rate is
+    0.01 unless given, the fixed-size mode has no rate."""
     for bad, key in (({"rate": 0}, "rate"), ({"estimator": "magic"}, "estimator"), ({"rat": 0.1}, "rat"),
-                     ({"refresh": "-1s"}, "refresh"), ({"miss_ratios": [2]}, "miss_ratios")):
+                     ({"refresh": "-1s"}, "refresh"), ({"miss_ratios": [2]}, r"miss_ratios\[0\]")):
         with pytest.raises(UserError, match=f"plugins.mrc.{key}") as info:
-            MRCSettings.parse(bad)
+            small_host(plugins=["mrc"], settings={"mrc": bad})
         assert "\n" not in str(info.value)
-    assert MRCSettings.parse({}).rate == 0.01
-    assert MRCSettings.parse({"sample_size": 10}).rate is None
+    assert small_host(plugins=["mrc"]).pm.get_plugin("mrc").settings.rate == 0.01
+    fixed_size = small_host(plugins=["mrc"], settings={"mrc": {"sample_size": 10}})
+    assert fixed_size.pm.get_plugin("mrc").settings.rate is None
 
 
 def test_tracker_ignores_pages_outside_the_sample():

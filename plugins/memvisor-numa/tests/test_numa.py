@@ -18,7 +18,7 @@ def test_numa_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
     row = listed_plugin("numa")
     assert row["distribution"] == "memvisor-numa" and row["error"] is None
-    for hook in ("memvisor_vcpus_moved", "memvisor_tick", "memvisor_page_accessed", "memvisor_report",
+    for hook in ("memvisor_vcpus_moved", "memvisor_tick", "memvisor_traced_access", "memvisor_report",
                  "memvisor_register_commands", "memvisor_register_benchmarks"):
         assert hook in row["hooks"]
 
@@ -45,8 +45,8 @@ def test_one_node_host_is_refused_in_one_line():
 @pytest.mark.parametrize("table, problem", [
     ({"heuristic": "lru"}, "plugins.numa.heuristic: must be one of"),
     ({"pages_per_tick": 10486}, "plugins.numa.pages_per_tick: 10486 pages per tick is more than"),
-    ({"pages_per_tick": 0}, "plugins.numa.pages_per_tick: must be a whole number of at least 1"),
-    ({"stop_local": 2}, "plugins.numa.stop_local: must be a number between"),
+    ({"pages_per_tick": 0}, "plugins.numa.pages_per_tick: must be at least 1, got 0"),
+    ({"stop_local": 2}, "plugins.numa.stop_local: must be from 0.0 to 1.0, got 2"),
     ({"budget": 5}, "plugins.numa.budget: unknown setting"),
 ])
 def test_bad_settings_are_one_line(table, problem):
@@ -60,7 +60,7 @@ def test_budget_defaults_to_the_bandwidth_of_one_tick():
     """pages_per_tick defaults to numa_gib_per_s x tick / 4 KiB (10485 at 4 GiB/s and 10 ms)."""
     host, plugin = numa_host()
     assert plugin.settings.pages_per_tick == bandwidth_pages(4.0, 0.01) == 10485
-    assert host.backend.costs.numa_gib_per_s == 4.0
+    assert host.backend.work_seconds("numa_copy", 4096) == 4096 / (4.0 * 2**30)
 
 
 def test_remote_pages_migrate_to_the_new_node_within_the_budget():

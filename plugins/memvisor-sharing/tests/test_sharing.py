@@ -18,7 +18,7 @@ def test_sharing_is_listed_by_memvisor_plugins():
     """The plugin appears in `memvisor plugins --json` with the hooks it implements."""
     row = listed_plugin("sharing")
     assert row["distribution"] == "memvisor-sharing"
-    for hook in ("memvisor_tick", "memvisor_page_write", "memvisor_memory_pressure", "memvisor_report",
+    for hook in ("memvisor_tick", "memvisor_write_trap", "memvisor_memory_pressure", "memvisor_report",
                  "memvisor_register_commands", "memvisor_register_benchmarks"):
         assert hook in row["hooks"]
 

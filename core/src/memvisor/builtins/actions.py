@@ -114,7 +114,8 @@ class CoreActions:
     @hookimpl
     def memvisor_report(self, host):
         """One section: machine memory the VMs use against their size, the pages each plugin
-        reclaimed under memory pressure, the plugins that failed in a hook and the VMs stopped."""
+        reclaimed under memory pressure, the faulting pages each plugin served (zero-fill for
+        the core's default), the plugins that failed in a hook and the VMs stopped."""
         from memvisor import PAGE_SIZE
         from memvisor.report import MEMORY_SECTION, Column, Figure, Headline, ReportSection, Table
 
@@ -129,6 +130,7 @@ class CoreActions:
             "used_mib": used * mib,
             "saved_mib": max(0, vm_pages - used) * mib,
             "reclaimed_under_pressure_mib": {k: v * mib for k, v in sorted(host.reclaimed_by.items())},
+            "faults_served_by": dict(sorted(host.faults_served_by.items())),
             "plugin_failures": len(host.plugin_failures),
             "plugin_failures_by_plugin": _count(f"{f['plugin']}:{f['hook']}" for f in host.plugin_failures),
             "vms_stopped": {vm.name: vm.stopped for vm in host.vms.values() if vm.stopped},
@@ -163,7 +165,8 @@ class CoreActions:
         ]
         return ReportSection("memvisor", MEMORY_SECTION, metrics, headlines=headlines, tables=tables,
                              text="VM memory against machine memory (overcommit), machine pages the techniques "
-                                  "save now, pages each plugin reclaimed under memory pressure, plugins that "
+                                  "save now, pages each plugin reclaimed under memory pressure, faulting pages "
+                                  "each plugin served (zero-fill: the core's default), plugins that "
                                   "failed inside a hook (isolated: docs/reliability.md) and VMs stopped.")
 
 

@@ -103,12 +103,18 @@ def _core_version() -> str:
 @json_option("the list")
 @click.option("--all", "show_all", is_flag=True, help="Include the core's built-in plugins.")
 @click.option("--hook", default=None, help="Only plugins that implement this hook.")
-def plugins(json_out, show_all, hook):
-    """List installed plugins, their versions and the hooks each implements."""
+@click.option("--settings", "settings_of", default=None, metavar="NAME",
+              help="The settings plugin NAME declares for its [plugins.NAME] table.")
+def plugins(json_out, show_all, hook, settings_of):
+    """List installed plugins, their versions and the hooks each implements (or, with
+    --settings NAME, the settings of one plugin)."""
     from rich.markup import escape
 
     from memvisor.hookspecs import HOOK_NAMES
 
+    if settings_of is not None:
+        _settings_table(settings_of, json_out)
+        return
     if hook is not None and hook not in HOOK_NAMES:
         raise UserError(f"--hook: no hook named {hook[:80]!r}")
     rows = _plugin_rows(show_all, hook)
@@ -120,6 +126,35 @@ def plugins(json_out, show_all, hook):
         out.add_row(r["name"], r["distribution"], r["version"],
                     f"[red]failed to load: {escape(r['error'])}[/red]" if r["error"] else ", ".join(r["hooks"]))
     console().print(out)
+
+
+def _settings_table(name: str, json_out: str | None) -> None:
+    """Print the settings that plugin ``name`` declares (one line when it is not installed),
+    and write them as JSON to ``json_out`` (``--json``'s value)."""
+    from memvisor.plugins import installed_plugins, left_out
+    from memvisor.settings import declared, installed
+
+    classes = installed()
+    if name not in classes:
+        names = {p.name for p in installed_plugins()}
+        if name in names:
+            raise UserError(f"--settings: plugin {name!r} declares no settings (its table is passed to it unchecked)")
+        reason = left_out(name)
+        raise UserError(f"--settings: plugin {name[:60]!r}: {reason}" if reason else
+                        f"--settings: no plugin named {name[:60]!r} (installed: {', '.join(sorted(names)) or 'none'})")
+    rows = [s.to_json() for s in declared(classes[name])]
+    write_json(json_out, rows)
+    if json_out == "-":
+        return
+    from rich.markup import escape
+
+    out = table("key", "type", "default", "allowed", "what it does", title=escape(f"[plugins.{name}]"))
+    for setting in declared(classes[name]):
+        doc = setting.doc + (f" Host-dependent: {setting.host_dependent}"
+                             if setting.host_dependent else "")
+        out.add_row(*(escape(c) for c in (setting.name, setting.type_name, setting.default_text,
+                                          setting.allowed_text, doc)))
+    console().print(out if rows else escape(f"[plugins.{name}] has no settings: an empty table enables the plugin."))
 
 
 @click.command()

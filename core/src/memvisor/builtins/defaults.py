@@ -13,9 +13,11 @@ class CoreDefaults:
         """Fill every page of the fault that is still missing with zeros: a guest reads zeros
         from memory nobody has written."""
         missing = fault.gpps[~host.backend.present(vm, fault.gpps)]
-        if len(missing):
-            host.backend.populate(vm, missing)
-        return missing if len(missing) else None
+        if not len(missing):
+            return None
+        host.backend.populate(vm, missing)
+        host.served_faults(vm, "zero-fill", missing)
+        return missing
 
 
 PLUGIN = CoreDefaults

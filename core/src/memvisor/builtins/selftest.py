@@ -34,7 +34,7 @@ from memvisor.cli import InputFile, Number, json_option, one_line, write_json
 @click.option("--replay", type=InputFile("selftest output"), default=None,
               help="Replay the failing example printed in this file (saved output of a run), then stop.")
 def selftest(long_, examples, seconds, steps, fuzz, seed, json_out, replay):
-    """Drive one host with every technique plugin through random interleavings and check every
+    """Drive one host with every installed plugin through random interleavings and check every
     guest page, machine page and plugin record after each step; fuzz checkpoint files,
     migration records and links, scenario files and values, traces and the command line."""
     _need_hypothesis()

@@ -8,6 +8,8 @@
   directly.
 - :class:`ReferenceMemory` is the reference model of guest memory: drive the guest through it
   and :meth:`ReferenceMemory.check` asserts every page reads what it should.
+- :func:`build_plugin` and :func:`plugins_at` build, install and use a small plugin for a test
+  (a plugin's tests that need another plugin install one of their own).
 
 The pytest plugin :mod:`memvisor.testing.fixtures` (registered through ``pytest11``) offers the
 same as fixtures. This package imports nothing heavy at import time, because pytest imports it
@@ -22,6 +24,8 @@ _EXPORTS = {
     "ReferenceMemory": "memvisor.testing.reference",
     "small_host": "memvisor.testing.reference",
     "listed_plugin": "memvisor.testing.reference",
+    "build_plugin": "memvisor.testing.distributions",
+    "plugins_at": "memvisor.testing.distributions",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
 """Every subcommand on every kind of bad argument.
 
 The matrix walks the ``memvisor`` command tree as installed (the core's commands and every
-plugin's), and for each command runs a valid invocation (:data:`BASELINES`) with one parameter
+plugin's), and for each command runs a valid invocation (:func:`baselines`) with one parameter
 made bad in each way its type can be — a missing, folder, FIFO, device or over-long file; an
 output that is one of the inputs, directly or through a link; an output folder under /proc, or
 a file; a socket that is missing, a file, a folder or too long a path; NaN, infinite, huge and
@@ -55,29 +55,27 @@ BASELINES: dict[str, dict[str, object]] = {
     "checkpoint inspect": {"ckpt": "{ckpt}", "rows": "5", "json_out": "{out}/inspect.json"},
     "checkpoint verify": {"ckpt": "{ckpt}", "key_file": "{key}"},
     "migrate": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/migrate.json"},
-    "sweep": {"sweep_file": "{scenario}", "varies": ["seed=1,2"], "serial": True, "out_dir": "{out}/sweep",
-              "quiet": True},
     "selftest": {"examples": "1", "steps": "1", "fuzz": False, "json_out": "{out}/selftest.json"},
-    "mrc": {"trace": "{trace}", "json_out": "{out}/mrc.json", "plot_out": "{out}/mrc.png", "quiet": True},
-    "sharing estimate": {"images": ["{image}"], "json_out": "{out}/sharing.json"},
-    "numa compare": {"vm_bytes": "4MiB", "pre": "0.001", "post": "0.001", "json_out": "{out}/numa.json"},
-    "diskmap scan": {"image": "{image}", "disk": "{disk}", "json_out": "{out}/scan.json"},
-    "qemu save": {"out": "{out}/vm.ckpt", "qmp": "{qmp}", "disk": "{disk}", "key_file": "{key}",
-                  "json_out": "{out}/save.json"},
-    "qemu restore": {"checkpoint": "{ckpt}", "qmp": "{qmp_incoming}", "disk": "{disk}", "key_file": "{key}",
-                     "json_out": "{out}/restore.json"},
-    "qemu migrate": {"source": "{qmp}", "target": "{qmp_incoming}", "disk": "{disk}",
-                     "json_out": "{out}/migrate.json"},
 }
-"""A valid invocation of each command, by parameter name (values may name the sandbox's
-files): the matrix makes one parameter bad at a time. A command without an entry is run with
-no arguments but the bad one. The sandbox's QMP sockets (``{qmp}``, a running VM's, and
-``{qmp_incoming}``, a QEMU waiting with ``-incoming defer``) have no QEMU behind them: the
-matrix's cases are refused before anything connects, and memvisor-qemu's tests run the qemu
-baselines against real QEMUs (:data:`NEEDS_QEMU`)."""
+"""A valid invocation of each of the core's commands, by parameter name (values may name the
+sandbox's files): the matrix makes one parameter bad at a time. Plugins give theirs through
+:func:`memvisor_selftest` (``selftest.command``); :func:`baselines` has both. A command without
+an entry is run with no arguments but the bad one. The sandbox's sockets (``{qmp}``, a
+running VM's monitor, and ``{qmp_incoming}``, one waiting for an incoming migration) have no
+server behind them: the matrix's cases are refused before anything connects, and the plugin
+whose commands take them runs its baselines against real servers (:data:`LIVE_SOCKETS`)."""
 
-NEEDS_QEMU = ("{qmp}", "{qmp_incoming}")
-"""Placeholders of a baseline that runs only with a real QEMU listening on the socket."""
+LIVE_SOCKETS = ("{qmp}", "{qmp_incoming}")
+"""Placeholders of a baseline that runs only with a real server listening on the socket."""
+
+
+@functools.cache
+def baselines() -> dict[str, dict[str, object]]:
+    """A valid invocation of every installed command that has one: the core's
+    (:data:`BASELINES`) and the plugins' (``selftest.command``)."""
+    from memvisor.testing.integration import contributions
+
+    return {**contributions().commands, **BASELINES}
 
 
 @attrs.frozen
@@ -140,7 +138,7 @@ class Sandbox:
     :meth:`snapshot` lists every file's size and modification time."""
 
     def __init__(self, root: Path):
-        from memvisor.checkpoint import CheckpointWriter
+        from memvisor.builtins.checkpoint import CheckpointWriter
 
         self.root = root
         (root / "out").mkdir()
@@ -294,7 +292,7 @@ def cases(sandbox: Sandbox) -> Iterator[Case]:
             yield Case(path, "-", "no subcommand", ())
             yield Case(path, "-", "unknown subcommand", ("nosuch",))
             continue
-        base = dict(BASELINES.get(path, {}))
+        base = dict(baselines().get(path, {}))
         inputs = [sandbox.fill(str(v)) for p in command.params if isinstance(p.type, InputFile) and p.name in base
                   for v in (base[p.name] if isinstance(base[p.name], list) else [base[p.name]])]
         yield Case(path, "-", "unknown option", tuple(_argv(command, base, sandbox) + ["--no-such-option"]))
@@ -344,7 +342,7 @@ def _names(case: Case) -> list[str]:
     command = commands(cli)[case.command]
     param = next(p for p in command.params if p.name == case.param)
     names = [o for o in param.opts if o.startswith("-")] + [param.name.upper(), param.name.replace("_", "-")]
-    bad = [a for a in case.args if a not in _argv(command, BASELINES.get(case.command, {}), _SANDBOX[0])]
+    bad = [a for a in case.args if a not in _argv(command, baselines().get(case.command, {}), _SANDBOX[0])]
     return names + [b[:30] for b in bad if b.strip()] + [repr(b)[1:31] for b in bad if b.strip()]
 
 

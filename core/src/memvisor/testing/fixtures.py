@@ -17,7 +17,12 @@ import pytest
 
 @pytest.fixture
 def memvisor_host():
-    """Factory of small emulated hosts."""
+    """Factory of small hosts: ``memvisor_host(**kwargs)`` is
+    :func:`memvisor.testing.small_host` — ``memory_pages`` (8192), ``numa_nodes`` (1),
+    ``plugins`` (installed plugins by name), ``extra_plugins`` (plugin objects, such as the
+    instance under test), ``settings`` (``{"NAME": {...}}``, checked as a scenario's tables
+    are), ``seed``, ``backend`` (``"emulator"``), ``tick_interval`` and ``backend_options``.
+    Cause memory pressure with ``host.check_pressure(target_free_pages=N)``."""
     from memvisor.testing import small_host
 
     return small_host
@@ -25,7 +30,9 @@ def memvisor_host():
 
 @pytest.fixture
 def hook_recorder():
-    """Factory of hook recorders, closed at the end of the test."""
+    """Factory of hook recorders: ``hook_recorder(host)`` is a
+    :class:`memvisor.testing.HookRecorder` of every hook call through ``host``, closed at the
+    end of the test."""
     from memvisor.testing import HookRecorder
 
     recorders = []
@@ -42,7 +49,8 @@ def hook_recorder():
 
 @pytest.fixture
 def reference_memory():
-    """A fresh reference model of guest memory."""
+    """A fresh :class:`memvisor.testing.ReferenceMemory`: ``follow(host, vm)``, guest batches
+    through its ``access``, then ``check(host)``."""
     from memvisor.testing import ReferenceMemory
 
     return ReferenceMemory()

@@ -2,8 +2,8 @@
 
 Each ``check_*`` function takes hostile input and asserts its contract: one clear error (a
 :class:`memvisor.errors.UserError` subclass; for a migration record the
-:class:`memvisor.migration.stream.StreamError` that makes the destination ask again, or the
-:class:`~memvisor.migration.stream.StreamViolation` that aborts the migration), or the exact
+:class:`memvisor.builtins.migration.stream.StreamError` that makes the destination ask again, or the
+:class:`~memvisor.builtins.migration.stream.StreamViolation` that aborts the migration), or the exact
 original; never another exception, never a wrong page, bounded memory (``MEMORY_LIMIT``) and
 time (each example runs under a hypothesis deadline). The inputs:
 
@@ -20,7 +20,7 @@ time (each example runs under a hypothesis deadline). The inputs:
 :func:`run_all` drives them with hypothesis; pytest (``tests/integration/test_integration_hostile.py``)
 does so with a small budget and ``memvisor selftest`` with a long one. The checkpoint reader has its own, deeper
 fuzzer in ``core/tests/test_core_checkpoint_fuzz.py``; :func:`check_checkpoint` is the
-whole-file outcome (through :class:`memvisor.checkpoint.CheckpointReader`) used here.
+whole-file outcome (through :class:`memvisor.builtins.checkpoint.CheckpointReader`) used here.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _image() -> np.ndarray:
 @functools.cache
 def valid_checkpoint() -> bytes:
     """A small valid checkpoint (data, zero pages, one record kind)."""
-    from memvisor.checkpoint import CheckpointWriter
+    from memvisor.builtins.checkpoint import CheckpointWriter
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "valid.ckpt"
@@ -82,7 +82,7 @@ def valid_checkpoint() -> bytes:
 @_bounded
 def check_checkpoint(data: bytes) -> str:
     """Read every page of a hostile checkpoint file: ``CheckpointError`` or the exact pages."""
-    from memvisor.checkpoint import KIND_DATA, CheckpointError, CheckpointReader
+    from memvisor.builtins.checkpoint import KIND_DATA, CheckpointError, CheckpointReader
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "hostile.ckpt"
@@ -105,7 +105,7 @@ def check_checkpoint(data: bytes) -> str:
 
 @functools.cache
 def valid_records() -> tuple[bytes, ...]:
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     return (stream.encode("page", np.arange(4), b"p" * 100), stream.encode("zero", np.arange(4, 9)),
             stream.encode("disk-ref", np.array([9]), bytes(24)))
@@ -115,7 +115,7 @@ def valid_records() -> tuple[bytes, ...]:
 def check_record(wire: bytes) -> str:
     """Decode a hostile migration record: ``StreamError`` (asked for again) or a record equal
     to one that was sent."""
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     try:
         record = stream.decode(wire)
@@ -131,8 +131,8 @@ def check_migration(corrupt) -> str:
     """Migrate a small VM over a link that damages records with ``corrupt(index, wire)``: the
     destination reads exactly the source's pages, or the migration aborts with one clear
     error and the source VM runs on."""
+    from memvisor.builtins.migration import Link, LiveMigration, MigrationOptions
     from memvisor.errors import UserError
-    from memvisor.migration import Link, LiveMigration, MigrationOptions
     from memvisor.testing import small_host
 
     source, destination = small_host(memory_pages=1024), small_host(memory_pages=1024)
@@ -191,8 +191,8 @@ def _destination():
     """A destination VM of :data:`DEST_PAGES` missing pages that has taken record 0, a round
     owing every page; it takes record 1 next. (One host for every example: making one costs
     more than the check.)"""
-    from memvisor.migration import stream
-    from memvisor.migration.live import Destination
+    from memvisor.builtins.migration import stream
+    from memvisor.builtins.migration.live import Destination
 
     host = _destination_host()
     if "d" in host.vms:
@@ -211,7 +211,7 @@ def owed_records() -> tuple[bytes, ...]:
     """Record 1 of every kind the destination of :func:`_destination` can take."""
     import zstandard
 
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     page = stream.page_payload(_image()[:4], zstandard.ZstdCompressor(level=1))
     return (stream.encode(stream.PAGE, np.arange(4), page, 1),
@@ -243,7 +243,7 @@ def seal(kind: bytes, gpps: bytes, payload: bytes, seq: int, pages: int | None =
     import struct
     import zlib
 
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     pages = len(gpps) // 8 if pages is None else pages
     head = stream.HEADER.pack(stream.MAGIC, 0, len(kind) % 256, pages % 2**32, len(payload) % 2**32,
@@ -258,7 +258,7 @@ def check_destination(wire: bytes) -> str:
     decompression, plugin resolvers, installation): refused (asked again), a violation (the
     migration aborts), unresolved, or taken — and then it installed the pages it carried and
     nothing else."""
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     dest = _destination()
     before = dest.missing.copy()
@@ -283,7 +283,7 @@ def check_destination(wire: bytes) -> str:
 
 def _resealed(st):
     """Records 1 with one field made hostile and the checksum made valid again."""
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     def fields(wire):
         record = stream.decode(wire)
@@ -314,7 +314,7 @@ def _resealed(st):
 
 def _reordered(wire: bytes) -> bytes:
     """``wire`` as if a later record had overtaken it: its sequence number one ahead."""
-    from memvisor.migration import stream
+    from memvisor.builtins.migration import stream
 
     record = stream.decode(wire)
     return seal(record.kind.encode(), record.gpps.astype("<i8").tobytes(), record.payload, record.seq + 1)
@@ -329,9 +329,9 @@ def check_link(faults: dict, postcopy: bool, touches: tuple[int, ...] = (), sent
     destination's VM and fault handler gone and the source running (``"aborted"``, or
     ``"aborted after the switch-over"`` during post-copy). ``sent(wire)`` sees every record
     sent."""
+    from memvisor.builtins.migration import Link, LiveMigration, MigrationOptions
+    from memvisor.builtins.migration.live import _PostCopyFaults
     from memvisor.errors import UserError
-    from memvisor.migration import Link, LiveMigration, MigrationOptions
-    from memvisor.migration.live import _PostCopyFaults
     from memvisor.testing import small_host
 
     history: list[bytes] = []

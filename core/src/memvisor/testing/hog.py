@@ -28,7 +28,7 @@ class DirtyLogging:
             host.backend.protect(vm, np.arange(vm.pages))
 
     @hookimpl
-    def memvisor_page_write(self, host, vm, write):
+    def memvisor_write_trap(self, host, vm, write):
         """Charge the copy-out of ``hog``'s trapped pages (one disk write call each)."""
         if self.copy_out and vm.name == "hog":
             host.backend.account("disk_write", len(write.gpps) * 4096, len(write.gpps))

@@ -1,43 +1,148 @@
-"""Every technique at once: a hypothesis state machine that drives one host with every plugin.
+"""Every technique at once: a hypothesis state machine that drives one host with every installed
+plugin.
 
-The machine installs every technique plugin (stats, mrc, balloon, sharing, numa, lazy-save,
-lazy-restore, diskmap) on one emulated two-node host with several small VMs and drives it
-through random interleavings of guest reads and writes, balloon inflate / deflate / driver
-reset, sharing scans and memory pressure, NUMA moves, lazy checkpoint saves while the guest
-runs, lazy restores, live migrations to a second host, disk reads and writes, and memory
-errors. After every step it checks:
+The machine enables every installed plugin (the allow- and block-lists apply) on one emulated
+two-node host with several small VMs, and drives it through random interleavings of the core's
+steps: guest reads and writes, whole-page writes, disk reads and writes, time passing (every
+plugin's ticks), memory pressure, NUMA moves, checkpoint saves (lazy or not) while the guest
+runs, restores, live migrations to a second host and memory errors. Plugins add what only they
+know through :func:`memvisor_selftest` (a :class:`Selftest`): their settings on the machine's
+hosts, steps of their own (a balloon inflating, a scanner running now), checks of their own
+bookkeeping, and the pages whose contents a guest driver of theirs set. After every step the
+machine checks:
 
-- every guest page reads what the reference model says (:class:`IntegrationModel`): balloon
-  pages read zeros once ballooned (the guest gave them up), pages a memory error hit and
-  nobody repaired are *unknown* (reported lost to the guest); everything else is exact;
-- machine-page reference counts and the free pool are exact (the emulator recounts every page),
-  and the only pages held outside page tables are the balloons' shared pages;
-- no plugin's bookkeeping points at a page another plugin changed behind it (the balloon's
-  pages map its one page; diskmap's mappings still equal their blocks).
+- every guest page reads what the reference model says (:class:`IntegrationModel`): pages a
+  plugin's guest driver took read what the plugin says they read (the guest gave them up);
+  pages a memory error hit and nobody repaired are *unknown* (reported lost to the guest);
+  everything else is exact;
+- machine-page reference counts and the free pool are exact (the emulator recounts every page,
+  ``Backend.check_invariants``), and the only pages held outside page tables are those the
+  plugins say they hold;
+- every plugin's own check (no bookkeeping points at a page another plugin changed behind it).
 
 pytest runs it with a small budget (``tests/integration/``); ``memvisor selftest`` runs it for
 as long as asked. Imports of hypothesis stay inside the functions that need them, so importing
-:mod:`memvisor.testing` stays light.
+:mod:`memvisor.testing` stays light. The core names no plugin here: a plugin installed beside
+the others takes part as they do.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import attrs
 import numpy as np
 
 from memvisor import PAGE_SIZE
 from memvisor.testing.reference import ReferenceMemory
 
-PLUGINS = ("stats", "mrc", "balloon", "sharing", "numa", "lazy-save", "lazy-restore", "diskmap")
-"""Every technique plugin of this repository, by entry-point name."""
-
 VM_PAGES = 1024
-"""Pages of each VM (two 2 MiB large pages: sharing can split and collapse them)."""
+"""Pages of each VM (two 2 MiB large pages: a technique can split and collapse them)."""
 
 VMS = 3
+"""VMs on the machine's host (VM 1 has a tight trap budget; VM 0 a disk)."""
 DISK_BLOCKS = 256
+"""Blocks of VM 0's disk (the last 128 pages of VM 0 are page cache of it)."""
+
+CORE_STEPS = ("setup", "guest_accesses", "guest_writes_pages", "disk_io", "transfer", "time_passes", "pressure",
+              "move_vcpus", "checkpoint_save", "checkpoint_restore", "migrate", "memory_error", "teardown")
+"""Names of the core's own steps (a plugin's step may not take one)."""
+
+
+@attrs.frozen
+class SelftestStep:
+    """A step a plugin adds to the machine (:meth:`Selftest.step`).
+
+    :ivar plugin: the plugin's name.
+    :ivar name: the step's name (what a failing example prints: ``state.NAME(...)``).
+    :ivar function: ``function(plugin, host, vm=..., **arguments)``.
+    :ivar arguments: each whole-number argument and its range ``(low, high)``, inclusive.
+    :ivar vm: whether the step acts on one VM (drawn by the machine and passed as ``vm``).
+    :ivar during_migration: when not None, the range of the step's one argument when the step
+        also runs while a live migration's guests run (0: not this time).
+    """
+
+    plugin: str
+    name: str
+    function: Callable[..., Any]
+    arguments: Mapping[str, tuple[int, int]]
+    vm: bool = True
+    during_migration: tuple[int, int] | None = None
+
+
+class Selftest:
+    """What plugins contribute to the all-techniques machine, through
+    :func:`memvisor_selftest`. The core calls each plugin's implementation in turn; every
+    function registered here gets the machine's host's instance of that plugin first."""
+
+    def __init__(self) -> None:
+        self.current_plugin = "?"
+        self.tables: dict[str, dict] = {}
+        self.steps: dict[str, SelftestStep] = {}
+        self.checks: list[tuple[str, Callable]] = []
+        self.views: list[tuple[str, Callable]] = []
+        self.commands: dict[str, dict] = {}
+
+    def settings(self, table: Mapping[str, Any]) -> None:
+        """The plugin's ``[plugins.NAME]`` table on the machine's hosts (small budgets and short
+        delays, so that a few dozen steps see it act)."""
+        self.tables[self.current_plugin] = dict(table)
+
+    def step(self, name: str, function: Callable[..., Any], *, vm: bool = True,
+             during_migration: tuple[int, int] | None = None, **arguments: tuple[int, int]) -> None:
+        """A step of the plugin's own: ``function(plugin, host, vm=VM, **arguments)``, each
+        argument a whole number drawn from its ``(low, high)`` range; ``vm=False`` for a step
+        on the whole host. ``during_migration=(low, high)``: the step (of one argument) also
+        runs while a migration's guests run, with its argument drawn from that range."""
+        if name in CORE_STEPS or name in self.steps:
+            owner = "the core" if name in CORE_STEPS else f"plugin {self.steps[name].plugin!r}"
+            raise ValueError(f"plugin {self.current_plugin!r}: selftest step {name!r} is {owner}'s already")
+        if during_migration is not None and len(arguments) != 1:
+            raise ValueError(f"plugin {self.current_plugin!r}: step {name!r} runs during migrations, so it takes "
+                             f"one argument (it has {len(arguments)})")
+        self.steps[name] = SelftestStep(self.current_plugin, name, function, dict(arguments), vm, during_migration)
+
+    def check(self, function: Callable[..., int | None]) -> None:
+        """``function(plugin, host)`` after every step: raise ``AssertionError`` saying what is
+        wrong with the plugin's bookkeeping; return the machine pages the plugin holds outside
+        page tables (``backend.hold_page``), or None for none."""
+        self.checks.append((self.current_plugin, function))
+
+    def guest_view(self, function: Callable[..., Any]) -> None:
+        """``function(plugin, host, vm)`` after every step: ``(gpps, data)``, the pages of
+        ``vm`` the guest gave up to the plugin's guest driver (``host.pin_guest_pages``) and
+        what they read now (``data`` None: zeros), or None. The model expects those bytes from
+        then on, until the guest writes the pages again."""
+        self.views.append((self.current_plugin, function))
+
+    def command(self, path: str, arguments: Mapping[str, object]) -> None:
+        """A valid invocation of one of the plugin's commands for the CLI matrix
+        (:mod:`memvisor.testing.cli_matrix`), by parameter name; ``{scenario}``, ``{image}``,
+        ``{disk}``, ``{ckpt}``, ``{trace}``, ``{key}`` and ``{out}`` name the sandbox's files."""
+        self.commands[path] = dict(arguments)
+
+
+def contributions(pm=None) -> Selftest:
+    """What the plugins of ``pm`` (every installed plugin when None) contribute."""
+    from memvisor.plugins import new_plugin_manager
+
+    pm = pm or new_plugin_manager(None, strict=False)
+    selftest = Selftest()
+    for impl in reversed(pm.hook.memvisor_selftest.get_hookimpls()):
+        selftest.current_plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
+        impl.function(selftest=selftest)
+    return selftest
+
+
+def machine_plugins() -> tuple[str, ...]:
+    """The plugins the machine enables: every installed one that loads (the allow- and
+    block-lists apply)."""
+    from memvisor.plugins import installed_plugins
+
+    return tuple(p.name for p in installed_plugins() if p.error is None)
 
 
 class IntegrationModel(ReferenceMemory):
@@ -82,7 +187,8 @@ class IntegrationModel(ReferenceMemory):
 
 
 def machine_class(final_fault_check: bool = True, model: str = "bytes"):
-    """The hypothesis rule-based state machine (built lazily: hypothesis is a test tool).
+    """The hypothesis rule-based state machine (built lazily: hypothesis is a test tool), with
+    the steps the installed plugins add.
 
     ``final_fault_check``: at the end of each example, after the host stops, read every page
     the way the guest does (faults served), not only the present ones that the per-step
@@ -92,17 +198,25 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
     from hypothesis import strategies as st
     from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-    from memvisor.checkpoint import CheckpointError
+    from memvisor.builtins.checkpoint import CheckpointError
+    from memvisor.builtins.migration import LiveMigration, MigrationOptions
     from memvisor.events import RestoreRequest, SaveRequest
     from memvisor.identity import as_bytes
-    from memvisor.migration import LiveMigration, MigrationOptions
     from memvisor.testing import small_host
+
+    plugins = machine_plugins()
+    offered = contributions()
+    added = {name: s for name, s in offered.steps.items() if s.plugin in plugins}
+    checks = [(p, f) for p, f in offered.checks if p in plugins]
+    views = [(p, f) for p, f in offered.views if p in plugins]
+    tables = {p: t for p, t in offered.tables.items() if p in plugins}
+    during = {name: s for name, s in added.items() if s.during_migration is not None}
 
     vm_index = st.integers(0, VMS - 1)
     page_lists = st.lists(st.integers(0, VM_PAGES - 1), min_size=1, max_size=64, unique=True)
 
     class AllTechniques(RuleBasedStateMachine):
-        """Random guest and hypervisor activity with every technique plugin on one host."""
+        """Random guest and hypervisor activity with every installed plugin on one host."""
 
         def __init__(self):
             super().__init__()
@@ -110,6 +224,7 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
             self.workdir = Path(self._tmp.name)
             self.counts = {"steps": 0, "memory_errors": 0, "lost": 0, "repaired": 0, "migrations": 0,
                            "checkpoints": 0, "restores": 0, "refused_restores": 0}
+            self.plugin_steps: dict[str, int] = {}
 
         def teardown(self):
             host = getattr(self, "host", None)
@@ -123,21 +238,12 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
 
         @initialize(seed=st.integers(0, 2**16), large=st.booleans())
         def setup(self, seed, large):
+            from memvisor.budgets import Budget
             from memvisor.contents import ContentSpec
 
-            settings = {
-                "balloon": {"reload_delay": "20ms", "max_fraction": 0.5},
-                "sharing": {"pages_per_tick": 512},
-                "numa": {"heuristic": "scan"},
-                "mrc": {"rate": 0.1},
-            }
-            self.settings = settings
-            self.host = small_host(memory_pages=8192, numa_nodes=2, plugins=PLUGINS, settings=settings, seed=seed,
+            self.host = small_host(memory_pages=8192, numa_nodes=2, plugins=plugins, settings=tables, seed=seed,
                                    contents=model)
-            self.plugins = {name: self.host.pm.get_plugin(name) for name in PLUGINS}
             contents = ContentSpec.parse({"zero": 0.4, "text": 0.3, "random": 0.2, "duplicate": 0.1}, "contents")
-            from memvisor.budgets import Budget
-
             budgets = {1: Budget(trap_rate=500, handler_share=0.2, scan_rate=20000)}  # VM 1 is budgeted tightly
             self.vms = [self.host.create_vm(f"v{i}", VM_PAGES, home_node=i % 2, large_pages=large and i == 0,
                                             contents=contents, budget=budgets.get(i)) for i in range(VMS)]
@@ -149,45 +255,60 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
             self.disk = self.host.attach_disk(vm, blocks=DISK_BLOCKS)
             self.disk_model = np.array(as_bytes(self.disk.read(np.arange(DISK_BLOCKS))), copy=True)
             self.disk_known = np.ones(DISK_BLOCKS, dtype=bool)
-            self.ballooned = [set() for _ in self.vms]
+            self.viewed: dict[tuple[str, str], set] = {}
             self.transfer(list(range(VM_PAGES - 128, VM_PAGES)), list(range(128)), [False] * 128)
             self.checkpoints: dict[str, tuple[str, np.ndarray, np.ndarray, object]] = {}
             self.sync()
 
         # -- helpers --------------------------------------------------------------------------
 
-        def sync(self):
-            """Pages in a balloon were given up by the guest: they read zeros. Every page in a
-            balloon now is zero in the model, not only those new since the last sync: a page
-            can leave a balloon, be written by the guest and join again between two syncs
-            (ticks deflate and reload balloons while a migration's guests run)."""
-            balloon = self.plugins["balloon"]
-            for i, vm in enumerate(self.vms):
-                pages = balloon.balloon_pages(vm)
-                now = set(pages.tolist())
-                new = np.array(sorted(now - self.ballooned[i]), dtype=np.int64)
-                if len(new):
-                    assert self.host.guest_pinned(vm)[new].all(), "a page the guest did not give up was ballooned"
-                self.model.expected[vm.name][pages] = 0
-                self.model.known[vm.name][pages] = True
-                self.ballooned[i] = now
+        def plugin(self, name: str):
+            """The host's instance of plugin ``name``."""
+            return self.host.pm.get_plugin(name)
+
+        def sync(self, *, restored: bool = False):
+            """Pages a plugin's guest driver took read what the plugin says (the guest gave
+            them up). Every such page is set in the model, not only those new since the last
+            sync: a page can leave a driver, be written by the guest and join again between two
+            syncs (ticks deflate and reload balloons while a migration's guests run). A page
+            that joins must be one the guest gave up; after a restore the drivers start over."""
+            for name, view in views:
+                for vm in self.vms:
+                    seen = view(self.plugin(name), self.host, vm)
+                    gpps, data = (np.zeros(0, dtype=np.int64), None) if seen is None else seen
+                    gpps = np.asarray(gpps, dtype=np.int64)
+                    now = set(gpps.tolist())
+                    new = np.array(sorted(now - self.viewed.get((name, vm.name), set())), dtype=np.int64)
+                    if len(new) and not restored:
+                        assert self.host.guest_pinned(vm)[new].all(), \
+                            f"plugin {name!r}: a page the guest did not give up was taken (VM {vm.name})"
+                    self.model.expected[vm.name][gpps] = 0 if data is None else data
+                    self.model.known[vm.name][gpps] = True
+                    self.viewed[(name, vm.name)] = now
             self.counts["steps"] += 1
 
         def describe_pages(self, vm, pages) -> str:
-            """What the techniques know of ``pages`` (for failure messages)."""
+            """What the host knows of ``pages`` (for failure messages)."""
             backend = self.host.backend
             src = backend.read(vm, pages[backend.present(vm, pages)])
-            return (f"pinned {int(self.host.guest_pinned(vm)[pages].sum())}, in balloon "
-                    f"{int(np.isin(pages, self.plugins['balloon'].balloon_pages(vm)).sum())}, present "
+            return (f"pinned {int(self.host.guest_pinned(vm)[pages].sum())}, present "
                     f"{int(backend.present(vm, pages).sum())}, zero on the source {int((~src.any(axis=1)).sum())}, "
-                    f"zero in the model {int((~self.model.expected[vm.name][pages].any(axis=1)).sum())}, "
-                    f"disk-mapped {int(np.isin(pages, self.plugins['diskmap'].mapped(vm)).sum())}")
+                    f"zero in the model {int((~self.model.expected[vm.name][pages].any(axis=1)).sum())}")
 
         def check_all(self, *, fault: bool):
             for vm in self.vms:
                 bad = self.model.unexpected_pages(self.host, vm, fault=fault)
                 assert not len(bad), (f"VM {vm.name}: {len(bad)} pages differ from the model, "
                                       f"first {bad[:8].tolist()}")
+
+        def run_step(self, step: SelftestStep, vm=None, **arguments):
+            """A plugin's step on the host's instance of the plugin."""
+            kwargs = dict(arguments)
+            if step.vm:
+                kwargs["vm"] = vm
+            step.function(self.plugin(step.plugin), self.host, **kwargs)
+            key = f"{step.plugin}.{step.name}"
+            self.plugin_steps[key] = self.plugin_steps.get(key, 0) + 1
 
         # -- guest activity -------------------------------------------------------------------
 
@@ -202,7 +323,7 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
 
         @rule(v=vm_index, gpps=page_lists, byte=st.integers(0, 255))
         def guest_writes_pages(self, v, gpps, byte):
-            """Whole-page writes (balloon pages included: a misbehaving or rebooted guest)."""
+            """Whole-page writes (pages a driver took included: a misbehaving or rebooted guest)."""
             gpps = np.array(gpps)
             self.model.guest_write(self.host, self.vms[v], gpps, np.full((len(gpps), PAGE_SIZE), byte, np.uint8))
             self.sync()
@@ -234,47 +355,15 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
 
         @rule(ticks=st.integers(1, 8))
         def time_passes(self, ticks):
-            """Ticks: background saves, prefetch, sharing scans, NUMA scans, balloon reloads."""
+            """Ticks: every plugin's periodic work (background saves, prefetch, scans, reloads)."""
             self.host.advance(ticks * self.host.tick_interval)
-            self.sync()
-
-        # -- balloon --------------------------------------------------------------------------
-
-        @rule(v=vm_index, count=st.integers(1, 300))
-        def inflate(self, v, count):
-            self.plugins["balloon"].inflate(self.vms[v], count)
-            self.sync()
-
-        @rule(v=vm_index, count=st.integers(1, 300))
-        def deflate(self, v, count):
-            self.plugins["balloon"].deflate(self.vms[v], count)
-            self.sync()
-
-        @rule(v=vm_index)
-        def driver_reset(self, v):
-            self.plugins["balloon"].reset_driver(self.vms[v])
-            self.sync()
-
-        # -- sharing and pressure -------------------------------------------------------------
-
-        @rule(budget=st.integers(64, 4096))
-        def sharing_scan(self, budget):
-            self.plugins["sharing"].scan(self.host, budget)
             self.sync()
 
         @rule(free_target=st.integers(0, 6000))
         def pressure(self, free_target):
-            """Memory pressure: sharing breaks up large pages, balloons inflate, diskmap swaps."""
+            """Memory pressure: every reclaimer in its order."""
             self.host.check_pressure(free_target)
             self.sync()
-
-        @rule(v=vm_index)
-        def diskmap_scan(self, v):
-            if self.host.disks.get(self.vms[v].name):
-                self.plugins["diskmap"].scan(self.vms[v])
-            self.sync()
-
-        # -- NUMA -----------------------------------------------------------------------------
 
         @rule(v=vm_index)
         def move_vcpus(self, v):
@@ -320,18 +409,16 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
             self.model.expected[name] = expected.copy()
             self.model.known[name] = known.copy()
             self.counts["restores"] += 1
-            self.ballooned[self.vms.index(vm)] = set(self.plugins["balloon"].balloon_pages(vm).tolist())
-            self.sync()
+            self.sync(restored=True)
 
         # -- migration ------------------------------------------------------------------------
 
-        @rule(v=vm_index, postcopy=st.booleans(), inflate=st.integers(0, 200))
-        def migrate(self, v, postcopy, inflate):
-            """Live-migrate a VM to a second host while its guest writes and its balloon
-            inflates by ``inflate`` pages; the destination must read what the model says, then
-            it is discarded."""
+        def migrate(self, v, postcopy, **amounts):
+            """Live-migrate a VM to a second host while its guest writes and the plugins' steps
+            that run during migrations run (with the drawn ``amounts``); the destination must
+            read what the model says, then it is discarded."""
             vm = self.vms[v]
-            destination = small_host(memory_pages=8192, numa_nodes=2, plugins=PLUGINS, settings=self.settings,
+            destination = small_host(memory_pages=8192, numa_nodes=2, plugins=plugins, settings=tables,
                                      contents=model)
             migration = LiveMigration(self.host, vm, destination, MigrationOptions(postcopy=postcopy, max_rounds=3))
 
@@ -339,9 +426,11 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
                 gpps = np.arange(0, VM_PAGES, 7)
                 writes = (gpps % 3) == 0
                 self.host.advance(self.model.access(self.host, vm, gpps, writes).seconds)
-                if inflate:
-                    self.plugins["balloon"].inflate(vm, inflate)
-                    self.sync()
+                for name, amount in amounts.items():
+                    if amount:
+                        (argument,) = during[name].arguments
+                        self.run_step(during[name], vm, **{argument: amount})
+                        self.sync()
 
             migration.run(run_guests)
             self.sync()
@@ -391,22 +480,37 @@ def machine_class(final_fault_check: bool = True, model: str = "bytes"):
 
         @invariant()
         def machine_pages_exact(self):
+            """Reference counts and the free pool are exact, the pages held outside page tables
+            are those the plugins hold, and every plugin's own check passes."""
             if not hasattr(self, "model"):
                 return
-            backend, balloon = self.host.backend, self.plugins["balloon"]
             held = 0
-            for vm in self.vms:
-                state = balloon.state(vm)
-                if state.size:
-                    held += 1
-                    assert np.all(backend.mpns(vm, state.order) == state.mpn), \
-                        f"VM {vm.name}: a balloon page was remapped behind the balloon"
-                    assert backend.refcounts(np.array([state.mpn]))[0] == state.size + 1
-            assert backend.check_invariants() == held
-            assert balloon.verify() == 0
-            assert self.plugins["diskmap"].verify(self.vms[0]) == 0, "a disk mapping diskmap trusts does not hold"
+            for name, check in checks:
+                held += check(self.plugin(name), self.host) or 0
+            assert self.host.backend.check_invariants() == held
 
-    return AllTechniques
+    rules = {"migrate": rule(v=vm_index, postcopy=st.booleans(),
+                             **{name: st.integers(*s.during_migration) for name, s in during.items()})(
+        AllTechniques.migrate)}
+    for name, step in added.items():
+        rules[name] = _plugin_rule(step, vm_index, rule, st)
+    return type("AllTechniques", (AllTechniques,), rules)
+
+
+def _plugin_rule(step: SelftestStep, vm_index, rule, st):
+    """The hypothesis rule of a plugin's step: its arguments drawn from their ranges, and the
+    VM when it takes one (``v``), as a failing example prints it: ``state.NAME(v=1, count=3)``."""
+    strategies = {argument: st.integers(low, high) for argument, (low, high) in step.arguments.items()}
+
+    def perform(self, v=None, **arguments):
+        self.run_step(step, None if v is None else self.vms[v], **arguments)
+        self.sync()
+
+    perform.__name__ = step.name
+    perform.__doc__ = f"Plugin {step.plugin!r}'s step {step.name!r}."
+    if step.vm:
+        strategies["v"] = vm_index
+    return rule(**strategies)(perform)
 
 
 class _Draws:
@@ -475,7 +579,8 @@ def replay(text: str) -> int:
             continue
         method = getattr(machine, name, None)
         if method is None:
-            raise ValueError(f"unknown step {name!r}: printed by another version of memvisor?")
+            raise ValueError(f"unknown step {name!r}: printed by another version of memvisor, or a step of a "
+                             f"plugin that is not installed here?")
         method(**kwargs)
     return len(steps)
 
@@ -483,8 +588,9 @@ def replay(text: str) -> int:
 def run(max_examples: int, steps: int = 30, seconds: float | None = None, seed: int | None = None,
         shrink: bool = False, final_fault_check: bool = True, model: str = "bytes") -> dict:
     """Run the state machine for ``max_examples`` examples (or until ``seconds`` have passed,
-    whichever comes first); returns the figures. Raises on the first failure, with the steps
-    that led to it (shrunk to fewer steps when ``shrink``: minutes for this machine)."""
+    whichever comes first); returns the figures, with the plugins that took part and how often
+    each plugin's steps ran. Raises on the first failure, with the steps that led to it
+    (shrunk to fewer steps when ``shrink``: minutes for this machine)."""
     import time
 
     from hypothesis import HealthCheck, Phase, settings
@@ -492,7 +598,8 @@ def run(max_examples: int, steps: int = 30, seconds: float | None = None, seed: 
 
     machine = machine_class(final_fault_check, model)
     totals = {"examples": 0, "steps": 0, "memory_errors": 0, "lost": 0, "repaired": 0, "migrations": 0,
-              "checkpoints": 0, "restores": 0, "refused_restores": 0}
+              "checkpoints": 0, "restores": 0, "refused_restores": 0, "plugins": list(machine_plugins()),
+              "plugin_steps": {}}
     deadline = None if seconds is None else time.monotonic() + seconds
 
     class Counted(machine):
@@ -501,6 +608,8 @@ def run(max_examples: int, steps: int = 30, seconds: float | None = None, seed: 
             totals["examples"] += 1
             for key, value in self.counts.items():
                 totals[key] += value
+            for key, value in self.plugin_steps.items():
+                totals["plugin_steps"][key] = totals["plugin_steps"].get(key, 0) + value
 
     batch = max_examples if deadline is None else min(max_examples, 20)
     done = 0
@@ -513,4 +622,5 @@ def run(max_examples: int, steps: int = 30, seconds: float | None = None, seed: 
         done += batch
         if deadline is not None and time.monotonic() >= deadline:
             break
+    totals["plugin_steps"] = dict(sorted(totals["plugin_steps"].items()))
     return totals

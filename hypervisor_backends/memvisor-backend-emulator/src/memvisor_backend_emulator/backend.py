@@ -95,6 +95,10 @@ class EmulatorBackend(Backend):
             self.background_seconds[kind] = self.background_seconds.get(kind, 0.0) + seconds
         return seconds
 
+    def work_seconds(self, kind: str, nbytes: int, ops: int = 1) -> float:
+        """The cost model's time for the work (``[host.costs]``), not charged."""
+        return self.costs.work_seconds(kind, nbytes, ops)
+
     # -- VMs ----------------------------------------------------------------------------------
 
     def _state(self, vm: VM) -> _VMState:

@@ -29,7 +29,7 @@ class _TraceAll:
         self.traps = 0
 
     @hookimpl
-    def memvisor_page_accessed(self, access):
+    def memvisor_traced_access(self, access):
         self.pending.append(access.gpps)
         self.traps += len(access.gpps)
 

@@ -624,7 +624,7 @@ class LinuxBackend(Backend):
     def _zero_faults(self, vm: VM, g: _Guest, pages: np.ndarray, flags: np.ndarray, counts: list[int]) -> None:
         """Missing faults on holes mapped onto a zero page. A read maps a zero-filled page
         write-protected (shmem has no shared zero page: this allocates a page); a write is a
-        write to a shared page (``memvisor_page_write``, ``shared`` set), after which the core's
+        write to a shared page (``memvisor_write_trap``, ``shared`` set), after which the core's
         ``break_sharing`` gives the page a private zero-filled page and wakes the guest."""
         zp = np.unique(pages)
         written = np.unique(pages[(flags & EV_WRITE) != 0])
@@ -865,7 +865,7 @@ class LinuxBackend(Backend):
 
     def protect(self, vm: VM, gpps: np.ndarray) -> None:
         """``UFFDIO_WRITEPROTECT`` over runs of pages; a guest write then stops on a
-        write-protect fault that becomes :func:`memvisor_page_write`."""
+        write-protect fault that becomes :func:`memvisor_write_trap`."""
         g = self._guest(vm)
         if Capability.WRITE_PROTECT not in self.capabilities:
             raise self._missing(Capability.WRITE_PROTECT)
@@ -986,7 +986,7 @@ class LinuxBackend(Backend):
         """Map pages onto a zero page: the zero MPN (capability ``zero_page``) or a page from
         :meth:`hold_page` (option ``zero_share``): punch their holes in the memfd (their memory is freed at once) and
         mark them zero-mapped. A guest read then maps a zero-filled page write-protected, a guest
-        write is a ``memvisor_page_write`` with ``shared`` set. Sharing onto any other page is a
+        write is a ``memvisor_write_trap`` with ``shared`` set. Sharing onto any other page is a
         one-line :class:`CapabilityError` (:data:`SHARE_REFUSAL`). Without ``discard`` the pages
         must read zeros. Returns the memfd pages freed."""
         if Capability.ZERO_PAGE not in self.capabilities:

@@ -15,7 +15,7 @@ KEY = InputFile("key file")
 def _key(key_file):
     if key_file is None:
         return None
-    from memvisor.checkpoint import load_key
+    from memvisor.builtins.checkpoint import load_key
 
     return load_key(key_file)
 

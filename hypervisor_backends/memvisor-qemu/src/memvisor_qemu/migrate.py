@@ -3,18 +3,18 @@
 The source QEMU migrates to memvisor (pre-copy: the VM runs until QEMU's own switch-over), and
 a QEMU started with ``-incoming defer`` receives from memvisor. Between them, memvisor's two
 sides talk over a link of their own (a socket; both sides run in this process) in the records
-of memvisor's migration stream (:mod:`memvisor.migration.stream`, numbered from 0):
+of memvisor's migration stream (:mod:`memvisor.builtins.migration.stream`, numbered from 0):
 
 1. a ``qemu`` record: QEMU's stream from its first byte to the end of its RAM setup section
    (header, configuration, the return path's commands, the RAM block list), verbatim;
 2. for each RAM section QEMU sends, a **round**: a ``round`` record owing the section's pages,
    then those pages as ``zero`` records, as records that ``memvisor_describe_pages`` makes of
    them (diskmap, with the shared ``disk``: pages equal to its blocks), and as zstd ``page``
-   records (:func:`memvisor.migration.live.sort_pages`, as the core's own source sorts them);
+   records (:func:`memvisor.builtins.migration.live.sort_pages`, as the core's own source sorts them);
 3. once QEMU's last RAM section is across, the ``switch`` record (stop-and-copy);
 4. ``qemu`` records: the rest of QEMU's stream (device sections, EOF, description), verbatim.
 
-The **receiving side** is the core's :class:`~memvisor.migration.live.Destination`: it takes
+The **receiving side** is the core's :class:`~memvisor.builtins.migration.live.Destination`: it takes
 each record once and in sequence, only pages the current round owes, checks that each round
 delivered all it owed and, at the switch-over, that every page arrived; ``qemu`` records are
 its opaque records. It passes the first ``qemu`` record to the destination QEMU after reading
@@ -45,8 +45,8 @@ import numpy as np
 import zstandard
 
 from memvisor.arrays import unique
-from memvisor.migration import stream as wire
-from memvisor.migration.live import Destination, sort_pages
+from memvisor.builtins.migration import stream as wire
+from memvisor.builtins.migration.live import Destination, sort_pages
 from memvisor_qemu import stream as S
 from memvisor_qemu.qmp import Monitor
 from memvisor_qemu.save import UNSUPPORTED_CAPABILITIES

@@ -33,6 +33,18 @@ class QemuPlugin:
             register("qemu", case)
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """Valid invocations of ``memvisor qemu save | restore | migrate`` for the CLI matrix
+        (the sandbox's sockets have no QEMU behind them: the matrix's cases are refused before
+        anything connects; tests/test_qemu_cli.py runs these against real QEMUs)."""
+        selftest.command("qemu save", {"out": "{out}/vm.ckpt", "qmp": "{qmp}", "disk": "{disk}",
+                                       "key_file": "{key}", "json_out": "{out}/save.json"})
+        selftest.command("qemu restore", {"checkpoint": "{ckpt}", "qmp": "{qmp_incoming}", "disk": "{disk}",
+                                          "key_file": "{key}", "json_out": "{out}/restore.json"})
+        selftest.command("qemu migrate", {"source": "{qmp}", "target": "{qmp_incoming}", "disk": "{disk}",
+                                          "json_out": "{out}/migrate.json"})
+
+    @hookimpl(optionalhook=True)
     def memvisor_page_heat(self, host, vm, gpps):
         """On the qemu backend: how many times QEMU sent each page again in a later pre-copy
         round of a live save (it was written while being saved); None elsewhere."""

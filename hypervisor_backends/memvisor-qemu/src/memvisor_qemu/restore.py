@@ -28,8 +28,8 @@ import attrs
 import numpy as np
 
 from memvisor.arrays import first_occurrences
-from memvisor.checkpoint import CheckpointReader
-from memvisor.checkpoint.vm import check_restorable
+from memvisor.builtins.checkpoint import CheckpointReader
+from memvisor.builtins.checkpoint.vm import check_restorable
 from memvisor.events import RestoreRequest
 from memvisor_qemu import stream as S
 from memvisor_qemu.qmp import SUPPORTED, Monitor

@@ -6,7 +6,7 @@
    meanwhile, which is QEMU's dirty tracking, kept as heat for a hottest-first restore.
 3. memvisor receives the stream into the qemu backend's memory: the RAM blocks' pages, then
    the device sections and the JSON description kept verbatim.
-4. The core's save writes the checkpoint (:func:`memvisor.checkpoint.vm.write_checkpoint`):
+4. The core's save writes the checkpoint (:func:`memvisor.builtins.checkpoint.vm.write_checkpoint`):
    zero pages in the page map, pages that ``memvisor_describe_pages`` describes as records
    (diskmap's disk references, with ``disk``), the rest compressed by storage block; then the
    ``qemu`` section (:mod:`memvisor_qemu.state`); then the order sidecar when there is heat.
@@ -22,8 +22,8 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from memvisor.checkpoint import CheckpointReader, CheckpointWriter
-from memvisor.checkpoint.vm import write_checkpoint, writer_stats
+from memvisor.builtins.checkpoint import CheckpointReader, CheckpointWriter
+from memvisor.builtins.checkpoint.vm import write_checkpoint, writer_stats
 from memvisor.events import SaveRequest
 from memvisor_qemu import stream as S
 from memvisor_qemu.order import sidecar_path, write_order
@@ -148,7 +148,7 @@ def _write(received: _Received, out: Path, key: bytes | None, level: int) -> Sav
     writer.close()
     order = None
     if resent.any():
-        heat = host.hook.memvisor_page_heat(host=host, vm=vm, gpps=np.arange(vm.pages))
+        heat = host.backend.heat(vm, np.arange(vm.pages))  # what the plugin answers memvisor_page_heat with
         with CheckpointReader(out, key=key) as reader:
             order = str(write_order(out, file_id=reader.file_id, heat=heat, key=key))
     host.stop()

@@ -9,20 +9,18 @@ from __future__ import annotations
 from memvisor import PAGE_SIZE
 
 
-def _plugin(run, step):
-    """The balloon plugin of the running host (enabled by name or registered as an object)."""
-    from memvisor_balloon.plugin import BalloonPlugin
-
-    for plugin in run.host.pm.get_plugins():
-        if isinstance(plugin, BalloonPlugin):
-            return plugin
-    raise step.error("do", f"{step.action} needs the balloon plugin: add a [plugins.balloon] table")
+def _enabled(plugin, step):
+    """The balloon plugin of the running host, which the runner hands the action; one line
+    naming the step when the scenario does not enable it."""
+    if plugin is None:
+        raise step.error("do", f"{step.action} needs the balloon plugin: add a [plugins.balloon] table")
+    return plugin
 
 
-def balloon_target(run, step):
+def balloon_target(run, step, plugin):
     """``do = "balloon_target"``: ask VM ``vm``'s balloon driver for a balloon of ``target``
     (a size) or ``fraction`` (of the VM's memory); it inflates or deflates now."""
-    plugin = _plugin(run, step)
+    plugin = _enabled(plugin, step)
     vm = step.vm()
     if "target" in step.data and "fraction" in step.data:
         raise step.error("fraction", "give target or fraction, not both")
@@ -38,8 +36,8 @@ def balloon_target(run, step):
     plugin.set_target(vm, pages)
 
 
-def balloon_reset(run, step):
+def balloon_reset(run, step, plugin):
     """``do = "balloon_reset"``: VM ``vm``'s balloon driver restarts (a guest reboot or a
     driver reload) and forgets its pages; the hypervisor finds out when the guest writes one."""
-    plugin = _plugin(run, step)
+    plugin = _enabled(plugin, step)
     plugin.reset_driver(step.vm())

@@ -5,7 +5,7 @@
   ``hold_page``, copy-on-write) and so frees their machine pages. A read of a balloon page reads
   zeros from that page.
 - **Detect a reset.** A guest write to the balloon page traps before it lands
-  (:func:`memvisor_page_write`). Because the balloon page is the plugin's own, the machine page
+  (:func:`memvisor_write_trap`). Because the balloon page is the plugin's own, the machine page
   number alone tells a write to it from writes to the zero page or to pages that a sharing
   plugin merged. Such a write means the guest forgot its balloon (a reboot, a driver reload):
   every balloon page of that VM is reset and the driver is told to start over.
@@ -127,10 +127,29 @@ class BalloonPlugin:
     # -- lifecycle ----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_register_hookspecs(self, register):
+        """Declare ``memvisor_giveable_pages``, which the MRC-guided policy asks."""
+        from memvisor_balloon import hookspecs
+
+        register(hookspecs)
+
+    @hookimpl
+    def memvisor_selftest(self, selftest):
+        """Inflate, deflate and driver resets as steps; balloon pages read zeros."""
+        from memvisor_balloon.selftest import contribute
+
+        contribute(selftest)
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.balloon]``."""
+        register(NAME, BalloonSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host: Host) -> None:
         """Read ``[plugins.balloon]`` and check the backend can share pages and map the zero
         page."""
-        self.settings = BalloonSettings.parse(host.plugin_settings(NAME))
+        self.settings = host.plugin_settings(NAME)
         host.require(NAME, Capability.SHARE, Capability.ZERO_PAGE)
         self.host = host
 
@@ -240,7 +259,7 @@ class BalloonPlugin:
         self.resets += 1
         log.info("balloon reset", vm=vm.name, pages=pages, written_pages=written, mode=self.settings.reset,
                  time=self._now())
-        self.host.metrics.event(self._now(), "balloon_reset", vm=vm.name, pages=pages)
+        self.host.record_event("balloon_reset", vm=vm.name, pages=pages)
         self._record(self.host)
         return pages
 
@@ -298,17 +317,17 @@ class BalloonPlugin:
             st.mpn = -1
         return len(gpps)
 
-    @hookimpl(tryfirst=True)
-    def memvisor_checkpoint_restore(self, host: Host, vm: VM, request) -> None:
+    @hookimpl
+    def memvisor_restore_starting(self, host: Host, vm: VM) -> None:
         """A restore replaces every page of the VM, balloon pages included: the balloon ends
         without touching memory (the restore owns every page now), its page is released and
-        the guest's driver starts over, as after a reboot. Returns None: others restore.
+        the guest's driver starts over, as after a reboot.
 
         Without this the balloon's record would name pages that the restore remapped (found by
         the all-techniques integration test)."""
         st = self.vms.get(vm.name)
         if st is None:
-            return None
+            return
         st.in_balloon[:] = False
         st.backed[:] = False
         st.order = np.empty(0, dtype=np.int64)
@@ -319,7 +338,6 @@ class BalloonPlugin:
         if st.driver.size:
             st.driver.reset(self._now())
         self._record(host)
-        return None
 
     @hookimpl
     def memvisor_memory_error(self, host: Host, vm: VM, error) -> np.ndarray | None:
@@ -349,7 +367,7 @@ class BalloonPlugin:
     # -- detecting a reset --------------------------------------------------------------------
 
     @hookimpl
-    def memvisor_page_write(self, host: Host, vm: VM, write: WriteBatch) -> None:
+    def memvisor_write_trap(self, host: Host, vm: VM, write: WriteBatch) -> None:
         """A write to the VM's balloon page means the guest forgot its balloon: reset it.
 
         Writes to the zero page or to pages shared by other plugins are not the balloon's

@@ -20,15 +20,15 @@ how the ratio moves with the share of incompressible pages."""
 
 def migrate_half_cache(diskmap: bool, vm_pages: int = VM_PAGES, disk_blocks: int = DISK_BLOCKS):
     """Migrate a VM whose last half is page cache of its disk while a zipf guest writes; returns
-    the :class:`memvisor.migration.MigrationResult`."""
+    the :class:`memvisor.builtins.migration.MigrationResult`."""
+    from memvisor.builtins.migration import LiveMigration, MigrationOptions
     from memvisor.contents import ContentSpec
-    from memvisor.migration import LiveMigration, MigrationOptions
-    from memvisor.testing import small_host
+    from memvisor.host import Host, HostConfig
     from memvisor.workloads import make_workload
 
     plugins = ("diskmap",) if diskmap else ()
-    source = small_host(memory_pages=vm_pages * 2 + 1024, plugins=plugins)
-    destination = small_host(memory_pages=vm_pages * 2 + 1024, plugins=plugins)
+    config = HostConfig(memory_pages=vm_pages * 2 + 1024)
+    source, destination = Host(config, plugins), Host(config, plugins)
     contents = ContentSpec.parse(ANONYMOUS, "bench")
     vm = source.create_vm("bench", vm_pages, contents=contents, seed=7)
     disk = source.attach_disk(vm, blocks=disk_blocks, seed=11)

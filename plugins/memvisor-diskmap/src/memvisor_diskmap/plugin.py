@@ -4,7 +4,7 @@ A mapping is made when a page is filled from a block (:func:`memvisor_disk_io`, 
 a page is written back to a block (a write: the two are equal afterwards), or, with
 ``scan = true``, when a page is found identical to a block by content (the disk index, verified
 byte for byte). Mapped pages are write-protected; a guest write to one drops its mapping
-(:func:`memvisor_page_write`), and so does a write to its disk block; a checkpoint restore
+(:func:`memvisor_write_trap`), and so does a write to its disk block; a checkpoint restore
 drops them all (the memory is replaced). Each mapping keeps the
 block's version and the page's fingerprint (``Backend.fingerprint``: a 64-bit hash of its bytes,
 or of its identity on an identity-model host) at the time it was made, and every use checks
@@ -30,15 +30,17 @@ from __future__ import annotations
 
 from collections import Counter
 
+import attrs
 import numpy as np
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
-from memvisor.errors import BackendError, UserError
+from memvisor.errors import BackendError
 from memvisor.events import PageRecords
 from memvisor.identity import concat, rows_equal, zero_rows
 from memvisor.identity import fingerprints as _fingerprints
 from memvisor.report import Column, Figure, Headline, ReportSection, Table
+from memvisor.settings import setting
 from memvisor_diskmap.index import DiskIndex
 
 KIND = "disk-ref"
@@ -46,7 +48,21 @@ KIND = "disk-ref"
 uint64 (24 bytes), the disk slot being the disk's position among the VM's disks."""
 
 PAYLOAD_BYTES = 24
-SETTINGS = {"swap": True, "scan": False, "protect": True}
+
+
+@attrs.frozen
+class DiskmapSettings:
+    """What ``[plugins.diskmap]`` may set (docs/migration.md)."""
+
+    swap: bool = setting(True, doc="Under memory pressure, drop mapped pages that still equal their blocks "
+                                   "(a touch faults them back from the disk); needs the fault capability.")
+    scan: bool | None = setting(None, doc="Also find pages equal to disk blocks by content (a scan of the VM's "
+                                          "pages), not only through the guest's disk reads.",
+                                host_dependent="default: true for a VM whose disks are all attached read-only (a "
+                                               "memory image with its disk: memvisor migrate --image --disk, whose "
+                                               "pages were never read from the disk), else false.")
+    protect: bool = setting(True, doc="Write-protect mapped pages, so that a guest write drops the mapping at "
+                                      "once; needs the write_protect capability.")
 
 
 def _fields(payloads, count: int, vm) -> np.ndarray:
@@ -97,7 +113,7 @@ class DiskmapPlugin:
 
     def __init__(self) -> None:
         self.host = None
-        self.settings = dict(SETTINGS)
+        self.settings = DiskmapSettings()
         self.maps: dict[str, _Map] = {}
         self.counts: Counter = Counter()
         self._indexes: dict[int, tuple[int, DiskIndex]] = {}
@@ -106,17 +122,24 @@ class DiskmapPlugin:
     # -- lifecycle ----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """A scan step and the check that trusted mappings hold."""
+        from memvisor_diskmap.selftest import contribute
+
+        contribute(selftest)
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.diskmap]``."""
+        register("diskmap", DiskmapSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host):
         """Read the settings; swap needs page faults, protection needs write protection."""
         self.host = host
-        for key, value in host.plugin_settings("diskmap").items():
-            if key not in SETTINGS:
-                raise UserError(f"plugins.diskmap.{key}: unknown setting (known: {', '.join(SETTINGS)})")
-            if not isinstance(value, bool):
-                raise UserError(f"plugins.diskmap.{key}: must be true or false, got {value!r}")
-            self.settings[key] = value
-        needs = [Capability.FAULT] if self.settings["swap"] else []
-        if self.settings["protect"]:
+        self.settings = host.plugin_settings("diskmap")
+        needs = [Capability.FAULT] if self.settings.swap else []
+        if self.settings.protect:
             needs.append(Capability.WRITE_PROTECT)
         host.require("diskmap", *needs)
 
@@ -158,7 +181,7 @@ class DiskmapPlugin:
         m.disk[gpps], m.block[gpps] = slot, blocks
         m.version[gpps], m.hash[gpps] = disk.versions[blocks].astype(np.uint32), hashes
         m.verified(self.host, vm, gpps)
-        if self.settings["protect"] and len(gpps):
+        if self.settings.protect and len(gpps):
             self.host.backend.protect(vm, gpps)
         self.counts["mapped"] += len(gpps)
 
@@ -169,6 +192,14 @@ class DiskmapPlugin:
         gpps = gpps[m.disk[gpps] >= 0]
         m.disk[gpps] = -1
         self.counts[f"dropped_{reason}"] += len(gpps)
+
+    def _scans(self, vm) -> bool:
+        """Whether pages of ``vm`` are found by content (``scan``; by default, only for a VM whose
+        disks are all read-only images: its pages were never read through its disks)."""
+        if self.settings.scan is not None:
+            return self.settings.scan
+        disks = self._disks(vm)
+        return bool(disks) and all(d.read_only for d in disks)
 
     def _valid(self, vm, gpps) -> np.ndarray:
         """Per page, whether it is mapped and its block has not been written since."""
@@ -312,7 +343,7 @@ class DiskmapPlugin:
             self.counts["mapped_by_io"] += int(same.sum())
 
     @hookimpl
-    def memvisor_page_write(self, vm, write):
+    def memvisor_write_trap(self, vm, write):
         """The guest writes mapped pages: they no longer equal their blocks."""
         self._drop(vm, write.gpps, "guest_write")
 
@@ -322,7 +353,7 @@ class DiskmapPlugin:
     def memvisor_describe_pages(self, host, vm, gpps, purpose):
         """``disk-ref`` records for mapped pages whose bytes still hash as they did."""
         gpps = np.asarray(gpps, dtype=np.int64)
-        if self.settings["scan"] and len(gpps):
+        if len(gpps) and self._scans(vm):
             self.scan(vm, gpps)
         valid = self._valid(vm, gpps)
         if not valid.any():
@@ -369,19 +400,20 @@ class DiskmapPlugin:
         self.counts["refs_resolved"] += len(records.gpps)
         return out
 
-    @hookimpl(tryfirst=True)
-    def memvisor_checkpoint_restore(self, vm):
-        """The VM's memory is about to be replaced: every mapping is void (the restore's own
-        disk references map their pages again). Dropped pages come back first: the restore may
-        yet be refused, and the VM then runs on with them. Takes no part in the restore."""
+    @hookimpl
+    def memvisor_restore_starting(self, vm, restore):
+        """The VM's memory is about to be replaced: every mapping is void but those of the
+        restore's own disk references (mapped when the core's check resolved them), and the
+        pages dropped under pressure are the restore's to fill, with every other page. (A
+        refused restore does not get here: the VM then runs on with its mappings, dropped
+        pages included.)"""
         m = self.maps.get(vm.name)
-        if m is None:
+        if m is None:  # no disk, no mapping
             return
-        swapped = np.flatnonzero(m.swapped & ~self.host.backend.present(vm))
-        if len(swapped):
-            self._swap_in(vm, swapped)
-        self.counts["dropped_restore"] += int(np.count_nonzero(m.disk >= 0))
-        m.disk[:] = -1
+        keep = np.zeros(vm.pages, dtype=bool)
+        keep[restore.record_pages.get(KIND, np.zeros(0, dtype=np.int64))] = True
+        self.counts["dropped_restore"] += int(np.count_nonzero((m.disk >= 0) & ~keep))
+        m.disk[~keep] = -1
         m.swapped[:] = False
 
     # -- swap -----------------------------------------------------------------------------------
@@ -389,7 +421,7 @@ class DiskmapPlugin:
     @hookimpl
     def memvisor_memory_pressure(self, host, pressure):
         """Drop mapped pages that still equal their blocks, without writing anything."""
-        if not self.settings["swap"]:
+        if not self.settings.swap:
             return None
         backend, freed = host.backend, 0
         for vm in list(host.vms.values()):
@@ -481,7 +513,7 @@ class DiskmapPlugin:
         if len(pages):
             host.backend.account("disk_read", len(pages) * PAGE_SIZE, 1)
             host.backend.write(vm, pages, data)
-            if self.settings["protect"]:
+            if self.settings.protect:
                 host.backend.protect(vm, pages)
         self.counts["repaired"] += len(pages)
         return pages

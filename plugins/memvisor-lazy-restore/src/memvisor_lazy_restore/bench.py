@@ -45,7 +45,7 @@ def _folder() -> Path:
 def checkpoint(pages: int, mix: str) -> Path:
     """A checkpoint of ``pages`` pages of the named mix (``"mostly-zero"`` or ``"mix"``), written
     once per process straight from generated contents; page 0 is always a data page."""
-    from memvisor.checkpoint import CheckpointWriter
+    from memvisor.builtins.checkpoint import CheckpointWriter
     from memvisor.contents import ContentSpec
 
     spec = ContentSpec.parse(MOSTLY_ZERO if mix == "mostly-zero" else MIX, "bench")

@@ -24,15 +24,24 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import attrs
 import numpy as np
 import structlog
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
-from memvisor.checkpoint import KIND_DATA, KIND_FIRST_RECORD, KIND_MISSING, KIND_ZERO, CheckpointError, CheckpointReader
-from memvisor.checkpoint.vm import RestoreJob, check_restorable, load_pages
+from memvisor.builtins.checkpoint import (
+    KIND_DATA,
+    KIND_FIRST_RECORD,
+    KIND_MISSING,
+    KIND_ZERO,
+    CheckpointError,
+    CheckpointReader,
+)
+from memvisor.builtins.checkpoint.vm import RestoreJob, load_pages
 from memvisor.errors import UserError
 from memvisor.report import Column, Figure, Headline, Plot, ReportSection, Table
+from memvisor.settings import setting
 from memvisor_lazy_restore.order import read_order
 
 NAME = "lazy-restore"
@@ -61,7 +70,7 @@ class LazyRestore:
 
     def __init__(self, plugin: LazyRestorePlugin, host, vm, request):
         self.host, self.vm, self.request = host, vm, request
-        self.window, self.share = plugin.window_pages, plugin.prefetch_share
+        self.window, self.share = plugin.settings.window_pages, plugin.settings.prefetch_share
         self.virtual = Capability.VIRTUAL_TIME in host.backend.capabilities
         started, self.real_start = host.now, time.perf_counter()
         reader = CheckpointReader(request.path, key=request.key)
@@ -74,10 +83,7 @@ class LazyRestore:
             if np.any(self.kinds == KIND_MISSING):
                 first = int(np.flatnonzero(self.kinds == KIND_MISSING)[0])
                 raise CheckpointError(reader.path, f"page {first} is not in the checkpoint")
-            self.pb_of_page = reader.locate_many(every)
-            # Records that no longer resolve (a disk block written since) refuse the restore
-            # now, before the VM's memory goes: not at a fault, with the old memory gone.
-            check_restorable(host, vm, request)
+            self.pb_of_page = reader.locate_many(every)  # (records were resolved by the core's check)
             sb_of_pb = np.fromiter((reader.storage_block_of(p) for p in range(reader.page_blocks)), np.int64,
                                    count=reader.page_blocks)
         except BaseException:
@@ -93,14 +99,14 @@ class LazyRestore:
         self.pb_size = np.bincount(self.pb_of_page[data], minlength=reader.page_blocks)
         self.order_source = "file"
         order = np.arange(reader.storage_blocks)
-        if plugin.prefetch == "hot":
+        if plugin.settings.prefetch == "hot":
             hint = read_order(request.path, file_id=reader.file_id, vm_pages=vm.pages, key=request.key)
             if hint is not None:
                 heat, source = hint
                 score = np.bincount(sbs, weights=heat[data], minlength=reader.storage_blocks)
                 order = np.argsort(-score, kind="stable")  # hottest first, file order among equals
                 self.order_source = f"hot ({source})"
-        self.prefetching = plugin.prefetch != "off"
+        self.prefetching = plugin.settings.prefetch != "off"
         self.order = order if self.prefetching else order[:0]
         self.cursor = 0
         self.started = started
@@ -304,43 +310,38 @@ class LazyRestore:
         stats["real_seconds"] = time.perf_counter() - self.real_start
 
 
+@attrs.frozen
+class LazyRestoreSettings:
+    """What ``[plugins.lazy-restore]`` may set (docs/checkpoint.md)."""
+
+    prefetch: str = setting("hot", choices=("hot", "file", "off"),
+                            doc="hot: the hottest storage blocks first when the checkpoint has an access-order "
+                                "sidecar, else file order; file; or off (faults only).")
+    prefetch_share: float = setting(0.5, above=0.0, high=1.0,
+                                    doc="At most this fraction of the disk's time goes to prefetching; the rest is "
+                                        "left to faults.")
+    window_pages: int = setting(DEFAULT_WINDOW, low=1, high=10**6,
+                                doc="Pages made present around a faulting page (aligned).")
+
+
 class LazyRestorePlugin:
-    """Lazy checkpoint restore: resume at once, serve faults from the file, prefetch the rest.
-
-    Settings (``[plugins.lazy-restore]``):
-
-    - ``prefetch`` (default ``"hot"``): ``"hot"`` (hottest storage blocks first when the
-      checkpoint has an access-order sidecar, else file order), ``"file"`` or ``"off"``;
-    - ``prefetch_share`` (default 0.5): at most this fraction of the disk's time goes to
-      prefetching (the rest is left to faults);
-    - ``window_pages`` (default 64): pages made present around a faulting page (aligned).
-    """
+    """Lazy checkpoint restore: resume at once, serve faults from the file, prefetch the rest
+    (settings: :class:`LazyRestoreSettings`)."""
 
     def __init__(self) -> None:
         self.restores: dict[str, LazyRestore] = {}
         self.finished: list[LazyRestore] = []
-        self.prefetch = "hot"
-        self.prefetch_share = 0.5
-        self.window_pages = DEFAULT_WINDOW
+        self.settings = LazyRestoreSettings()
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.lazy-restore]``."""
+        register(NAME, LazyRestoreSettings)
 
     @hookimpl
     def memvisor_host_started(self, host) -> None:
         """Read the settings and check that the backend can make pages not present."""
-        settings = dict(host.plugin_settings(NAME))
-        self.prefetch = settings.pop("prefetch", "hot")
-        self.prefetch_share = settings.pop("prefetch_share", 0.5)
-        self.window_pages = settings.pop("window_pages", DEFAULT_WINDOW)
-        where = f"plugins.{NAME}"
-        if settings:
-            raise UserError(f"{where}: unknown setting {next(iter(settings))!r} "
-                            "(known: prefetch, prefetch_share, window_pages)")
-        if self.prefetch not in ("hot", "file", "off"):
-            raise UserError(f"{where}.prefetch: must be \"hot\", \"file\" or \"off\", got {self.prefetch!r}")
-        if (isinstance(self.prefetch_share, bool) or not isinstance(self.prefetch_share, (int, float))
-                or not 0 < self.prefetch_share <= 1):
-            raise UserError(f"{where}.prefetch_share: must be a fraction in (0, 1], got {self.prefetch_share!r}")
-        if isinstance(self.window_pages, bool) or not isinstance(self.window_pages, int) or self.window_pages < 1:
-            raise UserError(f"{where}.window_pages: must be a whole number of at least 1, got {self.window_pages!r}")
+        self.settings = host.plugin_settings(NAME)
         host.require(NAME, Capability.FAULT)
 
     def _end(self, vm) -> None:
@@ -350,20 +351,18 @@ class LazyRestorePlugin:
             self.finished.append(restore)
 
     @hookimpl
-    def memvisor_checkpoint_restore(self, host, vm, request):
-        """Take the restore unless an eager one is asked for (``request.lazy is False``).
+    def memvisor_restore_starting(self, vm) -> None:
+        """A restore of the VM passed its checks: one in progress ends, whoever takes the new
+        one (its pages would otherwise be served over the new contents). A refused restore
+        does not get here: the one in progress keeps serving its pages."""
+        self._end(vm)
 
-        A restore in progress of the same VM ends, whoever takes the new one (its pages would
-        otherwise be served over the new contents) — but only once the new one passed its
-        checks: a refused restore leaves it serving its pages.
-        """
+    @hookimpl
+    def memvisor_checkpoint_restore(self, host, vm, request):
+        """Take the restore unless an eager one is asked for (``request.lazy is False``)."""
         if request.lazy is False:
-            if vm.name in self.restores:
-                check_restorable(host, vm, request)  # the core's eager restore checks again
-            self._end(vm)
             return None
         restore = LazyRestore(self, host, vm, request)
-        self._end(vm)
         restore.start()
         self.restores[vm.name] = restore
         return restore.job

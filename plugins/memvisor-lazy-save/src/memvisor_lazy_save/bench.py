@@ -1,7 +1,7 @@
 """``memvisor bench checkpoint`` (save side): the core's save of a raw image against zstd, and a
 lazy save of a running 1 GiB VM against the core's stop-the-world save, in virtual time.
 
-- ``save-1gib`` (real time, MiB/s of image): :func:`memvisor.checkpoint.save_image` of a 1 GiB
+- ``save-1gib`` (real time, MiB/s of image): :func:`memvisor.builtins.checkpoint.save_image` of a 1 GiB
   raw image with a realistic mix of pages (``{zero = 0.5, text = 0.35, random = 0.15}``, made
   once in setup) against ``zstd -1 -T0 -q -f`` over the same file, run as a subprocess in the
   same run, both writing into the same temporary folder.
@@ -56,7 +56,7 @@ def _image_setup():
 def measure_save_image(context) -> float:
     """MiB of image per second saved by the core's ``save_image`` (defaults: level 1, 64-page
     blocks, 4 MiB buffer)."""
-    from memvisor.checkpoint import save_image
+    from memvisor.builtins.checkpoint import save_image
 
     folder, image = context
     stats = save_image(image, folder / "image.ckpt")
@@ -79,7 +79,7 @@ def _cpu_seconds(who) -> float:
 def measure_save_image_cpu(context) -> float:
     """MiB of image per CPU second (every thread) of the core's ``save_image``: the same work
     as ``save-1gib`` seen without the other jobs of a shared machine."""
-    from memvisor.checkpoint import save_image
+    from memvisor.builtins.checkpoint import save_image
 
     folder, image = context
     before = _cpu_seconds(resource.RUSAGE_SELF)

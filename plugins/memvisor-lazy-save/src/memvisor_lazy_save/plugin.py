@@ -2,7 +2,7 @@
 
 A save in progress is a :class:`LazySave`. Its unit of work is a *window*: ``block_pages``
 consecutive guest pages, aligned (the page block of the request). A window is saved whole, in
-one call of the core's :func:`memvisor.checkpoint.vm.write_checkpoint` (zero pages to the page
+one call of the core's :func:`memvisor.builtins.checkpoint.vm.write_checkpoint` (zero pages to the page
 map, pages that other plugins describe as their records, the rest compressed into the writer's
 staging buffer, which writes one storage block per full buffer). Windows are saved
 
@@ -10,7 +10,7 @@ staging buffer, which writes one storage block per full buffer). Windows are sav
   saver is not busy: each batch of windows keeps it busy for the cost model's time of
   compressing and writing it, so the save runs at the modelled disk and compression speed;
 - at once when the guest is about to write a page of an unsaved window
-  (:func:`memvisor_page_write` arrives before the write lands): copy before write. The window's
+  (:func:`memvisor_write_trap` arrives before the write lands): copy before write. The window's
   pages are copied into a bounded side buffer (the guest waits for a memory copy) that the
   background saver compresses first; when the side buffer is full the window is compressed in
   the trap (the guest waits for the compression).
@@ -27,22 +27,33 @@ import structlog
 
 from memvisor import PAGE_SIZE, hookimpl
 from memvisor.backend import Capability
-from memvisor.checkpoint import CheckpointError
-from memvisor.checkpoint.vm import SaveJob, new_writer, write_checkpoint, writer_stats
-from memvisor.errors import UserError
+from memvisor.builtins.checkpoint import CheckpointError
+from memvisor.builtins.checkpoint.vm import SaveJob, new_writer, write_checkpoint, writer_stats
 from memvisor.events import FaultBatch
 from memvisor.identity import zero_rows
 from memvisor.report import Column, Figure, Headline, Plot, ReportSection, Table
+from memvisor.settings import setting
 from memvisor_lazy_save import order
 
 NAME = "lazy-save"
 PTE_BYTES = 8
 """Bytes of page-table entry per page: write-protecting every page is modelled as one pass over
 the VM's entries at the cost model's memory-copy rate (the save's only stop)."""
-DEFAULT_STEP_PAGES = 2048
-"""Pages of windows saved per background step (8 MiB of guest memory)."""
-DEFAULT_SIDE_PAGES = 16384
-"""Pages that copy before write may hold uncompressed for the background saver (64 MiB)."""
+
+
+@attrs.frozen
+class LazySaveSettings:
+    """What ``[plugins.lazy-save]`` may set (docs/checkpoint.md)."""
+
+    step_pages: int = setting(2048, low=1, high=10**9,
+                              doc="Guest pages per background step (2048: 8 MiB of guest memory).")
+    record_order: bool = setting(True, doc="Write the access-order sidecar that a lazy restore prefetches by "
+                                           "(needs accessed bits).")
+    page_at_a_time: bool = setting(False, doc="The page-at-a-time baseline: one page per page block and per "
+                                              "storage block (one write per page).")
+    side_buffer_pages: int = setting(16384, low=0, high=10**9,
+                                     doc="Pages that copy before write may hold uncompressed for the background "
+                                         "saver (16384: 64 MiB); beyond it the guest waits for the compression.")
 
 log = structlog.get_logger("memvisor.lazy_save")
 
@@ -62,7 +73,7 @@ class LazySave:
         self.virtual = Capability.VIRTUAL_TIME in backend.capabilities
         self.window = max(1, int(request.block_pages))
         self.windows = -(-vm.pages // self.window)
-        self.step_windows = max(1, plugin.step_pages // self.window)
+        self.step_windows = max(1, plugin.settings.step_pages // self.window)
         self.saved = np.zeros(self.windows, dtype=bool)
         self.cursor = 0  # every window below it is saved
         started, real = host.now, time.perf_counter()
@@ -72,7 +83,7 @@ class LazySave:
         # again once saved: protection that another plugin set stays.
         self.ours = ~backend.protected(vm)
         # Accessed bits before and during the save give the order hint for a lazy restore.
-        self.record_order = plugin.record_order and Capability.ACCESSED in backend.capabilities
+        self.record_order = plugin.settings.record_order and Capability.ACCESSED in backend.capabilities
         self.accessed_before = host.take_accessed(vm, "lazy-save") if self.record_order else None
         backend.protect(vm, np.arange(vm.pages, dtype=np.int64))
         stop = backend.account("copy", vm.pages * PTE_BYTES)
@@ -86,7 +97,7 @@ class LazySave:
         self.cow_copied_windows = 0  # of cow_windows, those that went through the side buffer
         self.copied: list[tuple[np.ndarray, Any]] = []  # the side buffer: (pages, contents)
         self.copied_pages = 0
-        self.side_pages = plugin.side_buffer_pages
+        self.side_pages = plugin.settings.side_buffer_pages
         self.progress: list[tuple[float, int]] = [(host.now, 0)]
         self.job.stats = {"stop_s": stop, "pages": vm.pages}
         try:
@@ -316,41 +327,30 @@ class LazySave:
 
 
 class LazySavePlugin:
-    """Lazy checkpoint save: the VM keeps running; copy before write keeps the file consistent.
-
-    Settings (``[plugins.lazy-save]``):
-
-    - ``step_pages`` (default 2048): guest pages per background step;
-    - ``record_order`` (default true): write the access-order sidecar for lazy restore;
-    - ``page_at_a_time`` (default false): the page-at-a-time baseline, one page per page block
-      and per storage block (one write per page);
-    - ``side_buffer_pages`` (default 16384, 64 MiB): pages that copy before write may hold
-      uncompressed for the background saver; beyond it the guest waits for the compression.
-    """
+    """Lazy checkpoint save: the VM keeps running; copy before write keeps the file consistent
+    (settings: :class:`LazySaveSettings`)."""
 
     def __init__(self) -> None:
         self.saves: dict[str, LazySave] = {}
         self.finished: list[LazySave] = []
-        self.step_pages = DEFAULT_STEP_PAGES
-        self.record_order = True
-        self.page_at_a_time = False
-        self.side_buffer_pages = DEFAULT_SIDE_PAGES
+        self.settings = LazySaveSettings()
+
+    @hookimpl
+    def memvisor_register_hookspecs(self, register):
+        """Declare ``memvisor_page_heat``, which the access-order sidecar is made from."""
+        from memvisor_lazy_save import hookspecs
+
+        register(hookspecs)
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.lazy-save]``."""
+        register(NAME, LazySaveSettings)
 
     @hookimpl
     def memvisor_host_started(self, host) -> None:
         """Read the settings and check that the backend can write-protect pages."""
-        settings = dict(host.plugin_settings(NAME))
-        self.step_pages = int(settings.pop("step_pages", DEFAULT_STEP_PAGES))
-        self.record_order = bool(settings.pop("record_order", True))
-        self.page_at_a_time = bool(settings.pop("page_at_a_time", False))
-        self.side_buffer_pages = int(settings.pop("side_buffer_pages", DEFAULT_SIDE_PAGES))
-        if settings:
-            raise UserError(f"plugins.{NAME}: unknown setting {next(iter(settings))!r} "
-                            "(known: step_pages, record_order, page_at_a_time, side_buffer_pages)")
-        if self.step_pages < 1:
-            raise UserError(f"plugins.{NAME}.step_pages: must be at least 1")
-        if self.side_buffer_pages < 0:
-            raise UserError(f"plugins.{NAME}.side_buffer_pages: must not be negative")
+        self.settings = host.plugin_settings(NAME)
         host.require(NAME, Capability.WRITE_PROTECT)
 
     @hookimpl
@@ -362,16 +362,24 @@ class LazySavePlugin:
         if previous is not None:  # one save of a VM at a time: finish the earlier one first
             previous.flush()
             self.finished.append(previous)
-        if self.page_at_a_time:
+        if self.settings.page_at_a_time:
             request = attrs.evolve(request, block_pages=1, buffer_bytes=1)
         save = LazySave(self, host, vm, request)
-        if self.page_at_a_time:
+        if self.settings.page_at_a_time:
             save.job.method = "page-at-a-time"
         self.saves[vm.name] = save
+        save.job.flush = lambda: self._flush(vm.name)  # the core calls it before a restore of the VM
         return save.job
 
+    def _flush(self, name: str) -> None:
+        """Finish the save of VM ``name`` now, if it still runs."""
+        save = self.saves.pop(name, None)
+        if save is not None:
+            save.flush()
+            self.finished.append(save)
+
     @hookimpl
-    def memvisor_page_write(self, vm, write) -> None:
+    def memvisor_write_trap(self, vm, write) -> None:
         """Copy before write: save the windows of written pages that are not saved yet."""
         save = self.saves.get(vm.name)
         if save is not None and not save.closed:
@@ -395,22 +403,11 @@ class LazySavePlugin:
                 save.finish()
                 self.finished.append(self.saves.pop(name))
 
-    @hookimpl(tryfirst=True)
-    def memvisor_checkpoint_restore(self, host, vm, request):
-        """A restore replaces the VM's memory: finish its save first (then let others restore)."""
-        save = self.saves.pop(vm.name, None)
-        if save is not None:
-            save.flush()
-            self.finished.append(save)
-        return None
 
     @hookimpl
     def memvisor_vm_destroyed(self, host, vm) -> None:
         """The VM's memory is still mapped: finish its save."""
-        save = self.saves.pop(vm.name, None)
-        if save is not None:
-            save.flush()
-            self.finished.append(save)
+        self._flush(vm.name)
 
     @hookimpl
     def memvisor_host_stopping(self, host) -> None:

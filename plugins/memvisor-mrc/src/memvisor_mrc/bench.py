@@ -147,12 +147,12 @@ def _lru_100_sizes_estimate(pages) -> float:
 
 
 def _emulator_setup(with_plugin: bool):
-    from memvisor.testing import small_host
+    from memvisor.host import Host, HostConfig
     from memvisor.workloads import make_workload
 
     pages = 65_536
     settings = {"mrc": {"rate": 0.01, "untrace_period": "1ms", "refresh": "50ms"}}
-    host = small_host(memory_pages=pages + 8192, plugins=["mrc"] if with_plugin else [], settings=settings)
+    host = Host(HostConfig(memory_pages=pages + 8192, plugin_settings=settings), ["mrc"] if with_plugin else [])
     vm = host.create_vm("bench", pages)
     workload = make_workload({"kind": "zipf", "alpha": 0.99, "write_fraction": 0.3}, pages, 1)
     batches = [workload.next_batch(65_536) for _ in range(64)]
@@ -298,12 +298,12 @@ def emulator_accuracy(untrace_period: float, rate: float = 0.01, vm_pages: int =
                       kind: str = "zipf") -> dict:
     """Run a workload on the emulator with the plugin and compare its final curve with the exact
     curve of the accesses the guest made: ``{"trap_rate", "mae_model", "mae_traps_only"}``."""
-    from memvisor.testing import small_host
+    from memvisor.host import Host, HostConfig
     from memvisor.workloads import make_workload
     from memvisor_mrc.stack_distance import exact_mrc
 
     settings = {"mrc": {"rate": rate, "untrace_period": untrace_period, "refresh": "1s"}}
-    host = small_host(memory_pages=vm_pages + 8192, plugins=["mrc"], settings=settings)
+    host = Host(HostConfig(memory_pages=vm_pages + 8192, plugin_settings=settings), ["mrc"])
     vm = host.create_vm("vm", vm_pages)
     spec = {"kind": kind, "alpha": 0.99} if kind == "zipf" else {"kind": kind, "phase_accesses": 2_000_000}
     workload = make_workload(spec, vm_pages, 1)

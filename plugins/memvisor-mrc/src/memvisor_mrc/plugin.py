@@ -2,12 +2,14 @@
 miss-rate curve up to date while the VM runs.
 
 - ``memvisor_vm_created``: trace the sampled pages (spatial hash, :mod:`memvisor_mrc.online`).
-- ``memvisor_page_accessed``: the sampled pages' traps (one batch, in first-touch order) go to
+- ``memvisor_traced_access``: the sampled pages' traps (one batch, in first-touch order) go to
   the VM's online LRU and trap log; each page stays untraced for ``untrace_period``.
 - ``memvisor_tick``: retrace the pages whose period ended; every ``refresh`` seconds compute a
   snapshot of the curve (the curve over time in the report).
 - ``memvisor_page_heat`` and ``memvisor_giveable_pages``: answers for NUMA migration, lazy
-  restore and the balloon policy, from the LRU and the latest curve.
+  save and the balloon policy, from the LRU and the latest curve. Those plugins declare the
+  hooks (``memvisor_register_hookspecs``); this one answers them where they are (hooks marked
+  ``optionalhook``).
 - ``memvisor_report``: the final curve, working sets, recommended size, traps; plots.
 """
 
@@ -22,9 +24,8 @@ import numpy as np
 
 from memvisor import hookimpl, report
 from memvisor.backend import Capability
-from memvisor.errors import ScenarioError, UserError
 from memvisor.report import Column, Figure, Headline, Plot, ReportSection
-from memvisor.scenario import Table
+from memvisor.settings import Duration, setting
 from memvisor.units import shown
 from memvisor_mrc.curve import Curve
 from memvisor_mrc.online import ESTIMATORS, VMTracker
@@ -38,58 +39,27 @@ MIB = 2**20
 
 @attrs.frozen
 class MRCSettings:
-    """What ``[plugins.mrc]`` may set (docs/mrc.md has the table).
+    """What ``[plugins.mrc]`` may set (docs/mrc.md explains the modes)."""
 
-    :ivar rate: sampling rate R of the spatial sample (fixed-rate mode; the initial rate in
-        fixed-size mode, default 1.0 there).
-    :ivar sample_size: at most this many touched pages per VM in the sample (fixed-size mode).
-    :ivar untrace_period: seconds a sampled page stays untraced after it trapped.
-    :ivar refresh: seconds between snapshots of the curve.
-    :ivar miss_ratios: miss ratios at which working-set sizes are reported.
-    :ivar tolerance: the recommended size is within this miss ratio of the curve's floor.
-    :ivar estimator: ``"model"`` (untraced-period model) or ``"shards"`` (traps only).
-    :ivar seed: seed of the page hash.
-    """
-
-    rate: float | None = 0.01
-    sample_size: int | None = None
-    untrace_period: float = 0.0
-    refresh: float = 0.1
-    miss_ratios: tuple[float, ...] = (0.1, 0.05, 0.01)
-    tolerance: float = 0.01
-    estimator: str = "model"
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, data: Mapping[str, Any]) -> MRCSettings:
-        """Check a ``[plugins.mrc]`` table; a mistake is one :class:`UserError` line naming the key."""
-        table = Table("", f"plugins.{NAME}", data)
-        try:
-            sample_size = table.get("sample_size", int, None)
-            if sample_size is not None and sample_size < 1:
-                raise table.error("sample_size", "must be at least 1")
-            rate = table.number("rate", None if sample_size is not None else 0.01, low=0.0, high=1.0)
-            if rate is not None and rate <= 0:
-                raise table.error("rate", "must be above 0")
-            untrace = table.duration("untrace_period", 0.0)
-            refresh = table.duration("refresh", 0.1)
-            if refresh <= 0:
-                raise table.error("refresh", "must be positive")
-            ratios = table.get("miss_ratios", list, [0.1, 0.05, 0.01])
-            if not ratios or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= 1
-                                     for r in ratios):
-                raise table.error("miss_ratios", "must be a list of miss ratios between 0 and 1")
-            tolerance = table.number("tolerance", 0.01, low=0.0, high=1.0)
-            estimator = table.get("estimator", str, "model")
-            if estimator not in ESTIMATORS:
-                raise table.error("estimator", f"must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-            seed = table.get("seed", int, 0)
-            table.check_unknown()
-        except ScenarioError as exc:
-            # The host does not know the scenario's path; the runner prefixes it.
-            raise UserError(f"{exc.key}: {exc.problem}") from None
-        return cls(None if rate is None else float(rate), sample_size, float(untrace), float(refresh),
-                   tuple(float(r) for r in ratios), float(tolerance), estimator, int(seed))
+    rate: float | None = setting(None, above=0.0, high=1.0,
+                                 doc="Sampling rate R: a page is traced iff hash(gpp) mod 2^32 < R * 2^32; 0.01 "
+                                     "unless given (fixed-rate mode); with sample_size, the initial rate (1.0 unless "
+                                     "given).")
+    sample_size: int | None = setting(None, low=1, high=10**12,
+                                      doc="Fixed-size mode: at most this many touched pages per VM stay in the sample; "
+                                          "the rate drops as the set grows (SHARDS s_max).")
+    untrace_period: Duration = setting(0.0, low=0.0, doc="Virtual time a sampled page stays untraced after it "
+                                                        "trapped; retraced from the first tick after it.")
+    refresh: Duration = setting(0.1, above=0.0, doc="Time between snapshots of every VM's curve (the curve over "
+                                                   "time).")
+    miss_ratios: tuple[float, ...] = setting((0.1, 0.05, 0.01), low=0.0, high=1.0, min_items=1,
+                                             doc="Miss ratios at which working-set sizes are reported.")
+    tolerance: float = setting(0.01, low=0.0, high=1.0,
+                               doc="The recommended size is within this miss ratio of the curve's floor.")
+    estimator: str = setting("model", choices=ESTIMATORS,
+                             doc="model: the untraced-period model (below); shards: the online histogram of the "
+                                 "traps alone (the ablation).")
+    seed: int = setting(0, low=0, doc="Seed of the page hash.")
 
 
 @attrs.define
@@ -116,9 +86,25 @@ class MRCPlugin:
     # -- lifecycle -----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """A tenth of the pages traced on the machine's hosts, and `memvisor mrc` of a trace."""
+        selftest.settings({"rate": 0.1})
+        selftest.command("mrc", {"trace": "{trace}", "json_out": "{out}/mrc.json", "plot_out": "{out}/mrc.png",
+                                 "quiet": True})
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.mrc]``."""
+        register(NAME, MRCSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host):
-        """Read ``[plugins.mrc]`` and check that the backend can trace pages."""
-        self.settings = MRCSettings.parse(host.plugin_settings(NAME))
+        """Read ``[plugins.mrc]`` (the rate of the fixed-rate mode is 0.01 unless given) and
+        check that the backend can trace pages."""
+        settings = host.plugin_settings(NAME)
+        if settings.rate is None and settings.sample_size is None:
+            settings = attrs.evolve(settings, rate=0.01)
+        self.settings = settings
         host.require(NAME, Capability.TRACE)
         self.host = host
         self._next_refresh = self.settings.refresh
@@ -151,7 +137,7 @@ class MRCPlugin:
     # -- traps and ticks -----------------------------------------------------------------------
 
     @hookimpl
-    def memvisor_page_accessed(self, host, vm, access):
+    def memvisor_traced_access(self, host, vm, access):
         """Feed the sampled pages' traps to the VM's online LRU and trap log (one batch)."""
         state = self.vms.get(vm.name)
         if state is None or state.tracker is None:
@@ -182,7 +168,7 @@ class MRCPlugin:
 
     # -- answers to other plugins --------------------------------------------------------------
 
-    @hookimpl
+    @hookimpl(optionalhook=True)
     def memvisor_page_heat(self, vm, gpps):
         """Recency of each page in the VM's LRU (1.0 most recent); 0 for unknown pages."""
         state = self.vms.get(vm.name)
@@ -190,7 +176,7 @@ class MRCPlugin:
             return None
         return state.tracker.heat(gpps)
 
-    @hookimpl
+    @hookimpl(optionalhook=True)
     def memvisor_giveable_pages(self, host, vm, miss_ratio_increase):
         """Pages the VM can be without for at most ``miss_ratio_increase`` more misses,
         counted from its whole memory, the baseline being its current allocation (its pages
@@ -322,8 +308,7 @@ def _overall_trap_rate(per_vm: Mapping[str, dict]) -> float:
 
 def _accesses(host, vm) -> int:
     """The VM's access clock: accesses of every batch finished so far."""
-    counters = host.metrics.counters
-    return int(counters[vm.name]["accesses"]) if vm.name in counters else 0
+    return int(host.counters(vm)["accesses"])
 
 
 def _pages_or_nan(pages: int | None) -> float:

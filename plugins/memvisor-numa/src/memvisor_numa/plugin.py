@@ -17,7 +17,7 @@ from memvisor.errors import CapabilityError
 from memvisor.report import Column, Figure, Headline, Plot, ReportSection, Table
 from memvisor_numa.heuristics import AGE_DTYPE, HEURISTIC_CLASSES, Heuristic
 from memvisor_numa.locality import time_to_reach
-from memvisor_numa.settings import DEFAULT_NUMA_GIB_PER_S, HOT_FIRST, NumaSettings, parse_settings
+from memvisor_numa.settings import DEFAULT_NUMA_GIB_PER_S, HOT_FIRST, NumaSettings, bandwidth_pages, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from memvisor.host import VM, Host
@@ -92,6 +92,7 @@ class NumaPlugin:
 
     def __init__(self) -> None:
         self.settings = NumaSettings()
+        self.bandwidth_pages = 0  # the most the interconnect carries per tick (set when the host starts)
         self.heuristic: Heuristic = HEURISTIC_CLASSES["scan"]()
         self.vms: dict[str, VmNuma] = {}
         self.budget_left = 0
@@ -103,17 +104,37 @@ class NumaPlugin:
     # -- lifecycle ------------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """Accessed-bit scanning on the machine's hosts, and a tiny `memvisor numa compare`."""
+        selftest.settings({"heuristic": "scan"})
+        selftest.command("numa compare", {"vm_bytes": "4MiB", "pre": "0.001", "post": "0.001",
+                                          "json_out": "{out}/numa.json"})
+
+    @hookimpl
+    def memvisor_register_hookspecs(self, register):
+        """Declare ``memvisor_page_heat``, which the ``mrc`` heuristic asks."""
+        from memvisor_numa import hookspecs
+
+        register(hookspecs)
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.numa]``."""
+        register("numa", NumaSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host):
         """Read the settings; refuse a host with one NUMA node (there is nowhere to migrate)."""
         if Capability.NUMA not in host.backend.capabilities or host.backend.numa_nodes < 2:
             raise CapabilityError(
                 f"plugin 'numa' cannot migrate: backend {host.backend.name!r} has "
                 f"{host.backend.numa_nodes} NUMA node(s) (set host.numa_nodes = 2 or more)")
-        costs = getattr(host.backend, "costs", None)
-        gib_per_s = getattr(costs, "numa_gib_per_s", DEFAULT_NUMA_GIB_PER_S)
-        self.settings = parse_settings(host.plugin_settings("numa"), tick_seconds=host.tick_interval,
-                                       gib_per_s=gib_per_s, seed=host.config.seed,
-                                       low_watermark=host.config.low_watermark)
+        page_seconds = host.backend.work_seconds("numa_copy", PAGE_SIZE)
+        # No cost model (a real clock): the emulator's default bandwidth bounds the budget.
+        gib_per_s = DEFAULT_NUMA_GIB_PER_S if not page_seconds else PAGE_SIZE / page_seconds / 2**30
+        self.bandwidth_pages = bandwidth_pages(gib_per_s, host.tick_interval)
+        self.settings = resolve(host.plugin_settings("numa"), limit=self.bandwidth_pages, seed=host.config.seed,
+                                low_watermark=host.config.low_watermark)
         self.heuristic = HEURISTIC_CLASSES[self.settings.heuristic]()
         needs = [Capability.ACCESSED]
         if self.heuristic.traps:
@@ -156,7 +177,7 @@ class NumaPlugin:
         self.real_seconds += time.perf_counter() - started
 
     @hookimpl
-    def memvisor_page_accessed(self, host, vm, access):
+    def memvisor_traced_access(self, host, vm, access):
         """Traps of pages this plugin traced: hand them to the heuristic."""
         st = self.vms.get(vm.name)
         if st is None or st.armed is None:
@@ -254,8 +275,8 @@ class NumaPlugin:
 
         Read from the core's counters, which the core keeps per VM for its own report.
         """
-        counters = host.metrics.counters.get(st.vm.name)
-        if counters is None:
+        counters = host.counters(st.vm)
+        if not any(counters.values()):  # the VM has not run a batch yet
             return float("nan")
         counts = (counters["accesses"], counters["remote"])
         accesses, remote = counts[0] - st.last_counts[0], counts[1] - st.last_counts[1]
@@ -424,7 +445,7 @@ class NumaPlugin:
             "heuristic": self.settings.heuristic,
             "hot_first": self.settings.heuristic in HOT_FIRST,
             "pages_per_tick": self.settings.pages_per_tick,
-            "bandwidth_pages_per_tick": self.settings.bandwidth_pages_per_tick,
+            "bandwidth_pages_per_tick": self.bandwidth_pages,
             "t90_s": first["t90_s"] if first else None,
             "t99_s": first["t99_s"] if first else None,
             "migrated_pages": sum(m["migrated_pages"] for m in per_vm.values()),

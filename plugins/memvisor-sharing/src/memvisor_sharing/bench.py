@@ -117,12 +117,13 @@ def _breakup_setup():
 
 def _freed_per_broken(order: str):
     def measure(data) -> float:
-        from memvisor.testing import small_host
+        from memvisor.host import Host, HostConfig
         from memvisor_sharing.plugin import SharingPlugin
 
         plugin = SharingPlugin()
-        host = small_host(memory_pages=len(data) + 2048, extra_plugins=[plugin],
-                          settings={"sharing": {"pages_per_tick": 0, "order": order}})
+        config = HostConfig(memory_pages=len(data) + 2048,
+                            plugin_settings={"sharing": {"pages_per_tick": 0, "order": order}})
+        host = Host(config, extra_plugins=[plugin])
         vm = host.create_vm("uneven", len(data), large_pages=True)
         host.backend.write(vm, np.arange(len(data)), data)
         plugin.scan(host, len(data))
@@ -138,12 +139,12 @@ SCAN_PAGES = 65536  # a 256 MiB VM
 
 def _scan_setup():
     from memvisor.contents import ContentSpec
-    from memvisor.testing import small_host
+    from memvisor.host import Host, HostConfig
     from memvisor_sharing.plugin import SharingPlugin
 
     plugin = SharingPlugin()
-    host = small_host(memory_pages=SCAN_PAGES + 2048, extra_plugins=[plugin],
-                      settings={"sharing": {"pages_per_tick": 0}})
+    host = Host(HostConfig(memory_pages=SCAN_PAGES + 2048, plugin_settings={"sharing": {"pages_per_tick": 0}}),
+                extra_plugins=[plugin])
     vm = host.create_vm("scanned", SCAN_PAGES, contents=ContentSpec.parse("mixed", "bench"))
     return host, plugin, vm
 

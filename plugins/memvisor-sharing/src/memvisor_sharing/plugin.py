@@ -14,7 +14,6 @@ across (``across = [["a", "b"]]``); zero pages always map to the host's zero pag
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -22,22 +21,12 @@ import numpy as np
 
 from memvisor import LARGE_PAGE_PAGES, PAGE_SIZE, hookimpl, report
 from memvisor.backend import Capability
-from memvisor.errors import UserError
 from memvisor.identity import concat, rows_equal, take, zero_rows
 from memvisor.report import Column, Figure, Headline, Plot, ReportSection
+from memvisor.settings import as_json, setting
 from memvisor_sharing.table import Entries, Table, build_table
 
 NAME = "sharing"
-
-DEFAULTS: dict[str, Any] = {
-    "pages_per_tick": 4096,
-    "across": [],
-    "order": "reclaimable",
-    "share_small": True,
-    "scan_on_pressure": True,
-    "wait_stable": True,
-}
-"""Settings of ``[plugins.sharing]`` and their defaults (docs/sharing.md explains each)."""
 
 ORDERS = ("reclaimable", "address")
 """Orders in which large pages are broken up under pressure."""
@@ -73,6 +62,31 @@ class _VMScan:
         self.large_at_start = large_pages
 
 
+def _one_group_each(across: tuple[tuple[str, ...], ...]) -> str | None:
+    names = [name for group in across for name in group]
+    return "a VM is named in two groups" if len(names) != len(set(names)) else None
+
+
+@attrs.frozen
+class SharingSettings:
+    """What ``[plugins.sharing]`` may set (docs/sharing.md explains each)."""
+
+    pages_per_tick: int = setting(4096, low=0, high=10**9,
+                                  doc="Pages hashed per tick, spread evenly over the VMs (KSM's pages_to_scan; "
+                                      "0: scan only under pressure).")
+    across: tuple[tuple[str, ...], ...] = setting((), check=_one_group_each,
+                                                   doc="Groups of VM names that may share with each other, e.g. "
+                                                       "[[\"web\", \"api\"]]; a VM in no group shares only within "
+                                                       "itself (salting).")
+    order: str = setting("reclaimable", choices=ORDERS,
+                         doc="Order of break-up under pressure: reclaimable (most first) or address (the baseline).")
+    share_small: bool = setting(True, doc="Share small pages outside large pages as they are found (else only "
+                                          "under pressure).")
+    scan_on_pressure: bool = setting(True, doc="Under pressure, hash every page never hashed before choosing what "
+                                               "to break.")
+    wait_stable: bool = setting(True, doc="Share a page as found only once two scans saw the same content.")
+
+
 @attrs.define
 class _Summary:
     """What one shard's latest table said: reclaimable pages (zero, duplicate, of which small)
@@ -95,30 +109,6 @@ class _Summary:
             mine = table.large_vm == index
             large[scans[index].vm.name] = (table.large_index[mine], table.large_reclaimable[mine])
         return cls(table.zero, table.duplicate, table.small, large, on_zero)
-
-
-def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Checked settings; one line naming the key on a mistake."""
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"plugins.sharing.{unknown[0]}: unknown setting (known: {', '.join(DEFAULTS)})")
-    out = {**DEFAULTS, **raw}
-    per_tick = out["pages_per_tick"]
-    if isinstance(per_tick, bool) or not isinstance(per_tick, int) or per_tick < 0:
-        raise UserError(f"plugins.sharing.pages_per_tick: expected a whole number >= 0, got {per_tick!r}")
-    across = out["across"]
-    if not isinstance(across, list) or not all(
-            isinstance(g, list) and all(isinstance(n, str) for n in g) for g in across):
-        raise UserError(f"plugins.sharing.across: expected a list of lists of VM names, got {across!r}")
-    names = [n for g in across for n in g]
-    if len(names) != len(set(names)):
-        raise UserError("plugins.sharing.across: a VM is named in two groups")
-    if out["order"] not in ORDERS:
-        raise UserError(f"plugins.sharing.order: expected one of {', '.join(ORDERS)}, got {out['order']!r}")
-    for key in ("share_small", "scan_on_pressure", "wait_stable"):
-        if not isinstance(out[key], bool):
-            raise UserError(f"plugins.sharing.{key}: expected true or false, got {out[key]!r}")
-    return out
 
 
 def _in_shard(scan: _VMScan, mask: np.uint64, shard: int) -> np.ndarray:
@@ -147,7 +137,7 @@ class SharingPlugin:
     """
 
     def __init__(self) -> None:
-        self.settings: dict[str, Any] = dict(DEFAULTS)
+        self.settings = SharingSettings()
         self.vms: dict[str, _VMScan] = {}
         self.groups: dict[str, int] = {}
         self.own = np.zeros(0, dtype=np.int64)  # machine pages this plugin shares (sorted)
@@ -176,13 +166,26 @@ class SharingPlugin:
     # -- lifecycle ----------------------------------------------------------------------------
 
     @hookimpl
+    def memvisor_selftest(self, selftest):
+        """A small scan budget per tick, a scan step, and `memvisor sharing estimate`."""
+        selftest.settings({"pages_per_tick": 512})
+        selftest.step("sharing_scan", lambda plugin, host, budget: plugin.scan(host, budget), vm=False,
+                      budget=(64, 4096))
+        selftest.command("sharing estimate", {"images": ["{image}"], "json_out": "{out}/sharing.json"})
+
+    @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare ``[plugins.sharing]``."""
+        register(NAME, SharingSettings)
+
+    @hookimpl
     def memvisor_host_started(self, host):
         """Read ``[plugins.sharing]`` and check that the backend can share (splitting large
         pages is optional: without it the plugin shares small pages only)."""
-        self.settings = _settings(host.plugin_settings(NAME))
+        self.settings = host.plugin_settings(NAME)
         host.require(NAME, Capability.SHARE, Capability.ZERO_PAGE)
         self.can_split = Capability.LARGE_PAGES in host.backend.capabilities
-        self.groups = {name: i for i, group in enumerate(self.settings["across"]) for name in group}
+        self.groups = {name: i for i, group in enumerate(self.settings.across) for name in group}
 
     @hookimpl
     def memvisor_vm_created(self, host, vm):
@@ -212,12 +215,12 @@ class SharingPlugin:
     def memvisor_tick(self, host, tick):
         """Hash the next ``pages_per_tick`` pages (sharing the zero pages found), rebuild the
         next shard of the table, share small pages."""
-        if not self.vms or not self.settings["pages_per_tick"]:
+        if not self.vms or not self.settings.pages_per_tick:
             return
-        self.scan(host, self.settings["pages_per_tick"])
+        self.scan(host, self.settings.pages_per_tick)
         shard, self._next_shard = self._next_shard, (self._next_shard + 1) % self.shards
         table = self.refresh(host, shard=shard)
-        if self.settings["share_small"]:
+        if self.settings.share_small:
             self._share(host, table, shard)
         self._sample(tick.now)
 
@@ -237,7 +240,7 @@ class SharingPlugin:
         return freed
 
     @hookimpl
-    def memvisor_page_write(self, vm, write):
+    def memvisor_write_trap(self, vm, write):
         """The guest writes shared (or protected) pages: their fingerprints are void; the core
         gives shared ones a private copy right after this call (nothing is re-shared here)."""
         scan = self.vms.get(vm.name)
@@ -282,7 +285,7 @@ class SharingPlugin:
                 scan.hash[chunk] = fresh
                 scan.seen_mpn[chunk] = mpns
                 scan.scanned[chunk] = True
-                if urgent or self.settings["share_small"]:
+                if urgent or self.settings.share_small:
                     self._share_zero(host, scan, chunk, mpns, fresh, urgent)
             hashed += len(gpps)
         self.pages_hashed += hashed
@@ -295,7 +298,7 @@ class SharingPlugin:
         backend compares each with the zero page (a fingerprint of 0 is the zero page only)."""
         backend = host.backend
         zero = (fresh == 0) & (mpns != backend.zero_mpn)
-        if not urgent and self.settings["wait_stable"]:
+        if not urgent and self.settings.wait_stable:
             zero &= scan.stable[gpps]
         if not zero.any():
             return
@@ -391,7 +394,7 @@ class SharingPlugin:
             zero = mpns == backend.zero_mpn
             on_zero += int(np.count_nonzero(zero))
             gpps, mpns = gpps[~zero], mpns[~zero]
-            movable = np.ones(len(gpps), bool) if urgent or not self.settings["wait_stable"] else scan.stable[gpps]
+            movable = np.ones(len(gpps), bool) if urgent or not self.settings.wait_stable else scan.stable[gpps]
             parts.append((np.full(len(gpps), index, dtype=np.int64), gpps, scan.hash[gpps], mpns,
                           backend.large(scan.vm, gpps), np.full(len(gpps), scan.group, dtype=np.int64), movable))
         cols = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(7)]
@@ -510,7 +513,7 @@ class SharingPlugin:
         vm_of = np.concatenate(vms) if vms else np.zeros(0, np.int64)
         index = np.concatenate(index) if index else np.zeros(0, np.int64)
         gain = np.concatenate(gain) if gain else np.zeros(0, np.int64)
-        if self.settings["order"] == "reclaimable":
+        if self.settings.order == "reclaimable":
             keep = gain > 0
             vm_of, index, gain = vm_of[keep], index[keep], gain[keep]
             order = np.lexsort((index, vm_of, -gain))
@@ -528,7 +531,7 @@ class SharingPlugin:
         if before >= target or not self.vms:
             return 0
         zero_before = self.zero_mapped
-        if self.settings["scan_on_pressure"]:  # zero pages found are shared as they are hashed
+        if self.settings.scan_on_pressure:  # zero pages found are shared as they are hashed
             self.scan(host, sum(s.vm.pages for s in self.vms.values()), unscanned_only=True, urgent=True)
         self._share_scanned_zero(host)  # and those hashed before, still waiting for a second scan
         estimated = self.zero_mapped - zero_before  # what is left to reclaim, before this event
@@ -614,7 +617,7 @@ class SharingPlugin:
             "sharing_broken_by_writes": self.writes_broken,
             "verify_failures": self.verify_failures,
             "pressure_events": self.pressure_events,
-            "settings": {k: v for k, v in self.settings.items()},
+            "settings": as_json(self.settings),
         }
 
     @hookimpl

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+import attrs
+
 from memvisor import hookimpl
 from memvisor.report import Column, Plot, ReportSection, Table
 
 EVENT_KINDS = ("faults", "traced_accesses", "write_traps", "ticks", "pressure_events", "vcpu_moves")
+
+
+@attrs.frozen
+class StatsSettings:
+    """``[plugins.stats]`` has no settings: an empty table enables the plugin (and a misspelt
+    key in it is refused)."""
 
 
 class StatsPlugin:
@@ -29,17 +37,22 @@ class StatsPlugin:
         self._window += pages
 
     @hookimpl
+    def memvisor_register_settings(self, register):
+        """Declare the (empty) settings of ``[plugins.stats]``."""
+        register("stats", StatsSettings)
+
+    @hookimpl
     def memvisor_page_fault(self, vm, fault):
         """Count faulting pages (serves none)."""
         self._count(vm, "faults", len(fault.gpps))
 
     @hookimpl
-    def memvisor_page_accessed(self, vm, access):
+    def memvisor_traced_access(self, vm, access):
         """Count traced pages touched."""
         self._count(vm, "traced_accesses", len(access.gpps))
 
     @hookimpl
-    def memvisor_page_write(self, vm, write):
+    def memvisor_write_trap(self, vm, write):
         """Count writes to shared or write-protected pages."""
         self._count(vm, "write_traps", len(write.gpps))
 
