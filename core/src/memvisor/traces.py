@@ -32,7 +32,7 @@ import zstandard
 
 from memvisor import PAGE_SIZE
 from memvisor.errors import TraceError
-from memvisor.files import open_regular
+from memvisor.files import atomic_write, open_regular
 from memvisor.limits import BoundedZstdReader, check_budget, format_bytes, memory_budget
 
 FORMATS = ("npy", "csv", "oracleGeneral")
@@ -566,12 +566,14 @@ def _mask_name_for(name: str) -> str:
 
 
 def _write_npy(name: str, array: np.ndarray, compressed: bool) -> None:
-    with open(name, "wb") as raw:
+    def write(raw) -> None:
         if not compressed:
             np.save(raw, array, allow_pickle=False)
             return
         with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as fh:
             np.lib.format.write_array(fh, array, allow_pickle=False)
+
+    atomic_write(name, write)  # whole or not at all: a killed write leaves no half trace
 
 
 def _write_csv(name: str, pages: np.ndarray, writes: np.ndarray | None) -> None:
@@ -581,10 +583,7 @@ def _write_csv(name: str, pages: np.ndarray, writes: np.ndarray | None) -> None:
     if writes is not None:
         lines = map("{},{}".format, pages.tolist(), np.where(writes, "w", "r").tolist())
         header = "page,op"
-    with open(name, "w", encoding="ascii") as fh:
-        fh.write(header + "\n")
-        fh.write("\n".join(lines))
-        fh.write("\n")
+    atomic_write(name, header + "\n" + "\n".join(lines) + "\n")
 
 
 # -- page-number helpers ------------------------------------------------------------------------

@@ -45,6 +45,16 @@ def test_json_output_is_a_curve(loop_trace, tmp_path):
     assert "working set" in done.stdout
 
 
+def test_a_plot_is_written_whole_or_not_at_all(loop_trace, tmp_path):
+    """--plot to a name matplotlib cannot draw is one line, exit 2, and leaves the folder as it
+    was: no temporary, and an existing file of that name untouched."""
+    png = tmp_path / "c.xyz"
+    png.write_bytes(b"keep me")
+    done = run_mrc(str(loop_trace), "--rate", "0.1", "--quiet", "--plot", str(png))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Format 'xyz' is not supported" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.xyz"] and png.read_bytes() == b"keep me"
+
+
 def test_summary_says_the_curve_in_human_units(loop_trace):
     """The summary's figures are the loop's, counted by hand: 20 passes over 3,000 pages miss on
     every access below 3,000 pages (11.7 MiB) and only the first pass's 3,000 of 60,000 accesses

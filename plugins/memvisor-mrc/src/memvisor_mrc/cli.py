@@ -19,6 +19,7 @@ import click
 
 from memvisor.cli import InputFile, Number, OutputFile, json_option, write_json
 from memvisor.errors import UserError
+from memvisor.files import atomic_write
 
 __all__ = ["SMALL_SAMPLE", "MRCResult", "compute", "mrc"]
 
@@ -114,7 +115,8 @@ def _plot(result: MRCResult, trace: str, path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
+    # whole or not at all, in the format its name says (png when it says none)
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:].lower() or "png"))
     plt.close(fig)
 
 
@@ -154,6 +156,8 @@ def mrc(trace, rate, sample_size, untrace_period, exact, json_out, address, fmt,
             _plot(result, trace, plot_out)
         except OSError as error:
             raise UserError(f"{plot_out}: cannot write: {error.strerror or error}") from None
+        except ValueError as error:  # a name whose suffix is no image format matplotlib writes
+            raise UserError(f"{plot_out}: {error}") from None
     if not quiet and json_out != "-":
         _summary(result)
 
