@@ -147,7 +147,8 @@ class IdentityStore:
         self.stamps[mpns] = 0
 
     def used(self, mpns: np.ndarray) -> None:
-        pass
+        """Nothing to note: a page's identity already says whether it is the zero page (0),
+        where the byte pool keeps a separate ``clean`` flag."""
 
     def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
         self.ids[dst] = self.ids[src]
