@@ -403,8 +403,8 @@ def check_link(faults: dict, postcopy: bool, touches: tuple[int, ...] = (), sent
 
 EDGE_SCENARIO = {
     "name": "edges", "seed": 1,
-    "host": {"memory": "32MiB", "contents": "bytes", "numa_nodes": 2, "tick": "1ms", "batch": 4096, "low_watermark": 0.02,
-             "high_watermark": 0.05, "handler_threads": 1, "costs": {"page_copy_ns": 300},
+    "host": {"memory": "32MiB", "contents": "bytes", "numa_nodes": 2, "tick": "1ms", "batch": 4096,
+             "low_watermark": 0.02, "high_watermark": 0.05, "handler_threads": 1, "costs": {"page_copy_ns": 300},
              "budgets": {"trap_rate": 100000}},
     "vm": [{"name": "a", "memory": "2MiB", "node": 0, "large_pages": False, "seed": 3,
             "contents": {"zero": 0.5, "text": 0.5}, "workload": {"kind": "zipf", "alpha": 0.9, "write_fraction": 0.2},
